@@ -1,0 +1,1 @@
+"""fatq calibration stage (see docs in the README)."""

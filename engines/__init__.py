@@ -1,0 +1,1 @@
+"""fatq engines stage (see docs in the README)."""

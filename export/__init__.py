@@ -1,0 +1,1 @@
+"""fatq export stage (see docs in the README)."""

@@ -1,0 +1,104 @@
+"""CIFAR ResNet-20/32/44/56/110 (He et al. 2016) with both shortcut variants.
+
+Option A (the public checkpoints in ../shared/pretrained): where the shape changes, the
+identity is subsampled and zero-padded; no parameters. Option B (the FAT paper's code): a
+1×1 conv + BN. Module names match the public checkpoints (``conv1``, ``bn1``,
+``layer{1,2,3}.{i}.conv{1,2}``, ``linear``) so they load after stripping ``module.``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fatq.models.registry import register_model
+from fatq.qconfig import LayerFactory
+
+
+class SubsamplePad(nn.Module):
+    """Option-A shortcut: x[:, :, ::2, ::2] zero-padded with ``pad`` channels on each side."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C + 2*pad, ceil(H/2), ceil(W/2)]."""
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut, ReLU.
+
+    Both inputs of the Add pass through an 8-bit quantizer (``branch_quantizer`` on the main
+    branch, ``shortcut_quantizer`` on the shortcut) so integer engines see the whole block
+    quantized; in the FP32 model both are Identity.
+    """
+
+    def __init__(self, layers: LayerFactory, in_planes: int, planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = layers.conv(in_planes, planes, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = layers.conv(planes, planes, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=False)
+        if stride == 1 and in_planes == planes:
+            self.shortcut = nn.Identity()
+            shortcut_signed = False  # the block input is a ReLU output
+        elif shortcut == "A":
+            self.shortcut = SubsamplePad(planes // 4)
+            shortcut_signed = False
+        else:
+            self.shortcut = nn.Sequential(layers.conv(in_planes, planes, 1, stride, 0), nn.BatchNorm2d(planes))
+            shortcut_signed = True  # conv + BN output
+        self.branch_quantizer = layers.residual_quantizer(signed=True)
+        self.shortcut_quantizer = layers.residual_quantizer(signed=shortcut_signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.branch_quantizer(self.bn2(self.conv2(out)))
+        return self.relu(out + self.shortcut_quantizer(self.shortcut(x)))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32×32 inputs: 3 stages of ``depth // 6 // ... `` blocks, 16/32/64 channels.
+
+    Input [B, 3, 32, 32] (normalized image) -> logits [B, num_classes].
+    """
+
+    def __init__(self, layers: LayerFactory, blocks_per_stage: int, num_classes: int, shortcut: str):
+        super().__init__()
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        self.conv1 = layers.first_conv(3, 16, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=False)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(blocks_per_stage):
+                blocks.append(BasicBlock(layers, in_planes, planes, stride if i == 0 else 1, shortcut))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.linear = layers.last_linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(self.flatten(self.pool(out)))
+
+
+def _register(depth: int) -> None:
+    @register_model(f"resnet{depth}", input_size=(3, 32, 32), family="cifar", shortcut="A")
+    def build(layers: LayerFactory, num_classes: int, shortcut: str) -> CifarResNet:
+        return CifarResNet(layers, (depth - 2) // 6, num_classes, shortcut)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    _register(_depth)

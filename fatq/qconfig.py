@@ -1,0 +1,173 @@
+"""Quantization settings of a model and the layer factory every model definition calls.
+
+A model definition never picks layer classes itself: it asks a :class:`LayerFactory` for its
+first conv, body convs, last linear and residual quantizers, so the FP32 model (bits 32) and
+every FAT variant share one definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from fatq.errors import FatqError
+from fatq.layers import QuantConv2d, QuantLinear
+from fatq.quantizers import (
+    FLOAT_BITS,
+    ActivationQuantizer,
+    MaxAbsWeightQuantizer,
+    PowerOfTwoWeightQuantizer,
+    UniformWeightQuantizer,
+    check_bits,
+)
+
+QSPEC_VERSION = 1
+EDGE_MODES = ("int8", "float")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model is quantized.
+
+    Attributes:
+        weight_bits: body weight bits, 2..8, or 32 for full precision.
+        act_bits: body activation bits, 2..8, or 32.
+        edge_inputs: "int8" quantizes the inputs of the first conv and last linear to 8 bits with
+            ranges initialised from data and learned (the model that trains is the model that
+            deploys); "float" leaves them float as the paper does (export calibrates them).
+        residual_inputs: "int8" or "float" for the 8-bit quantizers on both inputs of each
+            residual Add (needed by integer engines); "float" leaves them to calibration.
+        transform: apply the FAT transform (False: plain uniform quantizer, for ablations).
+        power_of_two: logarithmic weight levels instead of uniform.
+        act_alpha_init: initial alpha_a of body activation quantizers (5.0 CIFAR, 8.0 ImageNet).
+        weight_alpha_init: initial alpha_w (3.0).
+    """
+
+    weight_bits: int = FLOAT_BITS
+    act_bits: int = FLOAT_BITS
+    edge_inputs: str = "int8"
+    residual_inputs: str = "int8"
+    transform: bool = True
+    power_of_two: bool = False
+    act_alpha_init: float = 5.0
+    weight_alpha_init: float = 3.0
+
+    def __post_init__(self):
+        check_bits(self.weight_bits, "weight bits")
+        check_bits(self.act_bits, "activation bits")
+        for name in ("edge_inputs", "residual_inputs"):
+            if getattr(self, name) not in EDGE_MODES:
+                raise FatqError(f"{name} must be one of {EDGE_MODES}, got {getattr(self, name)!r}.")
+        if (self.weight_bits == FLOAT_BITS) != (self.act_bits == FLOAT_BITS):
+            raise FatqError("weights and activations must both be quantized or both be 32-bit.")
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight_bits == FLOAT_BITS
+
+    def to_dict(self) -> dict:
+        return {"version": QSPEC_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    @classmethod
+    def from_bits(cls, bits: int | tuple[int, int], **kwargs) -> QuantSpec:
+        """``bits`` is one width for both, or (weight_bits, act_bits)."""
+        w, a = (bits, bits) if isinstance(bits, int) else bits
+        return cls(weight_bits=w, act_bits=a, **kwargs)
+
+
+class LayerFactory:
+    """Builds the layers of one model according to a :class:`QuantSpec`."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+
+    def _body_weight_quantizer(self) -> nn.Module:
+        cls = PowerOfTwoWeightQuantizer if self.spec.power_of_two else UniformWeightQuantizer
+        return cls(self.spec.weight_bits, self.spec.weight_alpha_init)
+
+    def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
+        return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True)
+
+    def first_conv(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False
+    ) -> nn.Conv2d:
+        """First conv: 8-bit max|W| weights, 8-bit signed input (the normalized image)."""
+        if self.spec.is_float:
+            return nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias)
+        return QuantConv2d(
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding,
+            bias=bias,
+            weight_quantizer=MaxAbsWeightQuantizer(),
+            input_quantizer=self._edge_input_quantizer(True, self.spec.edge_inputs),
+            transform=False,
+        )
+
+    def conv(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = False,
+        signed_input: bool = False,
+    ) -> nn.Conv2d:
+        """Body conv: FAT-transformed b-bit weights, b-bit input (unsigned after ReLU)."""
+        if self.spec.is_float:
+            return nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=bias)
+        return QuantConv2d(
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding,
+            groups=groups,
+            bias=bias,
+            weight_quantizer=self._body_weight_quantizer(),
+            input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
+            transform=self.spec.transform,
+        )
+
+    def linear(self, in_f: int, out_f: int, bias: bool = True, signed_input: bool = False) -> nn.Linear:
+        """Body linear (e.g. VGG-16's hidden classifier layers)."""
+        if self.spec.is_float:
+            return nn.Linear(in_f, out_f, bias=bias)
+        return QuantLinear(
+            in_f,
+            out_f,
+            bias=bias,
+            weight_quantizer=self._body_weight_quantizer(),
+            input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
+            transform=self.spec.transform,
+        )
+
+    def last_linear(self, in_f: int, out_f: int, bias: bool = True, signed_input: bool = False) -> nn.Linear:
+        """Classifier: 8-bit max|W| weights, 8-bit input (pooled features, unsigned after ReLU)."""
+        if self.spec.is_float:
+            return nn.Linear(in_f, out_f, bias=bias)
+        return QuantLinear(
+            in_f,
+            out_f,
+            bias=bias,
+            weight_quantizer=MaxAbsWeightQuantizer(),
+            input_quantizer=self._edge_input_quantizer(signed_input, self.spec.edge_inputs),
+            transform=False,
+        )
+
+    def residual_quantizer(self, signed: bool) -> nn.Module:
+        """8-bit quantizer on one input of a residual Add (Identity in the FP32 model)."""
+        if self.spec.is_float:
+            return nn.Identity()
+        return ActivationQuantizer(8, signed, enabled=self.spec.residual_inputs == "int8", init_from_data=True)

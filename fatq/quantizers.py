@@ -1,0 +1,251 @@
+"""Uniform quantizers with learned clipping (METHOD.md §1.6–1.8, §2, §3).
+
+One source of truth for integers: every quantizer has ``integers(x) -> (q, scale)`` and its
+fake-quant forward returns exactly ``q * scale`` computed by the same function, so export reads
+the integers the model trained with.
+
+Integer ranges (all fit signed int8 with zero point 0, the only form the engines accept):
+
+==========================  ==================  =====================
+quantizer                   integers            scale
+==========================  ==================  =====================
+weight, b bits              [-n, n], n=2^(b-1)-1  alpha_w / n
+activation, signed, b bits  [-n, n]             alpha_a / n
+activation, unsigned        [0, m], m=min(2^b-1, 127)  alpha_a / m
+first/last weights          [-127, 127]          max|W| / 127
+==========================  ==================  =====================
+
+Unsigned activations cap at 127 levels (not 255 at b = 8) because engines have no uint8 path
+(DEPLOY.md); for b <= 7 this is exactly METHOD.md's 2^b - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+MIN_BITS, MAX_BITS, FLOAT_BITS = 2, 8, 32
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Validate a bit-width: 2..8 quantize, 32 means full precision."""
+    if bits != FLOAT_BITS and not MIN_BITS <= bits <= MAX_BITS:
+        from fatq.errors import FatqError
+
+        raise FatqError(f"{what} must be in {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS}, got {bits}.")
+    return bits
+
+
+def signed_levels(bits: int) -> int:
+    """n = 2^(b-1) - 1: positive levels of a symmetric narrow-range quantizer."""
+    return 2 ** (bits - 1) - 1
+
+
+def unsigned_levels(bits: int) -> int:
+    """m = 2^b - 1, capped at 127 so the integers fit int8 with zero point 0."""
+    return min(2**bits - 1, 127)
+
+
+def round_clamp(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integers clamp(round_half_even(x / scale), qmin, qmax), as float (ONNX QuantizeLinear)."""
+    return torch.clamp(torch.round(x / scale), qmin, qmax)
+
+
+class _LearnedScaleQuant(torch.autograd.Function):
+    """Returns q * (alpha / levels) for precomputed integers q; custom gradients.
+
+    Gradients (METHOD.md §1.7 and §2), with r = x / alpha: d out / d alpha = q/levels where x
+    was clamped (r * levels outside [qmin, qmax]), else q/levels - r. d out / d x = 1, or 0
+    where clamped when ``clip_grad`` (activations; weights pass straight through everywhere).
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, q, levels: int, qmin: int, qmax: int, clip_grad: bool):
+        ctx.save_for_backward(x, alpha, q)
+        ctx.constants = (levels, qmin, qmax, clip_grad)
+        return q * (alpha / levels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha, q = ctx.saved_tensors
+        levels, qmin, qmax, clip_grad = ctx.constants
+        ratio = x / alpha
+        clamped = (ratio * levels > qmax) | (ratio * levels < qmin)
+        d_alpha = torch.where(clamped, q / levels, q / levels - ratio)
+        grad_alpha = (grad * d_alpha).sum().reshape(alpha.shape)
+        grad_x = torch.where(clamped, torch.zeros_like(grad), grad) if clip_grad else grad
+        return grad_x, grad_alpha, None, None, None, None, None
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """q * scale with the gradient passed straight to x (scale is a constant here)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin: int, qmax: int):
+        return round_clamp(x, scale, qmin, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+class UniformWeightQuantizer(nn.Module):
+    """b-bit symmetric narrow-range weight quantizer with a learned clipping threshold alpha_w.
+
+    Args:
+        bits: 2..8.
+        alpha_init: initial alpha_w (METHOD.md: 3.0, in units of the standardized weights).
+    """
+
+    kind = "uniform"
+
+    def __init__(self, bits: int, alpha_init: float = 3.0):
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        self.levels = signed_levels(bits)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        return -self.levels, self.levels
+
+    def _integers(self, w: Tensor) -> Tensor:
+        return round_clamp(w.detach(), (self.alpha / self.levels).detach(), -self.levels, self.levels)
+
+    def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Integer weights q (float dtype, values in [-n, n], shape of ``w``) and scale (0-dim)."""
+        return self._integers(w), (self.alpha / self.levels).detach()
+
+    def forward(self, w: Tensor) -> Tensor:
+        qmin, qmax = self.int_range
+        return _LearnedScaleQuant.apply(w, self.alpha, self._integers(w), self.levels, qmin, qmax, False)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, levels=±{self.levels}"
+
+
+class PowerOfTwoWeightQuantizer(UniformWeightQuantizer):
+    """Logarithmic levels {0} ∪ {2^-i}, i = 0 … n-1 (normalised to max 1), times alpha_w.
+
+    Integers are level · 2^(n-1) with scale alpha_w / 2^(n-1): they fit int8 only for b <= 4,
+    so export refuses wider power-of-two layers. Gradients as for the uniform quantizer.
+    """
+
+    kind = "power_of_two"
+
+    def __init__(self, bits: int, alpha_init: float = 3.0):
+        super().__init__(bits, alpha_init)
+        exponents = torch.arange(self.levels, dtype=torch.float32)
+        values = torch.cat([torch.zeros(1), 2.0**-exponents])
+        self.register_buffer("level_values", values, persistent=False)
+        self.levels = 2 ** (self.levels - 1)  # divisor: the smallest non-zero level is 1/levels
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        return -self.levels, self.levels
+
+    def _integers(self, w: Tensor) -> Tensor:
+        u = torch.clamp(w.detach() / self.alpha.detach(), -1, 1)
+        nearest = (u.abs().unsqueeze(-1) - self.level_values).abs().argmin(dim=-1)
+        return torch.sign(u) * self.level_values[nearest] * self.levels
+
+
+class MaxAbsWeightQuantizer(nn.Module):
+    """8-bit per-tensor weights for the first and last layers: scale = max|W| / 127 (METHOD.md §3)."""
+
+    kind = "max_abs"
+    bits = 8
+    levels = 127
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        return -self.levels, self.levels
+
+    def _scale(self, w: Tensor) -> Tensor:
+        return (w.detach().abs().max() / self.levels).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        scale = self._scale(w)
+        return round_clamp(w.detach(), scale, -self.levels, self.levels), scale
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _StraightThroughRound.apply(w, self._scale(w), -self.levels, self.levels)
+
+
+class ActivationQuantizer(nn.Module):
+    """b-bit activation quantizer with a learned clipping threshold alpha_a.
+
+    Unsigned (input after ReLU/ReLU6): integers [0, m]. Signed: [-n, n]. A quantizer can be
+    *disabled* (identity; the paper keeps first/last inputs float) and later given a range by
+    calibration, which also enables it. With ``init_from_data`` the first training batch sets
+    alpha to max|x| (the max over all DDP ranks) before it is learned.
+
+    The flags ``enabled`` and ``initialized`` are plain bools (no device sync per forward) saved
+    in the state dict as extra state, so a checkpoint says whether the quantizer is active and
+    whether its range was set.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool,
+        alpha_init: float = 5.0,
+        enabled: bool = True,
+        init_from_data: bool = False,
+    ):
+        super().__init__()
+        self.bits = check_bits(bits, "activation bits")
+        self.signed = bool(signed)
+        self.levels = signed_levels(bits) if signed else unsigned_levels(bits)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.enabled = bool(enabled)
+        self.initialized = not init_from_data
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        return (-self.levels, self.levels) if self.signed else (0, self.levels)
+
+    @property
+    def scale(self) -> Tensor:
+        """Current scale alpha / levels (0-dim, detached)."""
+        return (self.alpha / self.levels).detach()
+
+    def set_range(self, alpha: float) -> None:
+        """Set alpha (e.g. from calibration), mark the range as set and enable the quantizer."""
+        with torch.no_grad():
+            self.alpha.fill_(max(float(alpha), 1e-8))
+        self.initialized = True
+        self.enabled = True
+
+    def _init_from_batch(self, x: Tensor) -> None:
+        peak = x.detach().abs().max().float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        self.set_range(peak.item())
+
+    def _integers(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range
+        return round_clamp(x.detach(), self.scale, qmin, qmax)
+
+    def integers(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Integers q of ``x`` (float dtype, same shape) and the scale (0-dim)."""
+        return self._integers(x), self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.training and not self.initialized:
+            self._init_from_batch(x)
+        qmin, qmax = self.int_range
+        return _LearnedScaleQuant.apply(x, self.alpha, self._integers(x), self.levels, qmin, qmax, True)
+
+    def get_extra_state(self) -> dict:
+        return {"enabled": self.enabled, "initialized": self.initialized}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.enabled = bool(state["enabled"])
+        self.initialized = bool(state["initialized"])
+
+    def extra_repr(self) -> str:
+        lo, hi = self.int_range
+        return f"bits={self.bits}, signed={self.signed}, range=[{lo}, {hi}], enabled={self.enabled}"
