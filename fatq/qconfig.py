@@ -18,6 +18,7 @@ from fatq.quantizers import (
     FLOAT_BITS,
     ActivationQuantizer,
     MaxAbsWeightQuantizer,
+    PerChannelWeightQuantizer,
     PowerOfTwoWeightQuantizer,
     UniformWeightQuantizer,
     check_bits,
@@ -41,6 +42,8 @@ class QuantSpec:
             residual Add (needed by integer engines); "float" leaves them to calibration.
         transform: apply the FAT transform (False: plain uniform quantizer, for ablations).
         power_of_two: logarithmic weight levels instead of uniform.
+        per_channel_weights: one clipping threshold per output channel for every weight
+            quantizer, first/last included (PTQ models; ranges come from calibration).
         act_alpha_init: initial alpha_a of body activation quantizers (5.0 CIFAR, 8.0 ImageNet).
         weight_alpha_init: initial alpha_w (3.0).
     """
@@ -53,6 +56,7 @@ class QuantSpec:
     power_of_two: bool = False
     act_alpha_init: float = 5.0
     weight_alpha_init: float = 3.0
+    per_channel_weights: bool = False
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight bits")
@@ -88,9 +92,16 @@ class LayerFactory:
     def __init__(self, spec: QuantSpec):
         self.spec = spec
 
-    def _body_weight_quantizer(self) -> nn.Module:
+    def _body_weight_quantizer(self, out_channels: int) -> nn.Module:
+        if self.spec.per_channel_weights:
+            return PerChannelWeightQuantizer(self.spec.weight_bits, out_channels)
         cls = PowerOfTwoWeightQuantizer if self.spec.power_of_two else UniformWeightQuantizer
         return cls(self.spec.weight_bits, self.spec.weight_alpha_init)
+
+    def _edge_weight_quantizer(self, out_channels: int) -> nn.Module:
+        if self.spec.per_channel_weights:
+            return PerChannelWeightQuantizer(8, out_channels)
+        return MaxAbsWeightQuantizer()
 
     def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
         return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True)
@@ -108,7 +119,7 @@ class LayerFactory:
             stride,
             padding,
             bias=bias,
-            weight_quantizer=MaxAbsWeightQuantizer(),
+            weight_quantizer=self._edge_weight_quantizer(out_ch),
             input_quantizer=self._edge_input_quantizer(True, self.spec.edge_inputs),
             transform=False,
         )
@@ -135,7 +146,7 @@ class LayerFactory:
             padding,
             groups=groups,
             bias=bias,
-            weight_quantizer=self._body_weight_quantizer(),
+            weight_quantizer=self._body_weight_quantizer(out_ch),
             input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
             transform=self.spec.transform,
         )
@@ -148,7 +159,7 @@ class LayerFactory:
             in_f,
             out_f,
             bias=bias,
-            weight_quantizer=self._body_weight_quantizer(),
+            weight_quantizer=self._body_weight_quantizer(out_f),
             input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
             transform=self.spec.transform,
         )
@@ -161,7 +172,7 @@ class LayerFactory:
             in_f,
             out_f,
             bias=bias,
-            weight_quantizer=MaxAbsWeightQuantizer(),
+            weight_quantizer=self._edge_weight_quantizer(out_f),
             input_quantizer=self._edge_input_quantizer(signed_input, self.spec.edge_inputs),
             transform=False,
         )

@@ -72,7 +72,11 @@ class _LearnedScaleQuant(torch.autograd.Function):
         ratio = x / alpha
         clamped = (ratio * levels > qmax) | (ratio * levels < qmin)
         d_alpha = torch.where(clamped, q / levels, q / levels - ratio)
-        grad_alpha = (grad * d_alpha).sum().reshape(alpha.shape)
+        grad_alpha = grad * d_alpha
+        if alpha.numel() == 1:
+            grad_alpha = grad_alpha.sum().reshape(alpha.shape)
+        else:  # per-channel alpha of shape [C, 1, ...]: reduce every other axis
+            grad_alpha = grad_alpha.sum(dim=tuple(range(1, grad.dim())), keepdim=True)
         grad_x = torch.where(clamped, torch.zeros_like(grad), grad) if clip_grad else grad
         return grad_x, grad_alpha, None, None, None, None, None
 
@@ -148,6 +152,39 @@ class PowerOfTwoWeightQuantizer(UniformWeightQuantizer):
         u = torch.clamp(w.detach() / self.alpha.detach(), -1, 1)
         nearest = (u.abs().unsqueeze(-1) - self.level_values).abs().argmin(dim=-1)
         return torch.sign(u) * self.level_values[nearest] * self.levels
+
+
+class PerChannelWeightQuantizer(nn.Module):
+    """b-bit symmetric weights with one clipping threshold per output channel (PTQ).
+
+    ``alpha`` has shape [C_out]; ``integers`` returns a scale of shape [C_out, 1, ...] that
+    broadcasts against the weight. Ranges are set by calibration (max or MSE) and may be
+    fine-tuned with the same gradient as :class:`UniformWeightQuantizer`.
+    """
+
+    kind = "per_channel"
+
+    def __init__(self, bits: int, channels: int):
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        self.levels = signed_levels(bits)
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        return -self.levels, self.levels
+
+    def _alpha(self, w: Tensor) -> Tensor:
+        return self.alpha.view(-1, *([1] * (w.dim() - 1)))
+
+    def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Integers (shape of ``w``) and scale [C_out, 1, ...]."""
+        scale = (self._alpha(w) / self.levels).detach()
+        return round_clamp(w.detach(), scale, -self.levels, self.levels), scale
+
+    def forward(self, w: Tensor) -> Tensor:
+        q, _ = self.integers(w)
+        return _LearnedScaleQuant.apply(w, self._alpha(w), q, self.levels, -self.levels, self.levels, False)
 
 
 class MaxAbsWeightQuantizer(nn.Module):
