@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fatq.models.registry import register_model
+from fatq.models.residual import QuantizedBasicBlock
+from fatq.models.weight_init import network_layers
 from fatq.qconfig import LayerFactory
 
 
@@ -27,37 +29,22 @@ class SubsamplePad(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + shortcut, ReLU.
-
-    Both inputs of the Add pass through an 8-bit quantizer (``branch_quantizer`` on the main
-    branch, ``shortcut_quantizer`` on the shortcut) so integer engines see the whole block
-    quantized; in the FP32 model both are Identity.
-    """
+class BasicBlock(QuantizedBasicBlock):
+    """CIFAR BasicBlock; ``shortcut`` is an Identity, option A (subsample + pad) or option B (1×1 conv + BN)."""
 
     def __init__(self, layers: LayerFactory, in_planes: int, planes: int, stride: int, shortcut: str):
-        super().__init__()
-        self.conv1 = layers.conv(in_planes, planes, 3, stride, 1)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = layers.conv(planes, planes, 3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=False)
-        if stride == 1 and in_planes == planes:
+        identity = stride == 1 and in_planes == planes
+        # Only the conv + BN shortcut can be negative; the others carry the previous ReLU output.
+        super().__init__(layers, in_planes, planes, stride, shortcut_signed=not identity and shortcut == "B")
+        if identity:
             self.shortcut = nn.Identity()
-            shortcut_signed = False  # the block input is a ReLU output
         elif shortcut == "A":
             self.shortcut = SubsamplePad(planes // 4)
-            shortcut_signed = False
         else:
             self.shortcut = nn.Sequential(layers.conv(in_planes, planes, 1, stride, 0), nn.BatchNorm2d(planes))
-            shortcut_signed = True  # conv + BN output
-        self.branch_quantizer = layers.residual_quantizer(signed=True)
-        self.shortcut_quantizer = layers.residual_quantizer(signed=shortcut_signed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.branch_quantizer(self.bn2(self.conv2(out)))
-        return self.relu(out + self.shortcut_quantizer(self.shortcut(x)))
+    def shortcut_path(self, x: Tensor) -> Tensor:
+        return self.shortcut(x)
 
 
 class CifarResNet(nn.Module):
@@ -84,9 +71,8 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.linear = layers.last_linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
+        for m in network_layers(self):
+            nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
