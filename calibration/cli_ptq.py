@@ -1,0 +1,142 @@
+"""fatq-ptq: post-training quantization of an FP32 checkpoint (the PTQ baseline).
+
+Example::
+
+    fatq-ptq resnet20-cifar10-fp32.th --arch resnet20 --bits 8 --data-dir DATA \\
+        --calib-method entropy --calib-batches 8 -o resnet20-ptq8.pt --json ptq8.json
+
+The output is an ordinary fatq checkpoint (fatq-export and fatq-bench take it like any other),
+whose ``ptq`` field records the calibration settings and whose ``metrics`` hold the test
+accuracy measured in PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from calibration.calibrators import CALIBRATORS
+from calibration.ptq import WEIGHT_METHODS, NormalizedBatches, evaluate_top1, load_fp32_model, quantize_post_training
+from fatq.checkpoint import save_checkpoint
+from fatq.cli_common import run_cli, write_json_atomic
+from fatq.data import load_split
+from fatq.errors import FatqError
+from fatq.models import model_info
+from fatq.provenance import __version__, git_commit, sha256_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fatq-ptq", description="Post-training quantization of an FP32 checkpoint with calibrated ranges."
+    )
+    parser.add_argument("checkpoint", type=Path, help="FP32 checkpoint: fatq format, or the public one (with --arch)")
+    parser.add_argument("--bits", type=int, required=True, help="weight and activation bits of the body (2..8)")
+    parser.add_argument("--data-dir", type=Path, required=True, help="dataset directory (train split calibrates)")
+    parser.add_argument(
+        "--calib-method", choices=sorted(CALIBRATORS), default="minmax", help="activation range calibrator"
+    )
+    parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches from the train split")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per calibration batch")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
+    parser.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile")
+    parser.add_argument("--weight-method", choices=WEIGHT_METHODS, default="max", help="per-channel weight ranges")
+    parser.add_argument("--arch", help="architecture of a public checkpoint (fatq checkpoints record theirs)")
+    parser.add_argument("--dataset", choices=("cifar10", "imagefolder"), default="cifar10", help="dataset layout")
+    parser.add_argument("--seed", type=int, default=0, help="picks the calibration images")
+    parser.add_argument("-o", "--output", type=Path, help="output checkpoint (default: <arch>-ptq<bits>-<method>.pt)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _check_output_dir(path: Path | None, what: str) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise FatqError(f"directory {path.parent} for the {what} does not exist.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.arch is not None:
+        model_info(args.arch)  # unknown names fail before any work
+    if args.calib_batches < 1 or args.batch_size < 1 or args.eval_batch_size < 1:
+        raise FatqError("--calib-batches, --batch-size and --eval-batch-size must be at least 1.")
+    calib_options = {"percentile": args.percentile} if args.calib_method == "percentile" else {}
+    _check_output_dir(args.output, "output checkpoint")
+    _check_output_dir(args.json, "JSON report")
+    started = time.monotonic()
+
+    test = load_split(args.data_dir, "test", args.dataset)
+    model, meta = load_fp32_model(args.checkpoint, args.bits, args.arch, num_classes=len(test.class_names))
+    output = args.output or Path(f"{model.arch}-ptq{args.bits}-{args.calib_method}.pt")
+    _check_output_dir(output, "output checkpoint")
+    if model.num_classes != len(test.class_names):
+        raise FatqError(f"the model has {model.num_classes} classes but {args.data_dir} has {len(test.class_names)}.")
+    train = load_split(args.data_dir, "train", args.dataset)
+    normalization = meta["normalization"]
+    batches = NormalizedBatches(train.images, normalization, args.calib_batches, args.batch_size, args.seed)
+    alphas = quantize_post_training(
+        model, batches, args.calib_method, args.weight_method, quiet=args.quiet, **calib_options
+    )
+    accuracy = evaluate_top1(model, test, normalization, args.eval_batch_size, quiet=args.quiet)
+
+    command = shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    ptq = {
+        "calib_method": args.calib_method,
+        "calib_options": calib_options,
+        "calib_batches": len(batches),
+        "calib_images": batches.num_images,
+        "batch_size": args.batch_size,
+        "calib_split": "train",
+        "seed": args.seed,
+        "weight_method": args.weight_method,
+        "source_checkpoint": str(args.checkpoint),
+        "source_sha256": sha256_file(args.checkpoint),
+        "source_format": meta["format"],
+    }
+    class_names = meta["class_names"] or test.class_names
+    save_checkpoint(
+        output,
+        model,
+        normalization,
+        class_names,
+        ptq=ptq,
+        metrics={"test_top1": accuracy},
+        command=command,
+        torch_version=str(torch.__version__),
+    )
+    print(
+        f"{model.arch} PTQ W{args.bits}A{args.bits} ({args.calib_method}, weights {args.weight_method}, "
+        f"{batches.num_images} calibration images): test top-1 {accuracy:.2f}% -> {output}"
+    )
+    if args.json is not None:
+        write_json_atomic(
+            args.json,
+            {
+                "arch": model.arch,
+                "bits": args.bits,
+                "test_top1": accuracy,
+                "test_images": len(test),
+                "checkpoint": str(output),
+                **ptq,
+                "activation_alphas": alphas,
+                "seconds": round(time.monotonic() - started, 2),
+                "fatq_version": __version__,
+                "git_commit": git_commit(),
+                "torch_version": str(torch.__version__),
+                "command": command,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
