@@ -1,0 +1,414 @@
+"""The benchmark behind ``fatq-bench``: latency, accuracy and agreement of several runs side by side.
+
+One call of :func:`run_benchmark`:
+
+1. plans the (model, engine, precision) runs (:mod:`engines.run_plan`) and activates their runners;
+2. builds the evaluation inputs: the test split of ``data_dir`` (normalized with each model's own
+   normalization from ONNX ``metadata_props``, the checkpoint or the plan sidecar) or, without
+   data, seeded random images;
+3. runs every runner and the reference model (a fatq checkpoint in eval mode) over those inputs:
+   top-1/top-5 and agreement with the reference;
+4. times every runner at every batch size, interleaved (:mod:`engines.timing`);
+5. returns the report dict documented in ``docs/bench_schema.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.host import cpu_name
+from engines.model_files import CHECKPOINT, ONNX, normalization_from_metadata, read_onnx_info
+from engines.parity import agreement, evaluate_gate, topk_accuracy
+from engines.run_plan import RunnerOptions, RunSpec, inspect_model, make_runner, plan_runs
+from engines.runner import Runner
+from engines.timing import time_interleaved
+from fatq.cli_common import progress
+from fatq.errors import FatqError
+from fatq.provenance import __version__, git_commit, sha256_file
+
+SCHEMA = "fatq-bench"
+SCHEMA_VERSION = 1
+RANDOM_SAMPLES = 256
+FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure (see ``fatq-bench --help`` for each field's flag).
+
+    Attributes:
+        batch_sizes: batch sizes to time.
+        warmup: untimed calls per runner and batch size.
+        iterations: timed calls per runner and batch size.
+        rounds: turns the iterations are split into (interleaving).
+        threads: CPU threads per engine.
+        data_dir: evaluation data (test split), or None for random inputs.
+        dataset: "cifar10" or "imagefolder".
+        limit: evaluate on this many test images (evenly spaced), or all.
+        reference: fatq checkpoint to measure agreement against, or None.
+        min_agreement: gate bound on top-1 agreement (%), or None.
+        max_accuracy_drop: gate bound on the top-1 drop against the reference (points), or None.
+        runner_options: torch mode and TensorRT build settings.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    warmup: int = 10
+    iterations: int = 50
+    rounds: int = 5
+    threads: int | None = None
+    data_dir: Path | None = None
+    dataset: str = "cifar10"
+    limit: int | None = None
+    reference: Path | None = None
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    runner_options: RunnerOptions = field(default_factory=RunnerOptions)
+
+
+def model_normalization(spec: RunSpec) -> dict | None:
+    """The normalization a model was trained with, as its file records it (None if it does not)."""
+    if spec.model.kind == ONNX:
+        return read_onnx_info(spec.model.path).normalization
+    if spec.model.kind == CHECKPOINT:
+        from fatq.checkpoint import load_fatq_checkpoint
+
+        return load_fatq_checkpoint(spec.model.path)["normalization"]
+    from engines.trt_builder import read_sidecar
+
+    return normalization_from_metadata(read_sidecar(spec.model.path).get("source_metadata", {}), spec.model.path)
+
+
+@dataclass
+class EvalInputs:
+    """Images every run is evaluated on: uint8 [N, C, H, W] and labels int64 [N] (None for random data)."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None
+    source: str
+    class_names: list[str] | None = None
+
+    def normalized(self, normalization: dict | None) -> np.ndarray:
+        """float32 [N, C, H, W]: normalized images, or (random data, no normalization) N(0, 1) noise."""
+        from fatq.data import normalize
+
+        if normalization is None:
+            if self.labels is not None:
+                raise FatqError("internal: real data needs a normalization")  # checked by the caller
+            generator = torch.Generator().manual_seed(1)
+            return torch.randn(self.images.shape, generator=generator).numpy()
+        return normalize(self.images, normalization["mean"], normalization["std"]).numpy()
+
+
+def load_eval_inputs(settings: BenchSettings, sample_shape: tuple[int, int, int]) -> EvalInputs:
+    """The test split (checked against the models' input shape) or seeded random images."""
+    if settings.data_dir is None:
+        count = settings.limit or RANDOM_SAMPLES
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (count, *sample_shape), generator=generator, dtype=torch.uint8)
+        return EvalInputs(images, None, f"random uint8 images (seed 0, {count})")
+    from fatq.data import load_split
+
+    size = sample_shape[1] if settings.dataset == "imagefolder" and sample_shape[1] == sample_shape[2] else None
+    split = load_split(settings.data_dir, "test", settings.dataset, image_size=size)
+    if tuple(split.images.shape[1:]) != tuple(sample_shape):
+        raise FatqError(
+            f"the models expect inputs of shape {tuple(sample_shape)}, but the dataset's images are "
+            f"{tuple(split.images.shape[1:])}."
+        )
+    images, labels = split.images, split.labels.numpy()
+    if settings.limit is not None and settings.limit < len(labels):
+        # Evenly spaced, not the first N: image folders are sorted by class.
+        index = np.linspace(0, len(labels) - 1, settings.limit).round().astype(np.int64)
+        images, labels = images[torch.from_numpy(index)], labels[index]
+    return EvalInputs(images, labels, f"{settings.dataset} test split ({len(labels)} images)", split.class_names)
+
+
+def predict(runner: Runner, inputs: np.ndarray, batch: int, on_batch=None) -> np.ndarray:
+    """Logits [N, classes] of ``runner`` on float32 ``inputs`` [N, C, H, W], in batches of ``batch``.
+
+    The last partial batch is padded with copies of its first image (engines with a fixed batch
+    accept nothing else); the padding's outputs are dropped.
+    """
+    (name,) = runner.input_metadata()
+    outputs = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start : start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - real, axis=0)])
+        result = runner.infer({name: np.ascontiguousarray(chunk)})
+        outputs.append(_logits(runner, result)[:real])
+        if on_batch:
+            on_batch()
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _logits(runner: Runner, result: dict[str, np.ndarray]) -> np.ndarray:
+    if len(result) != 1:
+        raise FatqError(f"{runner.name} has {len(result)} outputs {sorted(result)}; fatq-bench expects one (logits).")
+    (logits,) = result.values()
+    if logits.ndim != 2:
+        raise FatqError(f"{runner.name} returns an output of shape {logits.shape}; expected logits [batch, classes].")
+    return logits
+
+
+def _input_shape(label: str, runner: Runner, batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
+    """The per-image shape a runner takes; checks its batch limits against ``batch_sizes``."""
+    metadata = runner.input_metadata()
+    if len(metadata) != 1:
+        raise FatqError(f"{label} has {len(metadata)} inputs; fatq-bench benchmarks single-input image classifiers.")
+    (meta,) = metadata.values()
+    sample = meta.sample_shape()
+    if len(sample) != 3 or not all(isinstance(d, int) and d > 0 for d in sample):
+        raise FatqError(f"{label} takes inputs of shape {meta.shape}; fatq-bench needs a fixed [batch, C, H, W] image.")
+    fixed = meta.fixed_batch
+    if fixed is not None and any(b != fixed for b in batch_sizes):
+        raise FatqError(
+            f"{label} has a fixed batch of {fixed}; use --batch-sizes {fixed} or export with a dynamic batch."
+        )
+    largest = runner.max_batch()
+    if largest is not None and max(batch_sizes) > largest:
+        raise FatqError(f"{label} accepts batches up to {largest}, but --batch-sizes asks for {max(batch_sizes)}.")
+    return tuple(sample)
+
+
+def _eval_batch(runners: dict[str, Runner], batch_sizes: tuple[int, ...]) -> int:
+    fixed = [r.max_batch() for r in runners.values() if r.max_batch() is not None]
+    return min([max(batch_sizes), *fixed])
+
+
+def _timing_feeds(runner: Runner, inputs: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    (name,) = runner.input_metadata()
+    repeats = -(-batch // len(inputs))
+    return {name: np.ascontiguousarray(np.concatenate([inputs] * repeats)[:batch])}
+
+
+def _ratios(specs: list[RunSpec], runs: list[dict]) -> list[dict]:
+    """int8 throughput over each float run of the same engine, per batch size."""
+    by_label = {(r["label"], r["batch_size"]): r["throughput_ips"] for r in runs}
+    ratios = []
+    for quant in (s for s in specs if s.precision == "int8"):
+        for base in (s for s in specs if s.engine == quant.engine and s.precision in FLOAT_PRECISIONS):
+            for batch in sorted({r["batch_size"] for r in runs}):
+                num, den = by_label.get((quant.label, batch)), by_label.get((base.label, batch))
+                if num and den:
+                    ratios.append(
+                        {
+                            "engine": quant.engine,
+                            "kind": f"int8/{base.precision}",
+                            "numerator": quant.label,
+                            "denominator": base.label,
+                            "batch_size": batch,
+                            "throughput_ratio": num / den,
+                        }
+                    )
+    return ratios
+
+
+def run_benchmark(
+    model_paths: list[str | Path],
+    engines: list[str],
+    precisions: list[str] | None,
+    settings: BenchSettings,
+    command: str = "",
+    quiet: bool = False,
+) -> dict:
+    """Run the whole benchmark and return the report (``docs/bench_schema.md``).
+
+    Args:
+        model_paths: MODEL files (ONNX, TensorRT plans, fatq checkpoints).
+        engines: engine names (:data:`engines.run_plan.ENGINES`).
+        precisions: precisions to run, or None for each model's own.
+        settings: what to measure.
+        command: the command line, recorded in the report.
+        quiet: no progress bars.
+    """
+    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
+        raise FatqError(f"batch sizes must be positive integers, got {list(settings.batch_sizes)}.")
+    models = [inspect_model(p) for p in model_paths]
+    specs, skipped = plan_runs(models, engines, precisions)
+    batch_sizes = tuple(dict.fromkeys(settings.batch_sizes))
+    options = RunnerOptions(
+        threads=settings.threads,
+        torch_mode=settings.runner_options.torch_mode,
+        max_batch=max(batch_sizes),
+        opt_batch=max(batch_sizes),
+        trt_typing=settings.runner_options.trt_typing,
+        trt_workspace_mib=settings.runner_options.trt_workspace_mib,
+    )
+    with contextlib.ExitStack() as stack:
+        runners: dict[str, Runner] = {}
+        for spec in specs:
+            runner = make_runner(spec, options)
+            stack.callback(runner.close)
+            runners[spec.label] = runner.activate()
+        shapes = {label: _input_shape(label, r, batch_sizes) for label, r in runners.items()}
+        sample_shape = next(iter(shapes.values()))
+        if len(set(shapes.values())) > 1:
+            raise FatqError(f"the models take different input shapes {shapes}; benchmark them separately.")
+
+        reference_runner, reference_data = None, None
+        if settings.reference is not None:
+            from engines.torch_runner import TorchRunner
+            from fatq.checkpoint import load_fatq_checkpoint
+
+            reference_data = load_fatq_checkpoint(settings.reference)
+            reference_runner = TorchRunner.from_checkpoint(
+                settings.reference, mode="eval", threads=settings.threads, name="reference"
+            )
+            stack.callback(reference_runner.close)
+            reference_runner.activate()
+            if tuple(reference_data["input_size"]) != tuple(sample_shape):
+                raise FatqError(
+                    f"the reference {settings.reference} takes {tuple(reference_data['input_size'])} inputs, "
+                    f"the models take {tuple(sample_shape)}."
+                )
+
+        fallback = reference_data["normalization"] if reference_data else None
+        normalizations = {spec.label: model_normalization(spec) or fallback for spec in specs}
+        eval_inputs = load_eval_inputs(settings, sample_shape)
+        if eval_inputs.labels is not None:
+            missing = [label for label, n in normalizations.items() if n is None]
+            if missing:
+                raise FatqError(
+                    f"{', '.join(missing)} record no input normalization; "
+                    "pass --reference CKPT to use the checkpoint's normalization."
+                )
+        inputs = {label: eval_inputs.normalized(normalizations[label]) for label in runners}
+
+        eval_batch = _eval_batch(runners, batch_sizes)
+        steps = len(runners) + (reference_runner is not None)
+        bar = progress(total=steps * -(-len(eval_inputs.images) // eval_batch), desc="evaluating", quiet=quiet)
+        logits = {label: predict(r, inputs[label], eval_batch, bar.update) for label, r in runners.items()}
+        reference_logits = None
+        if reference_runner is not None:
+            ref_inputs = eval_inputs.normalized(reference_data["normalization"])
+            reference_logits = predict(reference_runner, ref_inputs, eval_batch, bar.update)
+        bar.close()
+
+        accuracy, reference_summary, agreements = {}, None, {}
+        num_classes = len(eval_inputs.class_names or [])
+        for label, values in logits.items():
+            if eval_inputs.labels is not None:
+                if values.shape[1] < num_classes:
+                    raise FatqError(f"{label} outputs {values.shape[1]} classes, the dataset has {num_classes}.")
+                accuracy[label] = {
+                    "top1": topk_accuracy(values, eval_inputs.labels, 1),
+                    "top5": topk_accuracy(values, eval_inputs.labels, 5),
+                    "samples": len(eval_inputs.labels),
+                }
+            if reference_logits is not None:
+                if values.shape != reference_logits.shape:
+                    raise FatqError(
+                        f"{label} outputs {values.shape[1]} classes, the reference {reference_logits.shape[1]}."
+                    )
+                agreements[label] = agreement(values, reference_logits)
+        if reference_logits is not None:
+            reference_summary = {
+                "checkpoint": str(settings.reference),
+                "sha256": sha256_file(settings.reference),
+                "mode": "eval",
+                "arch": reference_data["arch"],
+                "spec": reference_data["spec"],
+            }
+            if eval_inputs.labels is not None:
+                reference_summary["top1"] = topk_accuracy(reference_logits, eval_inputs.labels, 1)
+                reference_summary["top5"] = topk_accuracy(reference_logits, eval_inputs.labels, 5)
+
+        gate = evaluate_gate(
+            agreements,
+            accuracy,
+            reference_summary.get("top1") if reference_summary else None,
+            settings.min_agreement,
+            settings.max_accuracy_drop,
+        )
+
+        runs = []
+        per_batch_calls = len(runners) * (settings.warmup + settings.iterations)
+        bar = progress(total=per_batch_calls * len(batch_sizes), desc="timing", quiet=quiet)
+        infos = {label: r.info() for label, r in runners.items()}
+        for batch in batch_sizes:
+            feeds = {label: _timing_feeds(r, inputs[label], batch) for label, r in runners.items()}
+            results = time_interleaved(
+                runners, feeds, batch, settings.warmup, settings.iterations, settings.rounds, bar.update
+            )
+            for spec in specs:
+                result, info = results[spec.label], infos[spec.label]
+                runs.append(
+                    {
+                        "label": spec.label,
+                        "model": str(spec.model.path),
+                        "engine": spec.engine,
+                        "engine_version": info.engine_version,
+                        "precision": spec.precision,
+                        "device": info.device,
+                        "threads": info.threads,
+                        "batch_size": batch,
+                        "latency_ms": result.latency.to_dict(),
+                        "latency_source": result.source,
+                        "transfer_ms": {k: v.to_dict() for k, v in result.transfers.items()} or None,
+                        "throughput_ips": result.throughput_ips,
+                        "warmup": settings.warmup,
+                        "iterations": settings.iterations,
+                    }
+                )
+        bar.close()
+        infos = {label: r.info() for label, r in runners.items()}  # again: compiled-model facts are known now
+        configs = [
+            {
+                "label": spec.label,
+                "model": str(spec.model.path),
+                "model_kind": spec.model.kind,
+                "engine": spec.engine,
+                "engine_version": infos[spec.label].engine_version,
+                "precision": spec.precision,
+                "device": infos[spec.label].device,
+                "threads": infos[spec.label].threads,
+                "options": infos[spec.label].options,
+                "memory_bytes": runners[spec.label].memory_bytes(),
+                "normalization": normalizations[spec.label],
+            }
+            for spec in specs
+        ]
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "fatq_version": __version__,
+        "git_commit": git_commit(),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpu": cpu_name(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "settings": {
+            "batch_sizes": list(batch_sizes),
+            "warmup": settings.warmup,
+            "iterations": settings.iterations,
+            "rounds": settings.rounds,
+            "threads": settings.threads,
+            "eval_inputs": eval_inputs.source,
+            "eval_batch": eval_batch,
+            "data_dir": str(settings.data_dir) if settings.data_dir else None,
+            "dataset": settings.dataset,
+            "torch_mode": settings.runner_options.torch_mode,
+        },
+        "models": [
+            {"path": str(m.path), "kind": m.kind, "precision": m.precision, "sha256": sha256_file(m.path)}
+            for m in models
+        ],
+        "configs": configs,
+        "runs": runs,
+        "ratios": _ratios(specs, runs),
+        "accuracy": accuracy,
+        "reference": reference_summary,
+        "agreement": {label: a.to_dict() for label, a in agreements.items()},
+        "gate": gate.to_dict(),
+        "skipped": [s.to_dict() for s in skipped],
+    }

@@ -1,0 +1,227 @@
+"""``fatq-bench``: latency, accuracy and parity of models on inference engines, side by side.
+
+Exit status: 0 done (gate passed or not asked), 1 the parity gate failed (which run, by how
+much, on stderr), 2 bad input (one sentence on stderr).
+
+Examples::
+
+    fatq-bench w4a4.onnx w4a4-fp32.onnx --engine ort --engine openvino --batch-sizes 1,64 \\
+        --data-dir data/ --reference w4a4.pt --min-agreement 99.9 --json bench.json
+    fatq-bench w4a4.pt --engine torch --batch-sizes 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from engines.bench import BenchSettings, run_benchmark
+from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind
+from engines.report import markdown_report, terminal_report, write_plot, write_text_atomic
+from engines.run_plan import ENGINES, PRECISIONS, RunnerOptions
+from engines.torch_runner import MODES
+from engines.trt_builder import TYPINGS
+from fatq.cli_common import run_cli, write_json_atomic
+from fatq.errors import FatqError
+
+DEFAULT_ENGINE = {ONNX: "ort", TRT_PLAN: "trt", CHECKPOINT: "torch"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as a FatqError (one sentence, exit 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise FatqError(f"{message} (see fatq-bench --help).")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a value in 0..100, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fatq-bench",
+        description="Benchmark models on inference engines: latency per batch size, accuracy on the test split, "
+        "agreement with the PyTorch model, and an accuracy-parity gate for CI.",
+    )
+    parser.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="ONNX file, TensorRT plan (.plan with .json sidecar) or fatq checkpoint; several are "
+        "run side by side (e.g. the QDQ file and its onnx-fp32 twin)",
+    )
+    parser.add_argument(
+        "--engine",
+        action="append",
+        choices=ENGINES,
+        dest="engines",
+        help="engine to run (repeatable); default: ort for ONNX, trt for plans, torch for checkpoints",
+    )
+    parser.add_argument(
+        "--precision",
+        action="append",
+        choices=PRECISIONS,
+        dest="precisions",
+        help="precision to run (repeatable); default: each model's own (int8 for QDQ, fp32 for "
+        "float); bf16 = OpenVINO's bf16 mode, fp16 = TensorRT/torch-cuda fp16 from a float model",
+    )
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8, 64), help="comma-separated (default 1,8,64)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls per run and batch size (default 10)")
+    parser.add_argument(
+        "--iterations", type=_positive_int, default=50, help="timed calls per run and batch size (default 50)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=5,
+        help="turns the iterations are split into, runs taking turns (default 5)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads per engine (default: all cores of this machine)",
+    )
+    parser.add_argument("--data-dir", type=Path, help="dataset for top-1/top-5 (its test split)")
+    parser.add_argument(
+        "--dataset", choices=("cifar10", "imagefolder"), default="cifar10", help="dataset layout (default cifar10)"
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="evaluate on this many test images, evenly spaced (default all; 256 random inputs without --data-dir)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="CKPT",
+        help="fatq checkpoint whose eval-mode model every run is compared with",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=_percent,
+        metavar="PCT",
+        help="gate: exit 1 if any run's top-1 agreement with --reference is below PCT",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="PTS",
+        help="gate: exit 1 if any run's top-1 is more than PTS points below the reference's",
+    )
+    parser.add_argument(
+        "--torch-mode",
+        choices=MODES,
+        default="eval",
+        help="torch engines: eval = the trained (fake-quant) model, deploy = export's deploy reference (default eval)",
+    )
+    parser.add_argument(
+        "--trt-typing",
+        choices=TYPINGS,
+        default="auto",
+        help="TensorRT network typing (default auto: strong, weak for fp16 on 10.x)",
+    )
+    parser.add_argument(
+        "--trt-workspace-mib",
+        type=_positive_int,
+        default=1024,
+        help="TensorRT builder workspace limit in MiB (default 1024)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON (docs/bench_schema.md)")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the tables as markdown")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of latency, throughput and accuracy")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars and no terminal table")
+    return parser
+
+
+def _check_output_dirs(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not path.parent.is_dir():
+            raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_output_dirs(args.json, args.markdown, args.plot)
+    if args.warmup < 0:
+        raise FatqError(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.reference is not None and not args.reference.is_file():
+        raise FatqError(f"reference checkpoint {args.reference} does not exist.")
+    if args.data_dir is not None and not args.data_dir.exists():
+        raise FatqError(f"data directory {args.data_dir} does not exist.")
+    if args.min_agreement is not None and args.reference is None:
+        raise FatqError("--min-agreement needs --reference (agreement is measured against the reference model).")
+    if args.max_accuracy_drop is not None and (args.reference is None or args.data_dir is None):
+        raise FatqError("--max-accuracy-drop needs --reference and --data-dir.")
+    engines = args.engines or list(dict.fromkeys(DEFAULT_ENGINE[detect_model_kind(m)] for m in args.models))
+    settings = BenchSettings(
+        batch_sizes=args.batch_sizes,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        rounds=args.rounds,
+        threads=args.threads or os.cpu_count(),
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        limit=args.limit,
+        reference=args.reference,
+        min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop,
+        runner_options=RunnerOptions(
+            torch_mode=args.torch_mode, trt_typing=args.trt_typing, trt_workspace_mib=args.trt_workspace_mib
+        ),
+    )
+    command = shlex.join(["fatq-bench", *(sys.argv[1:] if argv is None else argv)])
+    report = run_benchmark(args.models, engines, args.precisions, settings, command=command, quiet=args.quiet)
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.markdown:
+        write_text_atomic(args.markdown, markdown_report(report))
+    if args.plot:
+        write_plot(report, args.plot)
+    if not args.quiet:
+        print(terminal_report(report))
+    gate = report["gate"]
+    if not gate["passed"]:
+        for reason in gate["reasons"]:
+            print(f"fatq-bench: gate failed: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``fatq-bench``; returns the exit status."""
+    return run_cli(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

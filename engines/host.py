@@ -1,0 +1,53 @@
+"""Names of the processor and GPU a run used, for reports (no engine imports at module level)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_device() -> str:
+    """Device string of a CPU run, e.g. ``"CPU (AMD EPYC 9R14)"``."""
+    return f"CPU ({cpu_name()})"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One CUDA device: name and compute capability "major.minor"."""
+
+    index: int
+    name: str
+    compute_capability: str
+
+    def describe(self) -> str:
+        return f"{self.name} (sm_{self.compute_capability.replace('.', '')})"
+
+
+def gpu_info(index: int = 0) -> GpuInfo | None:
+    """Properties of CUDA device ``index`` through cuda-python, or None without a usable GPU.
+
+    Returns None when cuda-python is not installed, no driver is loaded or the device does not
+    exist: callers decide whether that is an error.
+    """
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, props = cudart.cudaGetDeviceProperties(index)
+    if err != cudart.cudaError_t.cudaSuccess:
+        return None
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return GpuInfo(index, name, f"{props.major}.{props.minor}")

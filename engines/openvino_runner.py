@@ -1,0 +1,150 @@
+"""OpenVINO runner: reads the (QDQ) ONNX file directly and runs it on the CPU plugin.
+
+OpenVINO runs the float parts of a model in bf16 on CPUs with AVX-512 BF16/AMX unless told
+otherwise (DEPLOY.md), which changes both speed and numbers. This runner therefore always sets
+``INFERENCE_PRECISION_HINT``: ``f32`` by default (labelled "fp32", or "int8" for a QDQ graph,
+whose float parts then stay f32) and ``bf16`` only when asked (labelled "bf16"). The compiled
+model's actual inference precision and whether the CPU has native BF16 are reported in
+:meth:`OpenVinoRunner.info`.
+
+Each batch size gets its own compiled model with a static input shape (what OpenVINO's
+benchmark_app does with ``-shape``): dynamic shapes cost speed on the CPU plugin. Compilation
+happens on the first :meth:`infer` of a new shape, so benchmarks must warm up per shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.host import cpu_device
+from engines.model_files import read_onnx_info
+from engines.runner import Runner, RunnerInfo, TensorMeta
+from fatq.errors import FatqError, MissingExtraError
+
+PRECISION_HINTS = {"f32": "fp32", "bf16": "bf16"}
+
+
+def import_openvino():
+    """``import openvino``, or MissingExtraError naming the ``openvino`` extra."""
+    try:
+        import openvino
+    except ImportError:
+        raise MissingExtraError("openvino", "openvino") from None
+    return openvino
+
+
+class OpenVinoRunner(Runner):
+    """An ONNX file compiled by OpenVINO for the CPU.
+
+    Args:
+        path: ONNX file (QDQ int8 or float).
+        threads: ``INFERENCE_NUM_THREADS``; None lets OpenVINO choose.
+        precision_hint: "f32" (default) or "bf16" for the float parts of the model; "bf16" is
+            refused for QDQ graphs (their label would not say what ran).
+        name: label used in errors and reports (default: the file name).
+    """
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, precision_hint: str = "f32", name: str | None = None
+    ):
+        super().__init__(name or Path(path).name)
+        if precision_hint not in PRECISION_HINTS:
+            raise FatqError(
+                f"OpenVINO precision hint must be one of {sorted(PRECISION_HINTS)}, got {precision_hint!r}."
+            )
+        if threads is not None and threads < 1:
+            raise FatqError(f"threads must be at least 1, got {threads}.")
+        self.path = Path(path)
+        self.model_info = read_onnx_info(self.path)
+        if precision_hint == "bf16" and self.model_info.precision == "int8":
+            raise FatqError(f"{self.path.name} is a QDQ int8 graph; the bf16 mode applies to float models only.")
+        self.threads = threads
+        self.precision_hint = precision_hint
+        self._ov = None
+        self._core = None
+        self._model = None
+        self._compiled: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
+
+    def _activate(self) -> None:
+        ov = import_openvino()
+        self._core = ov.Core()
+        try:
+            self._model = self._core.read_model(str(self.path))
+        except RuntimeError as exc:
+            raise FatqError(f"OpenVINO cannot read {self.path.name}: {str(exc).splitlines()[0]}") from None
+        self._ov = ov
+
+    def _config(self) -> dict:
+        config = {
+            "INFERENCE_PRECISION_HINT": self.precision_hint,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _compiled_for(self, feeds: dict[str, np.ndarray]) -> tuple:
+        key = tuple((name, feeds[name].shape) for name in sorted(feeds))
+        if key not in self._compiled:
+            model = self._model.clone()
+            model.reshape({name: list(shape) for name, shape in key})
+            compiled = self._core.compile_model(model, "CPU", self._config())
+            self._compiled[key] = (compiled, compiled.create_infer_request())
+        return self._compiled[key]
+
+    def _input_metadata(self) -> dict[str, TensorMeta]:
+        meta = {}
+        for port in self._model.inputs:
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            meta[port.get_any_name()] = TensorMeta(np.dtype(port.get_element_type().to_dtype()), shape)
+        return meta
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {name: feeds[name] for name in self._input_metadata()}
+        compiled, request = self._compiled_for(inputs)
+        results = request.infer(inputs)
+        # The request reuses its output buffers: copy before the next call overwrites them.
+        return {port.get_any_name(): np.array(results[port], copy=True) for port in compiled.outputs}
+
+    def _close(self) -> None:
+        self._compiled.clear()
+        self._model = None
+        self._core = None
+
+    def compiled_inference_precision(self) -> str | None:
+        """The inference precision OpenVINO reports for the compiled models ("f32", "bf16"), if compiled."""
+        for compiled, _ in self._compiled.values():
+            return (
+                str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+                .lower()
+                .replace("float32", "f32")
+                .replace("bfloat16", "bf16")
+            )
+        return None
+
+    def cpu_has_native_bf16(self) -> bool:
+        """Whether the CPU plugin lists BF16 among its optimization capabilities."""
+        core = self._core or import_openvino().Core()
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+    def info(self) -> RunnerInfo:
+        ov = self._ov or import_openvino()
+        model_precision = self.model_info.precision
+        label = "int8" if model_precision == "int8" else PRECISION_HINTS[self.precision_hint]
+        return RunnerInfo(
+            engine="openvino",
+            engine_version=ov.get_version(),
+            device=cpu_device(),
+            precision=label,
+            threads=self.threads,
+            options={
+                "inference_precision_hint": self.precision_hint,
+                "compiled_inference_precision": self.compiled_inference_precision(),
+                "cpu_native_bf16": self.cpu_has_native_bf16(),
+                "performance_hint": "LATENCY",
+                "static_shapes": True,
+            },
+        )

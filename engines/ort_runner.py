@@ -1,0 +1,148 @@
+"""ONNX Runtime runner: CPU with a fixed thread count; CUDA and TensorRT EPs with onnxruntime-gpu.
+
+CPU sessions use ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``, sequential
+execution and every graph optimization (at level >= EXTENDED ORT fuses QDQ groups into
+QLinearConv/QLinearMatMul; DEPLOY.md). The CUDA and TensorRT execution providers need the
+onnxruntime-gpu wheel and a GPU; they were not run in this project's CI (no GPU there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.host import cpu_device, gpu_info
+from engines.model_files import read_onnx_info
+from engines.runner import Runner, RunnerInfo, TensorMeta
+from fatq.data import cache_dir
+from fatq.errors import FatqError, MissingExtraError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+# ONNX tensor type strings as ORT reports them -> numpy dtypes
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
+
+
+def import_onnxruntime():
+    """``import onnxruntime`` (a core dependency), or one clear FatqError."""
+    try:
+        import onnxruntime
+    except ImportError:  # a core dependency: only a broken install lacks it
+        raise FatqError("onnxruntime is not installed; reinstall fatq (`pip install fatq`).") from None
+    return onnxruntime
+
+
+class OrtRunner(Runner):
+    """An ONNX file in an ONNX Runtime InferenceSession.
+
+    Args:
+        path: ONNX file (QDQ int8 or float).
+        threads: intra-op threads (CPU provider); None lets ORT choose (all cores).
+        provider: "cpu", "cuda" or "trt" (the TensorRT EP; the last two need onnxruntime-gpu and a GPU).
+        name: label used in errors and reports (default: the file name).
+        trt_cache_dir: engine/timing cache directory of the TensorRT EP (default under the fatq
+            cache directory).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        provider: str = "cpu",
+        name: str | None = None,
+        trt_cache_dir: str | Path | None = None,
+    ):
+        super().__init__(name or Path(path).name)
+        if provider not in PROVIDERS:
+            raise FatqError(f"unknown ONNX Runtime provider {provider!r}; use one of {sorted(PROVIDERS)}.")
+        if threads is not None and threads < 1:
+            raise FatqError(f"threads must be at least 1, got {threads}.")
+        self.path = Path(path)
+        self.model_info = read_onnx_info(self.path)
+        self.threads = threads
+        self.provider = provider
+        self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else None
+        self._session = None
+        self._ort = None
+
+    def _provider_list(self, ort) -> list:
+        available = ort.get_available_providers()
+        wanted = PROVIDERS[self.provider]
+        if wanted not in available:
+            if self.provider == "cpu":
+                raise FatqError(f"this onnxruntime build has no CPU provider (it has {available}).")
+            raise MissingExtraError("onnxruntime-gpu", "gpu")
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            return [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+        cache = self.trt_cache_dir or (cache_dir() / "ort-trt")
+        cache.mkdir(parents=True, exist_ok=True)
+        # A QDQ graph carries its own scales, so INT8 needs no calibration table (DEPLOY.md).
+        trt_options = {
+            "trt_int8_enable": self.model_info.precision == "int8",
+            "trt_fp16_enable": self.model_info.precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+        }
+        return [("TensorrtExecutionProvider", trt_options), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+
+    def _activate(self) -> None:
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=self._provider_list(ort))
+        except (RuntimeError, ValueError) as exc:  # ORT's Fail/InvalidGraph errors subclass RuntimeError
+            raise FatqError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from None
+        self._ort = ort
+
+    def _input_metadata(self) -> dict[str, TensorMeta]:
+        return {
+            i.name: TensorMeta(np.dtype(_ORT_DTYPES.get(i.type, np.float32)), tuple(i.shape))
+            for i in self._session.get_inputs()
+        }
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self._session.get_outputs()]
+        outputs = self._session.run(names, {k: feeds[k] for k in self._input_metadata()})
+        return dict(zip(names, outputs, strict=True))
+
+    def _close(self) -> None:
+        self._session = None
+
+    def info(self) -> RunnerInfo:
+        version = self._ort.__version__ if self._ort else import_onnxruntime().__version__
+        if self.provider == "cpu":
+            device = cpu_device()
+        else:
+            gpu = gpu_info()
+            device = gpu.describe() if gpu else "CUDA GPU"
+        providers = self._session.get_providers() if self._session else [PROVIDERS[self.provider]]
+        return RunnerInfo(
+            engine="ort" if self.provider == "cpu" else f"ort-{self.provider}",
+            engine_version=version,
+            device=device,
+            precision=self.model_info.precision,
+            threads=self.threads,
+            options={"providers": providers, "graph_optimization_level": "ORT_ENABLE_ALL", "inter_op_threads": 1},
+        )
