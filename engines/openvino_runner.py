@@ -117,12 +117,8 @@ class OpenVinoRunner(Runner):
     def compiled_inference_precision(self) -> str | None:
         """The inference precision OpenVINO reports for the compiled models ("f32", "bf16"), if compiled."""
         for compiled, _ in self._compiled.values():
-            return (
-                str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-                .lower()
-                .replace("float32", "f32")
-                .replace("bfloat16", "bf16")
-            )
+            value = compiled.get_property("INFERENCE_PRECISION_HINT")
+            return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
         return None
 
     def cpu_has_native_bf16(self) -> bool:

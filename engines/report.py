@@ -49,14 +49,20 @@ def _sections(report: dict, markdown: bool) -> list[str]:
     title = (lambda text: f"### {text}") if markdown else (lambda text: f"{text}:")
     sections = []
     configs = [
-        [c["label"], c["engine"], c["engine_version"], c["precision"], c["device"], c["threads"], c["memory_bytes"]]
+        [
+            c["label"],
+            c["engine"],
+            c["engine_version"].split("-")[0],  # OpenVINO appends a long build tag
+            c["precision"],
+            c["device"],
+            c["threads"],
+            c["memory_bytes"],
+            config_notes(c),
+        ]
         for c in report["configs"]
     ]
-    sections.append(
-        title("Engines")
-        + "\n"
-        + format_table(["run", "engine", "version", "precision", "device", "threads", "memory B"], configs, markdown)
-    )
+    headers = ["run", "engine", "version", "precision", "device", "threads", "memory B", "notes"]
+    sections.append(title("Engines") + "\n" + format_table(headers, configs, markdown))
     latency = [
         [
             r["label"],
@@ -128,13 +134,31 @@ def _sections(report: dict, markdown: bool) -> list[str]:
         verdict = "passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
         sections.append(f"{title('Parity gate')} {verdict}")
     if report["skipped"]:
-        skipped = [[Path(s["model"]).name, s["engine"], s["precision"], s["reason"]] for s in report["skipped"]]
         sections.append(
-            title("Skipped combinations")
-            + "\n"
-            + format_table(["model", "engine", "precision", "why"], skipped, markdown)
+            f"{len(report['skipped'])} requested model/engine/precision combinations do not apply and were skipped "
+            '(listed with reasons under "skipped" in the JSON report).'
         )
     return sections
+
+
+def config_notes(config: dict) -> str:
+    """A short note on the engine settings that explain a run's numbers."""
+    options, engine = config["options"], config["engine"]
+    if engine == "openvino":
+        note = f"precision hint {options['inference_precision_hint']}"
+        if options.get("compiled_inference_precision"):
+            note += f" (compiled: {options['compiled_inference_precision']})"
+        if options["inference_precision_hint"] == "bf16" and not options.get("cpu_native_bf16"):
+            note += ", no native BF16 on this CPU"
+        return note
+    if engine.startswith("ort"):
+        return "providers " + "+".join(p if isinstance(p, str) else p[0] for p in options.get("providers", []))
+    if engine == "trt":
+        flags = ",".join(options.get("builder_flags") or []) or "none"
+        return f"{options.get('typing')} typing, builder flags {flags}, engine-only time"
+    if engine.startswith("torch"):
+        return f"{options.get('mode')} mode" + (", fake-quant" if options.get("fake_quant") else "")
+    return ""
 
 
 def terminal_report(report: dict) -> str:

@@ -79,11 +79,10 @@ def inspect_model(path: str | Path) -> ModelFile:
 
         precision = read_sidecar(path)["precision"]
     else:
+        from engines.torch_runner import checkpoint_is_float
         from fatq.checkpoint import load_fatq_checkpoint
-        from fatq.qconfig import QuantSpec
 
-        data = load_fatq_checkpoint(path)
-        precision = "fp32" if QuantSpec.from_dict(data["spec"]).is_float else "int8"
+        precision = "fp32" if checkpoint_is_float(load_fatq_checkpoint(path)) else "int8"
     return ModelFile(path, kind, precision)
 
 

@@ -21,6 +21,7 @@ from engines.host import cpu_device, gpu_info
 from engines.runner import Runner, RunnerInfo, TensorMeta
 from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 from fatq.errors import FatqError
+from fatq.qconfig import QuantSpec
 
 MODES = ("eval", "deploy")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -38,9 +39,13 @@ def build_checkpoint_module(data: dict, mode: str) -> nn.Module:
     model = model_from_checkpoint(data).eval()
     if mode == "eval":
         return model
-    from export.deploy import deploy_reference  # the export stage owns the engine semantics
+    # The export stage owns the engine semantics: fold, lower to integer ops, replay.
+    from export.fold import fold
+    from export.lower import lower
+    from export.reference import DeployReference
 
-    return deploy_reference(model).eval()
+    graph = fold(model, list(data["input_size"]))
+    return DeployReference(lower(graph) if graph.quantized else graph).eval()
 
 
 class TorchRunner(Runner):
@@ -97,7 +102,7 @@ class TorchRunner(Runner):
         """Runner for a fatq checkpoint (see the module docstring for ``mode``)."""
         data = load_fatq_checkpoint(path)
         module = build_checkpoint_module(data, mode)
-        quantized = not model_from_checkpoint_spec_is_float(data)
+        quantized = not checkpoint_is_float(data)
         if half and quantized:
             raise FatqError("fp16 applies to FP32 checkpoints only; a quantized model runs its own precision.")
         precision = "int8" if quantized else ("fp16" if half else "fp32")
@@ -146,8 +151,6 @@ class TorchRunner(Runner):
         )
 
 
-def model_from_checkpoint_spec_is_float(data: dict) -> bool:
+def checkpoint_is_float(data: dict) -> bool:
     """Whether a fatq checkpoint holds an FP32 (32-bit) model."""
-    from fatq.qconfig import QuantSpec
-
     return QuantSpec.from_dict(data["spec"]).is_float

@@ -1,0 +1,171 @@
+"""Runners on tiny models against independent references (torch for float graphs, numpy for QDQ)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import export_float_onnx, make_qdq_conv, qdq_reference, save_resnet_checkpoint, tiny_float_cnn
+
+from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, read_onnx_info
+from engines.openvino_runner import OpenVinoRunner
+from engines.ort_runner import OrtRunner
+from engines.runner import TensorMeta
+from engines.timing import LatencyStats, time_interleaved
+from engines.torch_runner import TorchRunner
+from fatq.errors import FatqError, MissingExtraError
+
+
+@pytest.fixture(scope="module")
+def float_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float") / "tiny.onnx"
+    model = tiny_float_cnn()
+    export_float_onnx(model, path, (3, 8, 8))
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def qdq_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qdq") / "qdq.onnx"
+    return path, make_qdq_conv(path)
+
+
+def _inputs(batch: int, shape=(3, 8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("runner_cls", [OrtRunner, OpenVinoRunner])
+def test_float_graph_matches_torch(float_onnx, runner_cls):
+    path, model = float_onnx
+    with runner_cls(path, threads=1) as runner:
+        meta = runner.input_metadata()
+        assert list(meta) == ["input"]
+        assert meta["input"].dtype == np.float32 and meta["input"].sample_shape() == (3, 8, 8)
+        for batch in (1, 5):  # dynamic batch axis
+            x = _inputs(batch, seed=batch)
+            (out,) = runner.infer({"input": x}).values()
+            expected = model(torch.from_numpy(x)).detach().numpy()
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+        info = runner.info()
+        assert info.precision == "fp32" and info.threads == 1
+
+
+@pytest.mark.parametrize("runner_cls", [OrtRunner, OpenVinoRunner])
+def test_qdq_graph_matches_numpy_integer_reference(qdq_onnx, runner_cls):
+    path, params = qdq_onnx
+    # Inputs spread over the int8 range (and beyond, to exercise saturation at -128/127).
+    x = np.random.default_rng(1).uniform(-7.0, 7.0, size=(4, 3, 6, 6)).astype(np.float32)
+    expected, q_expected = qdq_reference(x, params)
+    with runner_cls(path, threads=1) as runner:
+        assert runner.info().precision == "int8"
+        out = runner.infer({"input": x})["output"]
+    q_out = np.rint(out / params["y_scale"])
+    # Engines requantize in float32 (s_x*s_w/s_y): a value within float rounding of a .5 tie
+    # may land one step away from the float64 reference, never further.
+    assert np.abs(q_out - q_expected).max() <= 1
+    assert np.mean(q_out == q_expected) >= 0.99
+    assert np.all(q_out >= 0)  # the Relu before Q is honoured
+    assert (q_expected > 0).mean() > 0.2  # the test data is not trivially all zero
+
+
+def test_openvino_bf16_mode_is_labelled_and_refused_for_qdq(float_onnx, qdq_onnx):
+    with OpenVinoRunner(float_onnx[0], threads=1, precision_hint="bf16") as runner:
+        runner.infer({"input": _inputs(2)})
+        info = runner.info()
+        assert info.precision == "bf16"
+        assert info.options["inference_precision_hint"] == "bf16"
+        assert info.options["compiled_inference_precision"] == "bf16"
+        assert isinstance(info.options["cpu_native_bf16"], bool)
+    with OpenVinoRunner(float_onnx[0], threads=1) as runner:
+        runner.infer({"input": _inputs(2)})
+        assert runner.info().options["compiled_inference_precision"] == "f32"
+    with pytest.raises(FatqError, match="bf16"):
+        OpenVinoRunner(qdq_onnx[0], precision_hint="bf16")
+
+
+def test_torch_runner_eval_mode_matches_checkpoint_model(tmp_path):
+    ckpt = tmp_path / "w4.pt"
+    model = save_resnet_checkpoint(ckpt, bits=4, num_classes=10)
+    x = _inputs(3, (3, 32, 32))
+    with TorchRunner.from_checkpoint(ckpt, mode="eval", threads=1) as runner:
+        assert runner.input_metadata()["input"] == TensorMeta(np.dtype(np.float32), ("batch", 3, 32, 32))
+        out = runner.infer({"input": x})["logits"]
+        info = runner.info()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert info.precision == "int8" and info.options["fake_quant"] and info.engine == "torch"
+
+
+def test_runner_lifecycle_and_feed_checks(float_onnx):
+    runner = OrtRunner(float_onnx[0], threads=1)
+    with pytest.raises(FatqError, match="not active"):
+        runner.infer({"input": _inputs(1)})
+    with runner:
+        assert runner.is_active
+        with pytest.raises(FatqError, match="needs inputs"):
+            runner.infer({"wrong": _inputs(1)})
+        with pytest.raises(FatqError, match="float32"):
+            runner.infer({"input": _inputs(1).astype(np.float64)})
+        with pytest.raises(FatqError, match="shape"):
+            runner.infer({"input": _inputs(1, (3, 9, 8))})
+        assert runner.max_batch() is None
+    assert not runner.is_active
+    runner.close()  # idempotent
+
+
+def test_missing_openvino_names_the_extra(float_onnx, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    with pytest.raises(MissingExtraError) as info:
+        OpenVinoRunner(float_onnx[0]).activate()
+    assert info.value.extra == "openvino" and "pip install 'fatq[openvino]'" in str(info.value)
+
+
+def test_missing_tensorrt_names_the_extra(float_onnx, monkeypatch, tmp_path):
+    from engines.trt_builder import BuildSettings, build_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingExtraError) as info:
+        build_engine(float_onnx[0], tmp_path / "m.plan", BuildSettings("fp32"))
+    assert info.value.extra == "trt"
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_model_kind_detection(tmp_path, float_onnx, qdq_onnx):
+    ckpt = tmp_path / "m.pt"
+    save_resnet_checkpoint(ckpt)
+    assert detect_model_kind(ckpt) == CHECKPOINT
+    assert detect_model_kind(float_onnx[0]) == ONNX
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00serialized engine")
+    assert detect_model_kind(plan) == TRT_PLAN
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a model at all\n")
+    with pytest.raises(FatqError, match="neither"):
+        detect_model_kind(junk)
+    assert read_onnx_info(qdq_onnx[0]).precision == "int8"
+    info = read_onnx_info(float_onnx[0])
+    assert info.precision == "fp32" and info.normalization["mean"][0] == pytest.approx(0.4914)
+
+
+def test_latency_stats_closed_form():
+    samples = [5.0, 1.0, 3.0, 2.0, 4.0]
+    stats = LatencyStats.from_samples(samples)
+    assert (stats.min, stats.median, stats.max, stats.mean, stats.count) == (1.0, 3.0, 5.0, 3.0, 5)
+    # linear interpolation: position 0.9 * 4 = 3.6 between 4.0 and 5.0
+    assert stats.p90 == pytest.approx(4.6) and stats.p99 == pytest.approx(4.96)
+
+
+def test_interleaved_timing_runs_every_iteration(float_onnx):
+    with OrtRunner(float_onnx[0], threads=1) as a, OpenVinoRunner(float_onnx[0], threads=1) as b:
+        feeds = {"a": {"input": _inputs(2)}, "b": {"input": _inputs(2)}}
+        calls = []
+        results = time_interleaved(
+            {"a": a, "b": b}, feeds, 2, warmup=1, iterations=7, rounds=3, on_step=lambda: calls.append(1)
+        )
+    assert len(calls) == 2 * (1 + 7)
+    for result in results.values():
+        assert result.latency.count == 7 and result.source == "wall-clock" and result.transfers == {}
+        assert result.throughput_ips == pytest.approx(2 / (result.latency.median / 1000))
