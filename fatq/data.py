@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fatq.augment import batch_generator, random_crop_flip
 from fatq.errors import FatqError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -198,3 +199,141 @@ def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
+
+
+def channel_statistics(images: Tensor, chunk: int = 4096) -> dict:
+    """Per-channel mean and std on [0, 1] of uint8 images [N, C, H, W] (for unknown datasets).
+
+    Accumulates in float64 over chunks, so memory stays at one chunk of floats.
+
+    Returns:
+        {"mean": [C floats], "std": [C floats]}.
+    """
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].to(torch.float64) / 255.0
+        total += block.sum(dim=(0, 2, 3))
+        total_sq += block.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
+    """The shuffle of one epoch: a pure function of (seed, epoch), int64 [num_items].
+
+    Being a function of its arguments only (no hidden generator state) is what lets a resumed
+    run skip exactly the batches it already trained on.
+    """
+    return torch.randperm(num_items, generator=batch_generator(seed, epoch, 0x5EED))
+
+
+def shard_indices(indices: Tensor, rank: int, world_size: int, pad: bool = True) -> Tensor:
+    """The part of ``indices`` one rank owns, as ``torch.utils.data.DistributedSampler`` splits it.
+
+    With ``pad`` (training) the list is first extended by repeating its head to a multiple of
+    ``world_size``, so every rank gets the same number of items (and of optimizer steps);
+    without it (evaluation) every item is owned by exactly one rank and counts add up exactly.
+    Rank r takes items r, r + world_size, r + 2 * world_size, ...
+    """
+    if pad and world_size > 1 and len(indices) % world_size:
+        extra = world_size - len(indices) % world_size
+        indices = torch.cat([indices, indices.repeat(extra // max(len(indices), 1) + 1)[:extra]])
+    return indices[rank::world_size]
+
+
+class TrainBatches:
+    """One epoch of augmented, normalized training batches for one rank.
+
+    Batch ``i`` is a pure function of (seed, epoch, i, rank): the epoch's shuffle comes from
+    :func:`epoch_order` and each batch's crop/flip draws from its own generator. ``start``
+    skips the first batches (mid-epoch resume). With ``workers`` > 0 a thread pool prepares that
+    many batches ahead (useful on CPU; on CUDA the work is asynchronous GPU kernels anyway);
+    the batches and their order do not depend on it.
+
+    Args:
+        images: uint8 [N, C, H, W] on the device the batches should be on.
+        labels: int64 [N] on the same device.
+        batch_size: images per batch on this rank (the last batch may be smaller).
+        seed, epoch: define the shuffle and the augmentation draws.
+        normalization: {"mean", "std"} applied after augmentation.
+        padding: crop padding in pixels (0 disables the crop); ``flip`` the horizontal flip.
+        rank, world_size: the shard this process trains on (:func:`shard_indices`).
+        start: index of the first batch to produce.
+        workers: batches prepared ahead by background threads (0: in the caller's thread).
+
+    Yields:
+        (images float32 [B, C, H, W], labels int64 [B]).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        normalization: dict,
+        padding: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        workers: int = 0,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.seed, self.epoch = seed, epoch
+        self.normalization = normalization
+        self.padding, self.flip = padding, flip
+        self.rank = rank
+        self.order = shard_indices(epoch_order(len(labels), seed, epoch), rank, world_size)
+        self.start = start
+        self.workers = workers
+
+    def __len__(self) -> int:
+        """Batches of the whole epoch (including skipped ones)."""
+        return -(-len(self.order) // self.batch_size)
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        """Batch ``index`` of the epoch: (float32 [B, C, H, W], int64 [B])."""
+        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size].to(self.images.device)
+        generator = batch_generator(self.seed, self.epoch, index, self.rank)
+        images = random_crop_flip(self.images[chosen], self.padding, generator, flip=self.flip)
+        return normalize(images, self.normalization["mean"], self.normalization["std"]), self.labels[chosen]
+
+    def __iter__(self):
+        indices = range(self.start, len(self))
+        if self.workers <= 0:
+            for index in indices:
+                yield self.batch(index)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fatq-batches")
+        try:
+            pending = [pool.submit(self.batch, i) for i in indices[: self.workers]]
+            for position, _ in enumerate(indices):
+                ahead = position + self.workers
+                if ahead < len(indices):
+                    pending.append(pool.submit(self.batch, indices[ahead]))
+                yield pending[position].result()
+                pending[position] = None  # release the batch once the caller has it
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def eval_batches(
+    images: Tensor, labels: Tensor, batch_size: int, normalization: dict, rank: int = 0, world_size: int = 1
+):
+    """Normalized evaluation batches of this rank's shard (no padding: every image counted once).
+
+    Yields:
+        (images float32 [B, C, H, W], labels int64 [B]) on the device of ``images``.
+    """
+    order = shard_indices(torch.arange(len(labels)), rank, world_size, pad=False).to(images.device)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield normalize(images[chosen], normalization["mean"], normalization["std"]), labels[chosen]

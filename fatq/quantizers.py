@@ -48,7 +48,8 @@ def unsigned_levels(bits: int) -> int:
 
 def round_clamp(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """Integers clamp(round_half_even(x / scale), qmin, qmax), as float (ONNX QuantizeLinear)."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax)
+    # round/clamp in place on the fresh quotient: same values, one allocation instead of three
+    return torch.round(x / scale).clamp_(qmin, qmax)
 
 
 class _LearnedScaleQuant(torch.autograd.Function):
@@ -57,28 +58,49 @@ class _LearnedScaleQuant(torch.autograd.Function):
     Gradients (METHOD.md §1.7 and §2), with r = x / alpha: d out / d alpha = q/levels where x
     was clamped (r * levels outside [qmin, qmax]), else q/levels - r. d out / d x = 1, or 0
     where clamped when ``clip_grad`` (activations; weights pass straight through everywhere).
+
+    Speed (CPU training is dominated by these elementwise passes over activations): the forward
+    computes d out / d alpha and the clamp mask once, mostly in place, and the backward is a
+    single dot product plus one masked fill. Every quantizer has qmax == levels and qmin in
+    {0, -levels}, so "r * levels > qmax" is exactly "r > 1" and "r * levels < qmin" exactly
+    "r < qmin / levels" (multiplying by the exact integer ``levels`` is monotonic and maps 1 to
+    levels), which saves a full multiply pass.
     """
 
     @staticmethod
     def forward(ctx, x, alpha, q, levels: int, qmin: int, qmax: int, clip_grad: bool):
-        ctx.save_for_backward(x, alpha, q)
-        ctx.constants = (levels, qmin, qmax, clip_grad)
-        return q * (alpha / levels)
+        out = q * (alpha / levels)
+        if qmax != levels or qmin not in (0, -levels):
+            raise ValueError(f"unsupported integer range [{qmin}, {qmax}] for {levels} levels")
+        ratio = x / alpha
+        clamped = ratio > 1
+        clamped |= ratio < (qmin // levels)
+        d_alpha = q / levels
+        d_alpha.sub_(ratio.masked_fill_(clamped, 0.0))  # q/levels where clamped, else q/levels - r
+        ctx.save_for_backward(d_alpha, clamped)
+        ctx.alpha_shape = alpha.shape
+        ctx.clip_grad = clip_grad
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, alpha, q = ctx.saved_tensors
-        levels, qmin, qmax, clip_grad = ctx.constants
-        ratio = x / alpha
-        clamped = (ratio * levels > qmax) | (ratio * levels < qmin)
-        d_alpha = torch.where(clamped, q / levels, q / levels - ratio)
-        grad_alpha = grad * d_alpha
-        if alpha.numel() == 1:
-            grad_alpha = grad_alpha.sum().reshape(alpha.shape)
+        d_alpha, clamped = ctx.saved_tensors
+        if len(ctx.alpha_shape) == 0 or ctx.alpha_shape.numel() == 1:
+            # float32 accumulation: under fp16 autocast a half-precision sum of millions of
+            # (loss-scaled) terms would overflow
+            grad_alpha = torch.dot(grad.reshape(-1).float(), d_alpha.reshape(-1).float()).reshape(ctx.alpha_shape)
         else:  # per-channel alpha of shape [C, 1, ...]: reduce every other axis
-            grad_alpha = grad_alpha.sum(dim=tuple(range(1, grad.dim())), keepdim=True)
-        grad_x = torch.where(clamped, torch.zeros_like(grad), grad) if clip_grad else grad
+            grad_alpha = (grad.float() * d_alpha.float()).sum(dim=tuple(range(1, grad.dim())), keepdim=True)
+        grad_x = grad.masked_fill(clamped, 0.0) if ctx.clip_grad else grad
         return grad_x, grad_alpha, None, None, None, None, None
+
+
+def _learned_scale_quant(x: Tensor, alpha: Tensor, q: Tensor, levels: int, qmin: int, qmax: int, clip_grad: bool):
+    """q * (alpha / levels), through :class:`_LearnedScaleQuant` only when a gradient is wanted
+    (the backward bookkeeping would otherwise cost several passes per forward in evaluation)."""
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+        return _LearnedScaleQuant.apply(x, alpha, q, levels, qmin, qmax, clip_grad)
+    return q * (alpha / levels)
 
 
 class _StraightThroughRound(torch.autograd.Function):
@@ -122,7 +144,7 @@ class UniformWeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         qmin, qmax = self.int_range
-        return _LearnedScaleQuant.apply(w, self.alpha, self._integers(w), self.levels, qmin, qmax, False)
+        return _learned_scale_quant(w, self.alpha, self._integers(w), self.levels, qmin, qmax, False)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, levels=±{self.levels}"
@@ -184,7 +206,7 @@ class PerChannelWeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         q, _ = self.integers(w)
-        return _LearnedScaleQuant.apply(w, self._alpha(w), q, self.levels, -self.levels, self.levels, False)
+        return _learned_scale_quant(w, self._alpha(w), q, self.levels, -self.levels, self.levels, False)
 
 
 class MaxAbsWeightQuantizer(nn.Module):
@@ -274,7 +296,7 @@ class ActivationQuantizer(nn.Module):
         if self.training and not self.initialized:
             self._init_from_batch(x)
         qmin, qmax = self.int_range
-        return _LearnedScaleQuant.apply(x, self.alpha, self._integers(x), self.levels, qmin, qmax, True)
+        return _learned_scale_quant(x, self.alpha, self._integers(x), self.levels, qmin, qmax, True)
 
     def get_extra_state(self) -> dict:
         return {"enabled": self.enabled, "initialized": self.initialized}
