@@ -15,7 +15,9 @@ One call of :func:`run_benchmark`:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import json
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -213,6 +215,176 @@ def _ratios(specs: list[RunSpec], runs: list[dict]) -> list[dict]:
     return ratios
 
 
+def _open_runners(stack: contextlib.ExitStack, specs: list[RunSpec], options: RunnerOptions, batch_sizes) -> tuple:
+    """Activate one runner per spec (closed by ``stack``); returns ({label: runner}, per-image shape)."""
+    runners: dict[str, Runner] = {}
+    for spec in specs:
+        runner = make_runner(spec, options)
+        stack.callback(runner.close)
+        runners[spec.label] = runner.activate()
+    shapes = {label: _input_shape(label, r, batch_sizes) for label, r in runners.items()}
+    if len(set(shapes.values())) > 1:
+        raise FatqError(f"the models take different input shapes {shapes}; benchmark them separately.")
+    return runners, next(iter(shapes.values()))
+
+
+def _open_reference(stack: contextlib.ExitStack, settings: BenchSettings, sample_shape: tuple) -> tuple:
+    """The reference checkpoint's eval-mode runner and its checkpoint dict, or (None, None)."""
+    if settings.reference is None:
+        return None, None
+    from engines.torch_runner import TorchRunner
+    from fatq.checkpoint import load_fatq_checkpoint
+
+    data = load_fatq_checkpoint(settings.reference)
+    if tuple(data["input_size"]) != tuple(sample_shape):
+        raise FatqError(
+            f"the reference {settings.reference} takes {tuple(data['input_size'])} inputs, "
+            f"the models take {tuple(sample_shape)}."
+        )
+    runner = TorchRunner.from_checkpoint(settings.reference, mode="eval", threads=settings.threads, name="reference")
+    stack.callback(runner.close)
+    return runner.activate(), data
+
+
+def _normalized_inputs(eval_inputs: EvalInputs, normalizations: dict[str, dict | None]) -> dict[str, np.ndarray]:
+    """{label: float32 inputs}; labels with the same normalization share one array (CIFAR: 123 MB each)."""
+    if eval_inputs.labels is not None:
+        missing = [label for label, n in normalizations.items() if n is None]
+        if missing:
+            raise FatqError(
+                f"{', '.join(missing)} record no input normalization; "
+                "pass --reference CKPT to use the checkpoint's normalization."
+            )
+    arrays: dict[str, np.ndarray] = {}
+    result = {}
+    for label, normalization in normalizations.items():
+        key = json.dumps(normalization, sort_keys=True)
+        if key not in arrays:
+            arrays[key] = eval_inputs.normalized(normalization)
+        result[label] = arrays[key]
+    return result
+
+
+def _accuracy(logits: np.ndarray, eval_inputs: EvalInputs) -> dict:
+    return {
+        "top1": topk_accuracy(logits, eval_inputs.labels, 1),
+        "top5": topk_accuracy(logits, eval_inputs.labels, 5),
+        "samples": len(eval_inputs.labels),
+    }
+
+
+def _evaluate(
+    runners: dict[str, Runner],
+    inputs: dict[str, np.ndarray],
+    eval_inputs: EvalInputs,
+    eval_batch: int,
+    reference: tuple,
+    settings: BenchSettings,
+    quiet: bool,
+) -> tuple[dict, dict, dict | None]:
+    """Accuracy and agreement of every run; returns (accuracy, agreements, reference summary)."""
+    reference_runner, reference_data = reference
+    steps = len(runners) + (reference_runner is not None)
+    bar = progress(total=steps * -(-len(eval_inputs.images) // eval_batch), desc="evaluating", quiet=quiet)
+    logits = {label: predict(r, inputs[label], eval_batch, bar.update) for label, r in runners.items()}
+    reference_logits = None
+    if reference_runner is not None:
+        reference_inputs = eval_inputs.normalized(reference_data["normalization"])
+        reference_logits = predict(reference_runner, reference_inputs, eval_batch, bar.update)
+    bar.close()
+
+    accuracy, agreements = {}, {}
+    num_classes = len(eval_inputs.class_names or [])
+    for label, values in logits.items():
+        if eval_inputs.labels is not None:
+            if values.shape[1] < num_classes:
+                raise FatqError(f"{label} outputs {values.shape[1]} classes, the dataset has {num_classes}.")
+            accuracy[label] = _accuracy(values, eval_inputs)
+        if reference_logits is not None:
+            if values.shape != reference_logits.shape:
+                raise FatqError(
+                    f"{label} outputs {values.shape[1]} classes, the reference {reference_logits.shape[1]}."
+                )
+            agreements[label] = agreement(values, reference_logits)
+    summary = None
+    if reference_logits is not None:
+        summary = {
+            "checkpoint": str(settings.reference),
+            "sha256": sha256_file(settings.reference),
+            "mode": "eval",
+            "arch": reference_data["arch"],
+            "spec": reference_data["spec"],
+        }
+        if eval_inputs.labels is not None:
+            acc = _accuracy(reference_logits, eval_inputs)
+            summary.update(top1=acc["top1"], top5=acc["top5"])
+    return accuracy, agreements, summary
+
+
+def _time_runs(
+    specs: list[RunSpec],
+    runners: dict[str, Runner],
+    inputs: dict[str, np.ndarray],
+    settings: BenchSettings,
+    batch_sizes: tuple[int, ...],
+    quiet: bool,
+) -> list[dict]:
+    """Interleaved timing of every run at every batch size: the ``runs`` entries of the report."""
+    runs = []
+    bar = progress(
+        total=len(runners) * (settings.warmup + settings.iterations) * len(batch_sizes), desc="timing", quiet=quiet
+    )
+    infos = {label: r.info() for label, r in runners.items()}
+    for batch in batch_sizes:
+        feeds = {label: _timing_feeds(r, inputs[label], batch) for label, r in runners.items()}
+        results = time_interleaved(runners, feeds, batch, settings.warmup, settings.iterations, settings.rounds,
+                                   bar.update)  # fmt: skip
+        for spec in specs:
+            result, info = results[spec.label], infos[spec.label]
+            runs.append(
+                {
+                    "label": spec.label,
+                    "model": str(spec.model.path),
+                    "engine": spec.engine,
+                    "engine_version": info.engine_version,
+                    "precision": spec.precision,
+                    "device": info.device,
+                    "threads": info.threads,
+                    "batch_size": batch,
+                    "latency_ms": result.latency.to_dict(),
+                    "latency_source": result.source,
+                    "transfer_ms": {k: v.to_dict() for k, v in result.transfers.items()} or None,
+                    "throughput_ips": result.throughput_ips,
+                    "warmup": settings.warmup,
+                    "iterations": settings.iterations,
+                }
+            )
+    bar.close()
+    return runs
+
+
+def _config_entries(specs: list[RunSpec], runners: dict[str, Runner], normalizations: dict) -> list[dict]:
+    entries = []
+    for spec in specs:
+        info = runners[spec.label].info()  # after the runs: compiled-model facts are known now
+        entries.append(
+            {
+                "label": spec.label,
+                "model": str(spec.model.path),
+                "model_kind": spec.model.kind,
+                "engine": spec.engine,
+                "engine_version": info.engine_version,
+                "precision": spec.precision,
+                "device": info.device,
+                "threads": info.threads,
+                "options": info.options,
+                "memory_bytes": runners[spec.label].memory_bytes(),
+                "normalization": normalizations[spec.label],
+            }
+        )
+    return entries
+
+
 def run_benchmark(
     model_paths: list[str | Path],
     engines: list[str],
@@ -236,93 +408,19 @@ def run_benchmark(
     models = [inspect_model(p) for p in model_paths]
     specs, skipped = plan_runs(models, engines, precisions)
     batch_sizes = tuple(dict.fromkeys(settings.batch_sizes))
-    options = RunnerOptions(
-        threads=settings.threads,
-        torch_mode=settings.runner_options.torch_mode,
-        max_batch=max(batch_sizes),
-        opt_batch=max(batch_sizes),
-        trt_typing=settings.runner_options.trt_typing,
-        trt_workspace_mib=settings.runner_options.trt_workspace_mib,
-    )
+    options = dataclasses.replace(settings.runner_options, threads=settings.threads, max_batch=max(batch_sizes),
+                                  opt_batch=max(batch_sizes))  # fmt: skip
     with contextlib.ExitStack() as stack:
-        runners: dict[str, Runner] = {}
-        for spec in specs:
-            runner = make_runner(spec, options)
-            stack.callback(runner.close)
-            runners[spec.label] = runner.activate()
-        shapes = {label: _input_shape(label, r, batch_sizes) for label, r in runners.items()}
-        sample_shape = next(iter(shapes.values()))
-        if len(set(shapes.values())) > 1:
-            raise FatqError(f"the models take different input shapes {shapes}; benchmark them separately.")
-
-        reference_runner, reference_data = None, None
-        if settings.reference is not None:
-            from engines.torch_runner import TorchRunner
-            from fatq.checkpoint import load_fatq_checkpoint
-
-            reference_data = load_fatq_checkpoint(settings.reference)
-            reference_runner = TorchRunner.from_checkpoint(
-                settings.reference, mode="eval", threads=settings.threads, name="reference"
-            )
-            stack.callback(reference_runner.close)
-            reference_runner.activate()
-            if tuple(reference_data["input_size"]) != tuple(sample_shape):
-                raise FatqError(
-                    f"the reference {settings.reference} takes {tuple(reference_data['input_size'])} inputs, "
-                    f"the models take {tuple(sample_shape)}."
-                )
-
-        fallback = reference_data["normalization"] if reference_data else None
+        runners, sample_shape = _open_runners(stack, specs, options, batch_sizes)
+        reference = _open_reference(stack, settings, sample_shape)
+        fallback = reference[1]["normalization"] if reference[1] else None
         normalizations = {spec.label: model_normalization(spec) or fallback for spec in specs}
         eval_inputs = load_eval_inputs(settings, sample_shape)
-        if eval_inputs.labels is not None:
-            missing = [label for label, n in normalizations.items() if n is None]
-            if missing:
-                raise FatqError(
-                    f"{', '.join(missing)} record no input normalization; "
-                    "pass --reference CKPT to use the checkpoint's normalization."
-                )
-        inputs = {label: eval_inputs.normalized(normalizations[label]) for label in runners}
-
+        inputs = _normalized_inputs(eval_inputs, normalizations)
         eval_batch = _eval_batch(runners, batch_sizes)
-        steps = len(runners) + (reference_runner is not None)
-        bar = progress(total=steps * -(-len(eval_inputs.images) // eval_batch), desc="evaluating", quiet=quiet)
-        logits = {label: predict(r, inputs[label], eval_batch, bar.update) for label, r in runners.items()}
-        reference_logits = None
-        if reference_runner is not None:
-            ref_inputs = eval_inputs.normalized(reference_data["normalization"])
-            reference_logits = predict(reference_runner, ref_inputs, eval_batch, bar.update)
-        bar.close()
-
-        accuracy, reference_summary, agreements = {}, None, {}
-        num_classes = len(eval_inputs.class_names or [])
-        for label, values in logits.items():
-            if eval_inputs.labels is not None:
-                if values.shape[1] < num_classes:
-                    raise FatqError(f"{label} outputs {values.shape[1]} classes, the dataset has {num_classes}.")
-                accuracy[label] = {
-                    "top1": topk_accuracy(values, eval_inputs.labels, 1),
-                    "top5": topk_accuracy(values, eval_inputs.labels, 5),
-                    "samples": len(eval_inputs.labels),
-                }
-            if reference_logits is not None:
-                if values.shape != reference_logits.shape:
-                    raise FatqError(
-                        f"{label} outputs {values.shape[1]} classes, the reference {reference_logits.shape[1]}."
-                    )
-                agreements[label] = agreement(values, reference_logits)
-        if reference_logits is not None:
-            reference_summary = {
-                "checkpoint": str(settings.reference),
-                "sha256": sha256_file(settings.reference),
-                "mode": "eval",
-                "arch": reference_data["arch"],
-                "spec": reference_data["spec"],
-            }
-            if eval_inputs.labels is not None:
-                reference_summary["top1"] = topk_accuracy(reference_logits, eval_inputs.labels, 1)
-                reference_summary["top5"] = topk_accuracy(reference_logits, eval_inputs.labels, 5)
-
+        accuracy, agreements, reference_summary = _evaluate(
+            runners, inputs, eval_inputs, eval_batch, reference, settings, quiet
+        )
         gate = evaluate_gate(
             agreements,
             accuracy,
@@ -330,54 +428,8 @@ def run_benchmark(
             settings.min_agreement,
             settings.max_accuracy_drop,
         )
-
-        runs = []
-        per_batch_calls = len(runners) * (settings.warmup + settings.iterations)
-        bar = progress(total=per_batch_calls * len(batch_sizes), desc="timing", quiet=quiet)
-        infos = {label: r.info() for label, r in runners.items()}
-        for batch in batch_sizes:
-            feeds = {label: _timing_feeds(r, inputs[label], batch) for label, r in runners.items()}
-            results = time_interleaved(
-                runners, feeds, batch, settings.warmup, settings.iterations, settings.rounds, bar.update
-            )
-            for spec in specs:
-                result, info = results[spec.label], infos[spec.label]
-                runs.append(
-                    {
-                        "label": spec.label,
-                        "model": str(spec.model.path),
-                        "engine": spec.engine,
-                        "engine_version": info.engine_version,
-                        "precision": spec.precision,
-                        "device": info.device,
-                        "threads": info.threads,
-                        "batch_size": batch,
-                        "latency_ms": result.latency.to_dict(),
-                        "latency_source": result.source,
-                        "transfer_ms": {k: v.to_dict() for k, v in result.transfers.items()} or None,
-                        "throughput_ips": result.throughput_ips,
-                        "warmup": settings.warmup,
-                        "iterations": settings.iterations,
-                    }
-                )
-        bar.close()
-        infos = {label: r.info() for label, r in runners.items()}  # again: compiled-model facts are known now
-        configs = [
-            {
-                "label": spec.label,
-                "model": str(spec.model.path),
-                "model_kind": spec.model.kind,
-                "engine": spec.engine,
-                "engine_version": infos[spec.label].engine_version,
-                "precision": spec.precision,
-                "device": infos[spec.label].device,
-                "threads": infos[spec.label].threads,
-                "options": infos[spec.label].options,
-                "memory_bytes": runners[spec.label].memory_bytes(),
-                "normalization": normalizations[spec.label],
-            }
-            for spec in specs
-        ]
+        runs = _time_runs(specs, runners, inputs, settings, batch_sizes, quiet)
+        configs = _config_entries(specs, runners, normalizations)
 
     return {
         "schema": SCHEMA,

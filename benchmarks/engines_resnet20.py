@@ -1,0 +1,164 @@
+"""ResNet-20 W4A4 on ONNX Runtime and OpenVINO: int8 (QDQ) against fp32 (and OpenVINO bf16), side by side.
+
+Exports a trained W4A4 checkpoint twice (``fatq-export --format onnx`` and ``--format onnx-fp32``),
+runs ``fatq-bench`` on both files in one process (interleaved timing, same threads), and prints
+the README table: throughput per engine and precision, the int8/fp32 ratio per engine, top-1 on
+the test split and top-1 agreement with the PyTorch model.
+
+OpenVINO's fp32 run is forced to f32 (``INFERENCE_PRECISION_HINT=f32``); its bf16 mode is a
+separate, labelled row (on CPUs without native BF16 the table says so).
+
+Targets (2 threads): OpenVINO int8 >= 1.5x its fp32 throughput at batch 64, ONNX Runtime int8
+>= 1.0x its fp32, both >= 99.9 % top-1 agreement. They are printed as met/missed, not asserted:
+this is a measurement, and numbers from a shared, busy machine are not the project's figures.
+
+Usage::
+
+    python benchmarks/engines_resnet20.py --checkpoint runs/resnet20-w4a4/best.pt \\
+        --data-dir ../shared/datasets --threads 2 --work-dir bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TARGETS = {("openvino", "int8/fp32"): 1.5, ("ort", "int8/fp32"): 1.0}
+MIN_AGREEMENT = 99.9
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        sys.exit(f"{name} is not on PATH; install fatq with `pip install -e .`.")
+    return path
+
+
+def _run(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command)
+    if result.returncode not in (0, 1):  # 1 = fatq-bench's gate; the table still shows why
+        sys.exit(f"{Path(command[0]).name} failed with exit status {result.returncode}.")
+
+
+def _throughput(report: dict, label: str, batch: int) -> float | None:
+    return next((r["throughput_ips"] for r in report["runs"] if r["label"] == label and r["batch_size"] == batch), None)
+
+
+def _median(report: dict, label: str, batch: int) -> float | None:
+    return next(
+        (r["latency_ms"]["median"] for r in report["runs"] if r["label"] == label and r["batch_size"] == batch), None
+    )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def readme_table(report: dict) -> str:
+    """The markdown table for the README: one row per engine and precision, ratios against int8."""
+    batches = report["settings"]["batch_sizes"]
+    small, large = min(batches), max(batches)
+    lines = [
+        f"| engine | precision | median ms (batch {small}) | images/s (batch {large}) | int8 speed-up "
+        f"(batch {large}) | top-1 % | agreement % |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for config in report["configs"]:
+        label, engine, precision = config["label"], config["engine"], config["precision"]
+        int8_label = f"{engine}:int8"
+        ratio = None
+        if precision != "int8":
+            num, den = _throughput(report, int8_label, large), _throughput(report, label, large)
+            ratio = num / den if num and den else None
+        name = precision
+        if engine == "openvino" and precision == "fp32":
+            name = "fp32 (forced f32)"
+        elif engine == "openvino" and precision == "bf16":
+            native = config["options"].get("cpu_native_bf16")
+            name = "bf16 mode" + ("" if native else " (no native BF16 on this CPU)")
+        accuracy = report["accuracy"].get(label, {}).get("top1")
+        agreement = report["agreement"].get(label, {}).get("top1_agreement_pct")
+        version = config["engine_version"].split("-")[0]
+        lines.append(
+            f"| {engine} {version} | {name} | {_fmt(_median(report, label, small), '.3f')} "
+            f"| {_fmt(_throughput(report, label, large), ',.0f')} | "
+            f"{'int8 = ' + _fmt(ratio, '.2f') + '×' if ratio else '–'} | {_fmt(accuracy, '.2f')} | "
+            f"{_fmt(agreement, '.2f')} |"
+        )
+    reference = report.get("reference") or {}
+    if "top1" in reference:
+        lines.append(f"| PyTorch (fake-quant, eval) | W4A4 | – | – | – | {reference['top1']:.2f} | 100 |")
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> list[str]:
+    """One line per target: measured value and met/missed."""
+    large = max(report["settings"]["batch_sizes"])
+    out = []
+    for (engine, kind), bound in TARGETS.items():
+        ratio = next(
+            (r["throughput_ratio"] for r in report["ratios"]
+             if r["engine"] == engine and r["kind"] == kind and r["batch_size"] == large),
+            None,
+        )  # fmt: skip
+        verdict = "not measured" if ratio is None else ("met" if ratio >= bound else "MISSED")
+        out.append(f"{engine} {kind} at batch {large}: {_fmt(ratio, '.2f')}× (target >= {bound}×) {verdict}")
+    for label, values in report["agreement"].items():
+        if label.endswith(":int8"):
+            pct = values["top1_agreement_pct"]
+            verdict = "met" if pct >= MIN_AGREEMENT else "MISSED"
+            out.append(f"{label} top-1 agreement: {pct:.2f} % (target >= {MIN_AGREEMENT} %) {verdict}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="trained ResNet-20 W4A4 fatq checkpoint")
+    parser.add_argument("--data-dir", type=Path, required=True, help="CIFAR-10 directory (test split)")
+    parser.add_argument("--work-dir", type=Path, help="where the ONNX files and reports go (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per engine (default 2)")
+    parser.add_argument("--batch-sizes", default="1,64", help="comma-separated (default 1,64)")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up calls per run and batch size (default 20)")
+    parser.add_argument("--iterations", type=int, default=200, help="timed calls per run and batch (default 200)")
+    parser.add_argument("--limit", type=int, help="evaluate on this many test images (default all)")
+    args = parser.parse_args(argv)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fatq-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    int8, fp32 = work / "resnet20-w4a4.onnx", work / "resnet20-w4a4-fp32.onnx"
+    export = _tool("fatq-export")
+    _run([export, str(args.checkpoint), "--format", "onnx", "-o", str(int8)])
+    _run([export, str(args.checkpoint), "--format", "onnx-fp32", "-o", str(fp32)])
+    report_path = work / "bench.json"
+    bench = [_tool("fatq-bench"), str(int8), str(fp32), "--engine", "ort", "--engine", "openvino",
+             "--precision", "int8", "--precision", "fp32", "--precision", "bf16",
+             "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--iterations", str(args.iterations),
+             "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--reference", str(args.checkpoint),
+             "--json", str(report_path), "--markdown", str(work / "bench.md"), "--plot", str(work / "bench.png"),
+             "--quiet"]  # fmt: skip
+    if args.limit:
+        bench += ["--limit", str(args.limit)]
+    _run(bench)
+    report = json.loads(report_path.read_text())
+    host = report["host"]
+    print()
+    print(f"ResNet-20 W4A4, {report['settings']['eval_inputs']}, {args.threads} threads, {host['cpu']}, "
+          f"fatq {report['fatq_version']} ({report['git_commit'][:12]}); interleaved timing, "
+          f"{report['settings']['iterations']} iterations after {report['settings']['warmup']} warm-up.")  # fmt: skip
+    print()
+    print(readme_table(report))
+    print()
+    for line in targets(report):
+        print(line)
+    print(f"\nreports: {report_path}, {work / 'bench.md'}, {work / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
