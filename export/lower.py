@@ -1,0 +1,186 @@
+"""Lower a folded quantized graph to the integer ops an engine runs (the "integer" dialect).
+
+Each activation quantizer that (through ReLU, ReLU6/Clip, MaxPool or Flatten only) reads the
+output of a conv or linear is fused with it into one ``qconv`` / ``qlinear`` whose output is
+already that quantizer's integers. This is exact, not an approximation: rounding is monotone, so
+clamp(round(relu(y) / s), qmin, qmax) = clamp(round(y / s), max(qmin, 0), qmax); a clip to
+[a, b] likewise narrows the integer range to [round(a / s), round(b / s)]; and max-pooling and
+flattening commute with any monotone elementwise map. A conv feeding several quantizers (the
+stem of a ResNet feeds the first block's conv and its shortcut quantizer) is duplicated, one
+copy per quantizer, so every conv keeps a single quantized output — the form integer engines
+fuse into one kernel.
+
+``qconv`` / ``qlinear`` nodes: params ``weight`` int8, ``weight_scale`` float32 [C_out],
+``bias`` float32 [C_out] and ``bias_int32`` int32 [C_out] = round_half_even(bias / (s_x · s_w,c))
+(with s_x · s_w,c in float32: the scale engines use for an int32 bias); attrs as the folded conv
+plus ``input_scale`` (s_x), ``out_quant`` {scale, qmin, qmax} or None for a float output (the
+logits), ``source`` (the folded conv) and ``quantizer`` (the fused quantizer).
+
+Quantizers reading anything else (the image, a residual Add, the pooled features) stay
+``quantize`` nodes; MaxPool/Flatten/SubsamplePad of a quantized tensor keep its quantization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode
+from fatq.errors import FatqError
+
+INT32_MAX = 2**31 - 1
+# Ops between a conv and a quantizer that fuse into the quantizer's integer range or commute with it.
+_RANGE_OPS = frozenset({"relu", "clip"})
+_PASS_THROUGH_OPS = frozenset({"maxpool", "flatten"})
+
+
+def _round_half_even(value: np.float32) -> int:
+    return int(np.round(value))
+
+
+def _narrow_range(quant: dict, chain: list[DeployNode]) -> tuple[int, int]:
+    """Integer range of quantize(chain(y)) expressed on y: relu and clip narrow [qmin, qmax]."""
+    qmin, qmax = quant["qmin"], quant["qmax"]
+    scale = np.float32(quant["scale"])
+    for node in chain:
+        if node.op == "relu":
+            qmin = max(qmin, 0)
+        elif node.op == "clip":
+            # the model computes round(fl32(bound) / s) for a clipped value: same float32 division
+            qmin = max(qmin, _round_half_even(np.float32(node.attrs["min"]) / scale))
+            qmax = min(qmax, _round_half_even(np.float32(node.attrs["max"]) / scale))
+    if qmin > qmax:
+        raise FatqError(f"the range of {chain[-1].name!r} is empty at scale {quant['scale']}; cannot quantize it.")
+    return qmin, qmax
+
+
+def _integer_params(node: DeployNode, input_scale: float) -> dict:
+    """weight/scales/bias of a quantized conv or linear, plus the int32 bias at scale s_x · s_w."""
+    params = node.params
+    bias_scale = np.float32(input_scale) * params["weight_scale"].astype(np.float32)  # float32 product
+    bias_int = np.round(params["bias"].astype(np.float64) / bias_scale.astype(np.float64))
+    if np.abs(bias_int).max(initial=0) > INT32_MAX:
+        raise FatqError(f"{node.name}: the bias does not fit int32 at scale input·weight scale; cannot export it.")
+    return {**params, "bias_int32": bias_int.astype(np.int32)}
+
+
+class _Lowering:
+    def __init__(self, graph: DeployGraph):
+        self.graph = graph
+        self.producers = graph.producers()
+        self.nodes: list[DeployNode] = []
+        self.quant: dict[str, dict] = {}  # lowered tensor -> {scale, qmin, qmax}
+
+    def emit(self, node: DeployNode) -> None:
+        if node.attrs.get("out_quant") is not None:
+            self.quant[node.output] = node.attrs["out_quant"]
+        self.nodes.append(node)
+
+    def source_chain(self, quantizer: DeployNode) -> tuple[DeployNode | None, list[DeployNode]]:
+        """The quantized conv/linear feeding ``quantizer`` through range/pass-through ops, and those ops."""
+        chain: list[DeployNode] = []
+        tensor = quantizer.inputs[0]
+        while tensor in self.producers:
+            producer = self.producers[tensor]
+            if producer.op in ("conv", "linear") and producer.attrs.get("quantized"):
+                return producer, list(reversed(chain))
+            if producer.op not in _RANGE_OPS | _PASS_THROUGH_OPS:
+                break
+            chain.append(producer)
+            tensor = producer.inputs[0]
+        return None, []
+
+    def standalone_quantize(self, quantizer: DeployNode) -> DeployNode:
+        """A quantizer reading a float tensor; a ReLU/clip right before it narrows its range instead."""
+        chain, tensor = [], quantizer.inputs[0]
+        while tensor in self.producers and self.producers[tensor].op in _RANGE_OPS:
+            chain.append(self.producers[tensor])
+            tensor = chain[-1].inputs[0]
+        qmin, qmax = (
+            _narrow_range(quantizer.attrs, chain) if chain else (quantizer.attrs["qmin"], quantizer.attrs["qmax"])
+        )
+        out_quant = {"scale": quantizer.attrs["scale"], "qmin": qmin, "qmax": qmax}
+        return DeployNode(
+            quantizer.name, "quantize", [tensor], quantizer.output, {**quantizer.attrs, "out_quant": out_quant}
+        )
+
+    def input_scale(self, node: DeployNode) -> float:
+        quant = self.quant.get(node.inputs[0])
+        if quant is None:
+            raise FatqError(f"{node.name} reads the float tensor {node.inputs[0]!r}: its input is not quantized.")
+        return quant["scale"]
+
+    def integer_layer(self, node: DeployNode, name: str, output: str, out_quant: dict | None, quantizer: str | None):
+        input_scale = self.input_scale(node)
+        attrs = {**node.attrs, "input_scale": input_scale, "out_quant": out_quant, "source": node.name}
+        attrs["quantizer"] = quantizer
+        op = "qconv" if node.op == "conv" else "qlinear"
+        return DeployNode(name, op, list(node.inputs), output, attrs, _integer_params(node, input_scale))
+
+    def fused(self, quantizer: DeployNode, source: DeployNode, chain: list[DeployNode]) -> None:
+        qmin, qmax = _narrow_range(quantizer.attrs, chain)
+        out_quant = {"scale": quantizer.attrs["scale"], "qmin": qmin, "qmax": qmax}
+        passes = [n for n in chain if n.op in _PASS_THROUGH_OPS]
+        layer_output = quantizer.output if not passes else f"{source.name}>{quantizer.name}"
+        self.emit(
+            self.integer_layer(source, f"{source.name}>{quantizer.name}", layer_output, out_quant, quantizer.name)
+        )
+        tensor = layer_output
+        for i, op_node in enumerate(passes):
+            output = quantizer.output if i == len(passes) - 1 else f"{op_node.name}>{quantizer.name}"
+            attrs = {**op_node.attrs, "out_quant": out_quant}
+            self.emit(DeployNode(f"{op_node.name}>{quantizer.name}", op_node.op, [tensor], output, attrs))
+            tensor = output
+
+    def run(self) -> list[DeployNode]:
+        for node in self.graph.nodes:
+            if node.op == "quantize":
+                source, chain = self.source_chain(node)
+                if source is not None:
+                    self.fused(node, source, chain)
+                else:
+                    self.emit(self.standalone_quantize(node))
+            elif node.op in ("conv", "linear") and node.attrs.get("quantized"):
+                # kept only if something reads its float output (the logits, or a float island)
+                self.emit(self.integer_layer(node, node.name, node.output, None, None))
+            elif node.op in INTEGER_PRESERVING_OPS and node.inputs[0] in self.quant:
+                self.emit(
+                    DeployNode(
+                        node.name,
+                        node.op,
+                        node.inputs,
+                        node.output,
+                        {**node.attrs, "out_quant": self.quant[node.inputs[0]]},
+                    )
+                )
+            else:
+                self.emit(DeployNode(node.name, node.op, node.inputs, node.output, dict(node.attrs), dict(node.params)))
+        return _live_nodes(self.nodes, self.graph.output_name)
+
+
+def _live_nodes(nodes: list[DeployNode], output: str) -> list[DeployNode]:
+    """Drop nodes nothing needs (the float convs and ReLUs that fused copies replaced)."""
+    needed = {output}
+    live = []
+    for node in reversed(nodes):
+        if node.output in needed:
+            live.append(node)
+            needed.update(node.inputs)
+    return list(reversed(live))
+
+
+def lower(graph: DeployGraph) -> DeployGraph:
+    """The integer-dialect graph of a folded quantized graph (see the module docstring)."""
+    if graph.dialect != "folded" or not graph.quantized:
+        raise FatqError("only a folded graph of a quantized model can be lowered to integer ops.")
+    nodes = _Lowering(graph).run()
+    lowered = DeployGraph(
+        nodes=nodes,
+        input_name=graph.input_name,
+        input_shape=list(graph.input_shape),
+        output_name=graph.output_name,
+        dialect="integer",
+        quantized=True,
+        meta=dict(graph.meta),
+    )
+    lowered.validate()
+    return lowered

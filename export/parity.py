@@ -1,0 +1,217 @@
+"""``fatq-export --check``: run the exported file in ONNX Runtime and compare it with the deploy
+reference and with the checkpoint's model.
+
+Three runs see the same images: ONNX Runtime on the file as written, the
+:class:`~export.reference.DeployReference` of its deploy graph, and the PyTorch model in eval
+mode. Reported: top-1 agreement and logit differences for each pair, accuracy of each (with
+labels), and per quantized tensor the percentage of integers identical between ONNX Runtime
+and the reference.
+
+Intermediate tensors come from a throw-away copy of the graph with extra outputs. Exposing a
+QuantizeLinear's int8 output would change how ONNX Runtime optimizes the graph (a Q that is also a
+graph output is not converted to its uint8 kernels, so the next Conv would not fuse and run in
+float), so the copy exposes the float tensor each Q reads instead — a DequantizeLinear → Clip
+output that holds integers · s exactly, or the clipped input of a quantizer — and the integers are
+clamp(round_half_even(x / s), -128, 127), what the Q computes. The copy's logits are compared with
+the file's to show the exposure did not change the computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from export.deploy_graph import DeployGraph
+from export.qdq_writer import INPUT_NAME, OUTPUT_NAME
+from export.reference import DeployReference
+from fatq.cli_common import progress
+from fatq.errors import MissingExtraError
+
+
+def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[str, tuple[str, float | None]]:
+    """Where each quantized deploy tensor can be read without perturbing the optimized graph.
+
+    Args:
+        model: the exported QDQ model.
+        quant: {deploy tensor: {scale, qmin, qmax}} of the deploy graph.
+
+    Returns:
+        {deploy tensor: (ONNX tensor to expose, scale)}: with a scale the exposed tensor is float
+        and its integers are round(x / scale) clamped to int8; with None it is int8 itself.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    int8_constants = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT8}
+    found = {}
+    for tensor, q in quant.items():
+        node = producers.get(tensor)
+        if node is None:
+            continue
+        if node.op_type == "QuantizeLinear":
+            found[tensor] = (node.input[0], q["scale"])
+        elif node.op_type == "Clip" and node.input[1] in int8_constants:
+            found[tensor] = (tensor, None)
+        elif node.op_type == "Clip":
+            found[tensor] = (tensor, q["scale"])
+    return found
+
+
+def with_outputs(model: onnx.ModelProto, names: dict[str, bool]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``names`` ({tensor: is_int8})."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name, is_int8 in names.items():
+        if name not in existing:
+            dtype = TensorProto.INT8 if is_int8 else TensorProto.FLOAT
+            copy.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
+    return copy
+
+
+def _session(model: onnx.ModelProto | str, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingExtraError("onnxruntime", "dev") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class _Pair:
+    """Running comparison of two logit streams."""
+
+    def __init__(self):
+        self.agree = self.count = 0
+        self.max_diff = 0.0
+        self.sum_diff = 0.0
+        self.elements = 0
+
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.agree += int((a.argmax(1) == b.argmax(1)).sum())
+        self.count += a.shape[0]
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        self.max_diff = max(self.max_diff, float(diff.max(initial=0)))
+        self.sum_diff += float(diff.sum())
+        self.elements += diff.size
+
+    def result(self) -> dict:
+        return {
+            "top1_agreement_pct": 100.0 * self.agree / max(self.count, 1),
+            "max_abs_logit_diff": self.max_diff,
+            "mean_abs_logit_diff": self.sum_diff / max(self.elements, 1),
+        }
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> Iterator:
+    for start in range(0, images.shape[0], batch_size):
+        stop = start + batch_size
+        yield images[start:stop], None if labels is None else labels[start:stop]
+
+
+def compare(
+    onnx_path: str | Path,
+    graph: DeployGraph,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 250,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Compare ONNX Runtime, the deploy reference and the PyTorch model on ``images``.
+
+    Args:
+        onnx_path: the exported file.
+        graph: its deploy graph (integer dialect for QDQ files, folded float for float files).
+        model: the model to compare with (eval mode is set here).
+        images: normalized float32 [N, C, H, W].
+        labels: int64 [N] or None (no accuracies).
+        batch_size: images per run.
+        threads: ONNX Runtime intra-op threads (None: its default).
+        quiet: no progress bar.
+
+    Returns:
+        The report (see ``fatq-export --help``; keys documented in the README).
+    """
+    onnx_model = onnx.load(str(onnx_path))
+    reference = DeployReference(graph)
+    quant = reference.quant
+    exposed = observable_tensors(onnx_model, quant)
+    production = _session(str(onnx_path), threads)
+    debug = _session(with_outputs(onnx_model, {n: s is None for n, s in exposed.values()}), threads)
+    debug_names = [OUTPUT_NAME, *(name for name, _ in exposed.values())]
+    pairs = {"ort_model": _Pair(), "ref_model": _Pair(), "ort_ref": _Pair()}
+    correct = {"onnxruntime": 0, "reference": 0, "checkpoint": 0}
+    same = dict.fromkeys(exposed, 0)
+    total = dict.fromkeys(exposed, 0)
+    debug_identical = True
+    model.eval()
+    steps = (images.shape[0] + batch_size - 1) // batch_size
+    for x, y in progress(_batches(images, labels, batch_size), total=steps, desc="checking", quiet=quiet):
+        x = x.float().contiguous()
+        feed = {INPUT_NAME: x.numpy()}
+        ort_logits = production.run([OUTPUT_NAME], feed)[0]
+        debug_out = dict(zip(debug_names, debug.run(debug_names, feed), strict=True))
+        debug_identical &= bool(np.array_equal(debug_out[OUTPUT_NAME], ort_logits))
+        ref_logits, integers = reference.run(x, capture=True)
+        with torch.no_grad():
+            model_logits = model(x).float().numpy()
+        ref_logits = ref_logits.numpy()
+        pairs["ort_model"].update(ort_logits, model_logits)
+        pairs["ref_model"].update(ref_logits, model_logits)
+        pairs["ort_ref"].update(ort_logits, ref_logits)
+        if y is not None:
+            truth = y.numpy()
+            for key, logits in (("onnxruntime", ort_logits), ("reference", ref_logits), ("checkpoint", model_logits)):
+                correct[key] += int((logits.argmax(1) == truth).sum())
+        for tensor, (name, scale) in exposed.items():
+            value = debug_out[name]
+            if scale is not None:
+                value = np.clip(np.round(value / np.float32(scale)), -128, 127)
+            same[tensor] += int((value.astype(np.float32) == integers[tensor].numpy()).sum())
+            total[tensor] += value.size
+    count = images.shape[0]
+    identical = {t: 100.0 * same[t] / max(total[t], 1) for t in exposed}
+    report = {
+        "images": count,
+        **pairs["ort_model"].result(),
+        "reference_vs_checkpoint": pairs["ref_model"].result(),
+        "onnxruntime_vs_reference": pairs["ort_ref"].result(),
+        "accuracy": {k: (100.0 * v / count if labels is not None else None) for k, v in correct.items()},
+        "int8_identical_pct": identical,
+        "int8_identical_pct_min": min(identical.values()) if identical else None,
+        "int8_tensors": len(identical),
+        "unobserved_int8_tensors": sorted(set(quant) - set(exposed)),
+        "debug_copy_logits_identical": debug_identical,
+        "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(),
+    }
+    try:
+        import onnxruntime as ort
+
+        report["onnxruntime_version"] = ort.__version__
+    except ImportError:  # pragma: no cover - _session already required it
+        pass
+    return report
+
+
+def float_baseline(model: nn.Module) -> nn.Module:
+    """The model an onnx-fp32 file of a quantized checkpoint is the float version of.
+
+    Activation quantizers are disabled (identity); weights stay fake-quantized (integers · scale)
+    and BatchNorm unfolded, so it computes what the dequantized, BN-folded graph computes.
+    """
+    from fatq.quantizers import ActivationQuantizer
+
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer):
+            module.enabled = False
+    return model

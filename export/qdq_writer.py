@@ -1,0 +1,409 @@
+"""Write deploy graphs as ONNX: QDQ int8 (``write_qdq``) or float (``write_float``), with ``onnx.helper``.
+
+Written directly from the graph rather than through ``torch.onnx``: its fake-quant export is
+broken for narrow ranges and under dynamo (DEPLOY.md), and direct writing places every Q/DQ
+exactly and takes well under a second.
+
+QDQ conventions (DEPLOY.md): symmetric int8 with zero point 0 everywhere, no uint8;
+per-channel (axis 0) weight scales, per-tensor activation scales; Conv/Gemm bias as int32
+through a DequantizeLinear of scale s_x · s_w,c, so ONNX Runtime fuses DQ → Conv → Q into
+QLinearConv; b-bit activation ranges enforced by a constant Clip.
+
+Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed) integer range:
+
+- quantizer on a float tensor (the image, a residual Add, the pooled features):
+  ``Clip(lo·s, hi·s) → Q(s)``. Clamping before rounding is exact: rounding is monotone and
+  round(fl(hi·s) / s) = hi for |hi| ≤ 127.
+- conv/linear fused with its output quantizer (see :mod:`export.lower`):
+  ``DQ(x), DQ(W), DQ(b) → Conv → Q(s) → DQ → Clip(lo·s, hi·s) → Q(s)``. The Conv feeds a Q
+  directly, the condition ORT needs to fuse it into one integer kernel (a Relu or Clip between
+  Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own quantizer output
+  ran 1.9× slower than FP32, DEPLOY.md). The trailing DQ → Clip → Q is elementwise and equals
+  the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
+  [-128, 127] never cuts inside [lo, hi]. It also keeps signed 8-bit quantizers exact: they use
+  [-127, 127] while a bare Q saturates to [-128, 127].
+  ``range_clip="int8"`` writes the QCDQ form ``Conv → Q(s) → Clip_int8(lo, hi) → DQ`` instead
+  (same values; fewer nodes; TensorRT support unconfirmed, DEPLOY.md).
+- max-pool / flatten / option-A shortcut of a quantized tensor: ``DQ → op → Q(s)`` (ORT runs
+  the op on int8 and drops the pair).
+- residual Add: both inputs through Q/DQ (``branch_quantizer``, ``shortcut_quantizer``), Add and
+  the following ReLU in float.
+
+TensorRT (not testable here): TensorRT prefers Q/DQ on conv inputs and the Add's identity
+input, with Conv+BN+Add+ReLU fused and no Q between Conv and Add. FAT models quantize the
+branch output (``branch_quantizer``) before the Add, so exactness requires a Q there; TensorRT
+then runs the Conv with an int8 output and the Add as a separate pointwise layer. The DQ → Clip
+→ Q islands are pointwise int8 → int8 layers it can fuse into the preceding conv's epilogue or
+run as one kernel.
+
+Opset: :data:`DEFAULT_OPSET` = 21 (IR version 10, ONNX 1.16) — the newest all three engines read:
+ONNX Runtime 1.32 and OpenVINO 2026.4 load it (tested here); TensorRT 10's ONNX parser supports
+opsets 9–22 (onnx-tensorrt docs; 10.0 added INT4 Q/DQ, an opset-21 type). 13 is the minimum
+(per-channel DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode
+from fatq.errors import FatqError
+from fatq.provenance import __version__
+
+DEFAULT_OPSET = 21
+MIN_OPSET = 13
+MAX_OPSET = 21
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+INT32_MAX = 2**31 - 1
+# Deploy ops that read their inputs as float: a quantized tensor read only by these needs no int8 form.
+FLOAT_READERS = frozenset({"add", "relu", "clip", "global_avgpool"})
+
+
+def _scalar_or_vector(values: np.ndarray) -> np.ndarray:
+    """A per-channel array collapses to a scalar when all channels agree (per-tensor)."""
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    return np.float32(values[0]) if np.all(values == values[0]) else values
+
+
+class _Builder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self, opset: int):
+        if not MIN_OPSET <= opset <= MAX_OPSET:
+            raise FatqError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}.")
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+        self.constants: dict[tuple, str] = {}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def initializer(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def constant(self, value, dtype) -> str:
+        """A shared scalar/vector initializer (zero points, clip bounds, slice parameters)."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.constants:
+            self.constants[key] = self.initializer("const", array)
+        return self.constants[key]
+
+    def node(self, op: str, inputs: list[str], output: str | None, name: str, **attrs) -> str:
+        # generated names contain "/", deploy-graph tensor names never do: no collisions
+        output = output if output is not None else self.fresh(f"{name}/{op}")
+        self.names.add(output)
+        self.nodes.append(helper.make_node(op, inputs, [output], name=self.fresh(f"{name}/{op}"), **attrs))
+        return output
+
+    # --- Q/DQ helpers ----------------------------------------------------------------------
+
+    def quantize(self, x: str, scale: float, name: str, output: str | None = None) -> str:
+        scale_name = self.constant(np.float32(scale), np.float32)
+        return self.node("QuantizeLinear", [x, scale_name, self.constant(0, np.int8)], output, name)
+
+    def dequantize(self, q: str, scale: float, name: str) -> str:
+        scale_name = self.constant(np.float32(scale), np.float32)
+        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], None, name)
+
+    def clip(self, x: str, lo, hi, dtype, name: str, output: str | None = None) -> str:
+        return self.node("Clip", [x, self.constant(lo, dtype), self.constant(hi, dtype)], output, name)
+
+
+def _clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
+    """Float bounds [lo·s, hi·s] in float32 (the products the model's rounding maps back to lo, hi).
+
+    ``nudge`` widens them by that many float32 ulps: still exact (a value within a few ulps of
+    hi·s rounds to hi), and distinct constants keep ONNX Runtime's common-subexpression
+    elimination from merging the Clip → Q copies a tensor with several readers needs.
+    """
+    scale = np.float32(quant["scale"])
+    lo, hi = np.float32(quant["qmin"]) * scale, np.float32(quant["qmax"]) * scale
+    for _ in range(nudge):
+        lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))
+    return lo, hi
+
+
+class _QdqWriter:
+    """Lowered (integer) graph -> QDQ ONNX nodes."""
+
+    def __init__(self, graph: DeployGraph, builder: _Builder, range_clip: str):
+        if range_clip not in ("float", "int8"):
+            raise FatqError(f"range_clip must be 'float' or 'int8', got {range_clip!r}.")
+        self.graph = graph
+        self.b = builder
+        self.range_clip = range_clip
+        self.quant: dict[str, dict] = {}  # deploy tensor -> {scale, qmin, qmax} (int8 ONNX tensor of that name)
+        self.copies: dict[str, list[str]] = {}  # deploy tensor -> int8 ONNX tensors not yet dequantized
+        self.readers = graph.consumers()
+        self.nudges: dict[tuple, int] = {}  # (float tensor, scale, qmin, qmax) -> Clip → Q copies made
+        self.float_name: dict[str, str] = {graph.input_name: INPUT_NAME}
+
+    def as_float(self, tensor: str, name: str) -> str:
+        """A float view of a deploy tensor: for an int8 one, a DequantizeLinear of its own Q copy."""
+        if tensor in self.copies:
+            return self.b.dequantize(self.copies[tensor].pop(0), self.quant[tensor]["scale"], name)
+        return self.float_name[tensor]
+
+    def int8_output(self, x: str, quant: dict, output: str, name: str, already_quantized: bool) -> None:
+        """Finish the quantized tensor ``output`` with its range enforced (see the module docstring).
+
+        ORT converts an int8 Q → DQ pair to its uint8 kernels (which the fused integer convs
+        need on x86) only where the Q feeds a single DequantizeLinear, and it merges identical
+        nodes (common-subexpression elimination). So a tensor with several readers gets one
+        Q per reader, each behind a Clip whose bounds differ by an ulp (:func:`_clip_bounds`),
+        all fed by one clipped float tensor; the first Q carries the tensor's name.
+        """
+        b, scale = self.b, quant["scale"]
+        readers = max(1, len(self.readers.get(output, [])))
+        names = [output] + [f"{output}#{i}" for i in range(1, readers)]
+        if self.range_clip == "int8":
+            q = x if already_quantized else b.quantize(x, scale, name)
+            for out in names:
+                b.clip(q, quant["qmin"], quant["qmax"], np.int8, f"{name}/range", out)
+        else:
+            x = b.dequantize(x, scale, name) if already_quantized else x
+            key = (x, scale, quant["qmin"], quant["qmax"])
+            first = self.nudges.get(key, 0)  # an identical quantizer of the same tensor exists
+            self.nudges[key] = first + readers
+            clipped = b.clip(x, *_clip_bounds(quant, nudge=first), np.float32, f"{name}/range")
+            for copy, out in enumerate(names):
+                source = (
+                    clipped
+                    if copy == 0
+                    else b.clip(clipped, *_clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
+                )
+                b.quantize(source, scale, name, out)
+        self.quant[output] = quant
+        self.copies[output] = names
+
+    def requantize(self, x: str, quant: dict, output: str, name: str) -> None:
+        """Q(s) of a float tensor already holding integers · s in range (after MaxPool, Flatten...).
+
+        ORT runs DQ → MaxPool → Q on int8 only if the Q follows directly, so a single reader gets
+        a bare Q; several readers need distinct Clip → Q copies (see :meth:`int8_output`).
+        """
+        if len(self.readers.get(output, [])) > 1:
+            self.int8_output(x, quant, output, name, already_quantized=False)
+            return
+        self.b.quantize(x, quant["scale"], name, output)
+        self.quant[output] = quant
+        self.copies[output] = [output]
+
+    def weighted(self, node: DeployNode) -> None:
+        b, attrs, params = self.b, node.attrs, node.params
+        x = self.as_float(node.inputs[0], node.name)
+        w_scale = _scalar_or_vector(params["weight_scale"])
+        axis = {"axis": 0} if np.ndim(w_scale) else {}
+        weight = b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8))
+        w = b.node(
+            "DequantizeLinear",
+            [weight, b.initializer(f"{node.name}.weight_scale", w_scale), b.constant(np.zeros_like(w_scale), np.int8)],
+            None,
+            f"{node.name}/weight",
+            **axis,
+        )
+        bias_scale = _scalar_or_vector(np.float32(attrs["input_scale"]) * params["weight_scale"].astype(np.float32))
+        bias = b.node(
+            "DequantizeLinear",
+            [
+                b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
+                b.initializer(f"{node.name}.bias_scale", bias_scale),
+                b.constant(np.zeros_like(bias_scale), np.int32),
+            ],
+            None,
+            f"{node.name}/bias",
+            **({"axis": 0} if np.ndim(bias_scale) else {}),
+        )
+        out_quant = attrs["out_quant"]
+        y_name = None if out_quant is not None else self.float_output(node)
+        if node.op == "qconv":
+            y = b.node("Conv", [x, w, bias], y_name, node.name, **_conv_attrs(attrs))
+        else:
+            y = b.node("Gemm", [x, w, bias], y_name, node.name, transB=1)
+        if out_quant is None:
+            self.float_name[node.output] = y
+            return
+        q = b.quantize(y, out_quant["scale"], f"{node.name}/out")
+        if all(reader.op in FLOAT_READERS for reader in self.readers.get(node.output, [])):
+            # Only float ops (a residual Add) read it: the clipped dequantized values are exactly
+            # integers · s already, and a second Q → DQ round trip would add two passes for nothing.
+            lo, hi = _clip_bounds(out_quant)
+            dq = b.dequantize(q, out_quant["scale"], node.name)
+            self.float_name[node.output] = b.clip(dq, lo, hi, np.float32, f"{node.name}/range", node.output)
+            return
+        self.int8_output(q, out_quant, node.output, node.name, already_quantized=True)
+
+    def float_output(self, node: DeployNode) -> str | None:
+        return OUTPUT_NAME if node.output == self.graph.output_name else None
+
+    def run(self) -> None:
+        for node in self.graph.nodes:
+            if node.op in ("qconv", "qlinear"):
+                self.weighted(node)
+            elif node.op == "quantize":
+                x = self.as_float(node.inputs[0], node.name)
+                self.int8_output(x, node.attrs["out_quant"], node.output, node.name, already_quantized=False)
+            elif node.op in INTEGER_PRESERVING_OPS and node.attrs.get("out_quant") is not None:
+                x = self.as_float(node.inputs[0], node.name)
+                y = _emit_float_op(self.b, node, [x], None)
+                self.requantize(y, node.attrs["out_quant"], node.output, f"{node.name}/requant")
+            elif node.op in ("conv", "linear"):
+                raise FatqError(
+                    f"{node.name}: a float {node.op} inside a quantized graph is not supported by the QDQ writer."
+                )
+            else:
+                inputs = [self.as_float(t, node.name) for t in node.inputs]
+                self.float_name[node.output] = _emit_float_op(self.b, node, inputs, self.float_output(node))
+        if self.graph.output_name in self.copies:
+            raise FatqError("the graph output is quantized; expected float logits.")
+
+
+def _conv_attrs(attrs: dict) -> dict:
+    ph, pw = attrs["padding"]
+    return {
+        "kernel_shape": list(attrs["kernel"]),
+        "strides": list(attrs["stride"]),
+        "pads": [ph, pw, ph, pw],
+        "dilations": list(attrs["dilation"]),
+        "group": int(attrs["groups"]),
+    }
+
+
+def _emit_float_op(b: _Builder, node: DeployNode, inputs: list[str], output: str | None) -> str:
+    """Float ops shared by both writers."""
+    op, attrs = node.op, node.attrs
+    if op == "relu":
+        return b.node("Relu", inputs, output, node.name)
+    if op == "clip":
+        return b.clip(inputs[0], attrs["min"], attrs["max"], np.float32, node.name, output)
+    if op == "add":
+        return b.node("Add", inputs, output, node.name)
+    if op == "global_avgpool":
+        return b.node("GlobalAveragePool", inputs, output, node.name)
+    if op == "flatten":
+        return b.node("Flatten", inputs, output, node.name, axis=1)
+    if op == "maxpool":
+        ph, pw = attrs["padding"]
+        return b.node(
+            "MaxPool",
+            inputs,
+            output,
+            node.name,
+            kernel_shape=list(attrs["kernel"]),
+            strides=list(attrs["stride"]),
+            pads=[ph, pw, ph, pw],
+            dilations=list(attrs["dilation"]),
+            ceil_mode=int(attrs["ceil_mode"]),
+        )
+    if op == "subsample_pad":
+        every_other = b.node(
+            "Slice",
+            [
+                inputs[0],
+                b.constant([0, 0], np.int64),
+                b.constant([INT32_MAX, INT32_MAX], np.int64),
+                b.constant([2, 3], np.int64),
+                b.constant([2, 2], np.int64),
+            ],
+            None,
+            f"{node.name}/subsample",
+        )
+        pad = attrs["pad"]
+        return b.node("Pad", [every_other, b.constant([0, pad, 0, 0, 0, pad, 0, 0], np.int64)], output, node.name)
+    raise FatqError(f"the ONNX writer cannot write op {op!r} (node {node.name!r}).")
+
+
+def _float_layer(b: _Builder, node: DeployNode, inputs: list[str], output: str | None) -> str:
+    weight = b.initializer(f"{node.name}.weight", node.params["weight"].astype(np.float32))
+    bias = b.initializer(f"{node.name}.bias", node.params["bias"].astype(np.float32))
+    if node.op == "conv":
+        return b.node("Conv", [inputs[0], weight, bias], output, node.name, **_conv_attrs(node.attrs))
+    return b.node("Gemm", [inputs[0], weight, bias], output, node.name, transB=1)
+
+
+def _model(graph: DeployGraph, b: _Builder, metadata: dict | None, num_classes: int) -> onnx.ModelProto:
+    c, h, w = graph.input_shape
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_classes])]
+    onnx_graph = helper.make_graph(b.nodes, graph.meta.get("arch", "fatq_model"), inputs, outputs, b.initializers)
+    opset = [helper.make_opsetid("", b.opset)]
+    model = helper.make_model(
+        onnx_graph,
+        opset_imports=opset,
+        producer_name="fatq",
+        producer_version=__version__,
+        ir_version=helper.find_min_ir_version_for(opset),
+    )
+    set_metadata(model, metadata or {})
+    return model
+
+
+def _num_classes(graph: DeployGraph) -> int:
+    last = graph.producers()[graph.output_name]
+    return int(last.params["weight"].shape[0]) if "weight" in last.params else int(graph.meta.get("num_classes", 0))
+
+
+def write_qdq(
+    graph: DeployGraph, opset: int = DEFAULT_OPSET, range_clip: str = "float", metadata: dict | None = None
+) -> onnx.ModelProto:
+    """QDQ int8 ONNX of an integer-dialect graph (:func:`export.lower.lower`).
+
+    Args:
+        graph: the lowered graph.
+        opset: ONNX opset (13..21).
+        range_clip: "float" (Clip before each Q; default) or "int8" (QCDQ integer Clip).
+        metadata: string-valued (or JSON-able) ``metadata_props``.
+
+    Returns:
+        The model; quantized tensors keep their deploy-graph names (int8), the input is
+        "input" float32 [batch, C, H, W] and the output "logits" float32 [batch, classes].
+    """
+    if graph.dialect != "integer":
+        raise FatqError("write_qdq needs a lowered (integer) graph; call export.lower.lower first.")
+    b = _Builder(opset)
+    _QdqWriter(graph, b, range_clip).run()
+    return _model(graph, b, metadata, _num_classes(graph))
+
+
+def write_float(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:
+    """Float ONNX of a folded float graph (an FP32 model, or :func:`export.fold.dequantized`)."""
+    if graph.dialect != "folded" or graph.quantized:
+        raise FatqError("write_float needs a folded float graph (use export.fold.dequantized for a quantized model).")
+    b = _Builder(opset)
+    names = {graph.input_name: INPUT_NAME}
+    for node in graph.nodes:
+        inputs = [names[t] for t in node.inputs]
+        output = OUTPUT_NAME if node.output == graph.output_name else None
+        if node.op in ("conv", "linear"):
+            names[node.output] = _float_layer(b, node, inputs, output)
+        else:
+            names[node.output] = _emit_float_op(b, node, inputs, output)
+    return _model(graph, b, metadata, _num_classes(graph))
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
+    """Replace ``model.metadata_props`` with ``metadata`` (non-strings JSON-encoded)."""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = str(key)
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """``metadata_props`` as a dict of strings."""
+    return {entry.key: entry.value for entry in model.metadata_props}

@@ -1,0 +1,186 @@
+"""DeployReference: a small torch module that runs a deploy graph with an integer engine's semantics.
+
+Integer graphs (:func:`export.lower.lower`) run exactly as ONNX Runtime's CPU kernels do:
+
+- ``quantize``: q = clamp(round_half_even(x / s), qmin, qmax), float32 division (MLAS divides).
+- ``qconv`` / ``qlinear``: acc = Σ q_x · q_w computed exactly, plus the int32 bias; then, as
+  ORT's QLinearConv requantizes, q_y = clamp(round_half_even(float32(acc + bias) · M_c), qmin, qmax)
+  with M_c = float32(float32(s_x · s_w,c) / s_y) — the multiplier ORT computes in
+  ``ComputeOutputScale`` (qlinearconv.cc) and applies in ``MlasRequantizeOutput`` / the symmetric
+  conv kernels. A float output (the logits) is float32(acc + bias) · float32(s_x · s_w,c).
+- ``add``, ``relu``, ``clip``, ``global_avgpool``: float32 on dequantized values q · s.
+- ``maxpool``, ``flatten``, ``subsample_pad`` of a quantized tensor act on its integers.
+
+Folded float graphs (FP32 models, :func:`export.fold.dequantized`) run as plain float32 convs.
+
+Exactness of the integer sums: a float32 conv of integer-valued tensors is exact while every
+partial sum stays below 2^24, which holds when C_in/groups · k_h · k_w · max|q_x| · max|q_w| < 2^24
+(all of ResNet-20's layers, for instance); other layers run in float64. Run it on the CPU (on
+CUDA, TF32 would make the float32 sums inexact; it is switched off for the call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode
+from fatq.errors import FatqError
+
+EXACT_FLOAT32_LIMIT = 2**24
+
+
+def _buffer(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+
+def requant_multiplier(input_scale: float, weight_scale: np.ndarray, output_scale: float) -> np.ndarray:
+    """float32(float32(s_x · s_w,c) / s_y), per output channel, as ONNX Runtime computes it."""
+    return (np.float32(input_scale) * weight_scale.astype(np.float32)) / np.float32(output_scale)
+
+
+class DeployReference(nn.Module):
+    """Runs a :class:`DeployGraph` (integer or folded float dialect).
+
+    Args:
+        graph: the graph to run.
+
+    ``forward(x)``: x float32 [N, C, H, W] (normalized image) -> logits float32 [N, classes].
+    :meth:`run` also returns every quantized tensor's integers.
+    """
+
+    def __init__(self, graph: DeployGraph):
+        super().__init__()
+        self.graph = graph
+        self.quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant") is not None}
+        for index, node in enumerate(graph.nodes):
+            for key, value in self._node_buffers(node).items():
+                self.register_buffer(f"n{index}_{key}", value, persistent=False)
+        self.eval()
+
+    def _node_buffers(self, node: DeployNode) -> dict[str, Tensor]:
+        if node.op in ("qconv", "qlinear"):
+            params, attrs = node.params, node.attrs
+            in_quant = self.quant.get(node.inputs[0])
+            if in_quant is None:
+                raise FatqError(f"{node.name} reads a float tensor; an integer layer needs a quantized input.")
+            weight = params["weight"].astype(np.float64)
+            fan_in = int(np.prod(weight.shape[1:]))
+            bound = fan_in * max(abs(in_quant["qmin"]), abs(in_quant["qmax"])) * float(np.abs(weight).max(initial=0))
+            dtype = torch.float32 if bound < EXACT_FLOAT32_LIMIT else torch.float64
+            buffers = {"weight": _buffer(weight, dtype), "bias": _buffer(params["bias_int32"], torch.float64)}
+            if attrs["out_quant"] is not None:
+                multiplier = requant_multiplier(
+                    attrs["input_scale"], params["weight_scale"], attrs["out_quant"]["scale"]
+                )
+                buffers["scale"] = _buffer(multiplier, torch.float32)
+            else:
+                buffers["scale"] = _buffer(np.float32(attrs["input_scale"]) * params["weight_scale"], torch.float32)
+            return buffers
+        if node.op in ("conv", "linear"):
+            if node.attrs.get("quantized"):
+                raise FatqError(f"{node.name} is a quantized layer of a folded graph; lower the graph first.")
+            return {
+                "weight": _buffer(node.params["weight"], torch.float32),
+                "bias": _buffer(node.params["bias"], torch.float32),
+            }
+        return {}
+
+    def _param(self, index: int, key: str) -> Tensor:
+        return getattr(self, f"n{index}_{key}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)[0]
+
+    def run(
+        self, x: Tensor, capture: bool = False, overrides: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the graph.
+
+        Args:
+            x: float32 [N, C, H, W].
+            capture: also return the integers of every quantized tensor (as computed).
+            overrides: {tensor name: value} to use instead of what a node computed (integers for
+                quantized tensors): feeding another model's tensors makes every node's captured
+                output depend on that model's inputs only, for layer-by-layer parity.
+
+        Returns:
+            (logits float32 [N, classes], {tensor name: integers as float32} if ``capture``).
+        """
+        tf32 = torch.backends.cudnn.flags(allow_tf32=False) if x.is_cuda else contextlib.nullcontext()
+        env: dict[str, Tensor] = {self.graph.input_name: x.float()}
+        captured: dict[str, Tensor] = {}
+        with torch.no_grad(), tf32:
+            for index, node in enumerate(self.graph.nodes):
+                env[node.output] = self._run_node(index, node, env)
+                if capture and node.output in self.quant:
+                    captured[node.output] = env[node.output]
+                if overrides and node.output in overrides:
+                    env[node.output] = overrides[node.output].to(env[node.output].dtype)
+        return self._float(self.graph.output_name, env), captured
+
+    def _float(self, name: str, env: dict[str, Tensor]) -> Tensor:
+        """A tensor's real values: integers · scale for quantized tensors (DequantizeLinear)."""
+        value = env[name]
+        quant = self.quant.get(name)
+        return value if quant is None else value * torch.tensor(quant["scale"], dtype=torch.float32)
+
+    def _run_node(self, index: int, node: DeployNode, env: dict[str, Tensor]) -> Tensor:
+        op, attrs = node.op, node.attrs
+        if op in ("qconv", "qlinear"):
+            return self._integer_layer(index, node, env[node.inputs[0]])
+        if op in INTEGER_PRESERVING_OPS and node.inputs[0] in self.quant:
+            return _float_op(op, attrs, env[node.inputs[0]])  # exact on integers
+        if op == "quantize":
+            q = torch.round(env[node.inputs[0]] / torch.tensor(attrs["scale"], dtype=torch.float32))
+            return q.clamp_(attrs["qmin"], attrs["qmax"])
+        if op == "conv":
+            weight, bias = self._param(index, "weight"), self._param(index, "bias")
+            x = self._float(node.inputs[0], env)
+            return F.conv2d(x, weight, bias, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        if op == "linear":
+            return F.linear(self._float(node.inputs[0], env), self._param(index, "weight"), self._param(index, "bias"))
+        if op == "add":
+            return self._float(node.inputs[0], env) + self._float(node.inputs[1], env)
+        return _float_op(op, attrs, self._float(node.inputs[0], env))
+
+    def _integer_layer(self, index: int, node: DeployNode, q_x: Tensor) -> Tensor:
+        weight, bias, scale = (self._param(index, k) for k in ("weight", "bias", "scale"))
+        attrs = node.attrs
+        q_x = q_x.to(weight.dtype)
+        if node.op == "qconv":
+            acc = F.conv2d(q_x, weight, None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+            shape = (1, -1, 1, 1)
+        else:
+            acc = F.linear(q_x, weight)
+            shape = (1, -1)
+        # int32 accumulator + int32 bias, converted to float32 (round to nearest even, as cvtdq2ps)
+        total = (acc.double() + bias.view(shape)).float()
+        y = total * scale.view(shape)
+        out_quant = attrs["out_quant"]
+        if out_quant is None:
+            return y
+        return torch.round(y).clamp_(out_quant["qmin"], out_quant["qmax"])
+
+
+def _float_op(op: str, attrs: dict, x: Tensor) -> Tensor:
+    """The float ops shared by both dialects (inputs already dequantized where needed)."""
+    if op == "relu":
+        return torch.relu(x)
+    if op == "clip":
+        return torch.clamp(x, attrs["min"], attrs["max"])
+    if op == "maxpool":
+        return F.max_pool2d(
+            x, attrs["kernel"], attrs["stride"], attrs["padding"], attrs["dilation"], attrs["ceil_mode"]
+        )
+    if op == "global_avgpool":
+        return x.mean(dim=(2, 3), keepdim=True)
+    if op == "flatten":
+        return torch.flatten(x, 1)
+    if op == "subsample_pad":
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, attrs["pad"], attrs["pad"]))
+    raise FatqError(f"the deploy reference cannot run op {op!r}.")
