@@ -1,0 +1,140 @@
+"""Median training-step time: FAT W4A4 vs the same model without the transform vs FP32.
+
+The three models train side by side in one process, one step each in turn, so a change in
+machine load hits all three alike; the ratios are the figures to quote. Each step is what
+``fatq-train`` does: autocast (with --amp), forward, cross-entropy, backward, SGD with the
+recipe's parameter groups. Inputs are random normalized images (speed does not depend on data).
+
+    python benchmarks/train_step.py --device cpu --steps 10
+    python benchmarks/train_step.py --device cuda --batch-size 256 --steps 50 --amp
+
+The target is FAT <= 1.15 x the plain quantized step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fatq import __version__
+from fatq.distributed import resolve_device
+from fatq.train import TrainConfig, autocast_context, build_model, build_optimizer, default_lr
+
+
+def variants(arch: str, bits: int) -> dict[str, TrainConfig]:
+    """The three models compared: FAT, the plain uniform quantizer (transform off), FP32."""
+    return {
+        "fat": TrainConfig(arch=arch, data_dir="-", weight_bits=bits, act_bits=bits),
+        "no-transform": TrainConfig(arch=arch, data_dir="-", weight_bits=bits, act_bits=bits, transform=False),
+        "fp32": TrainConfig(arch=arch, data_dir="-", weight_bits=32, act_bits=32, lr=default_lr(32)),
+    }
+
+
+def machine_facts(device: torch.device) -> dict:
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fatq": __version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    torch.manual_seed(0)
+    size = (args.batch_size, 3, 32, 32)
+    images = torch.randn(size, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    runs = {}
+    for name, cfg in variants(args.arch, args.bits).items():
+        model = build_model(cfg, num_classes=10).to(device).train()
+        runs[name] = (model, build_optimizer(model, cfg), [])
+
+    def step(model, optimizer) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast_context(device, args.amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    load_before = os.getloadavg()
+    for index in range(args.warmup + args.steps):
+        for model, optimizer, times in runs.values():  # interleaved: load changes hit all models alike
+            seconds = step(model, optimizer)
+            if index >= args.warmup:
+                times.append(seconds)
+    load_after = os.getloadavg()
+
+    medians = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+    ratios = {
+        "fat / no-transform": medians["fat"] / medians["no-transform"],
+        "fat / fp32": medians["fat"] / medians["fp32"],
+        "no-transform / fp32": medians["no-transform"] / medians["fp32"],
+    }
+    facts = machine_facts(device)
+    print(f"{args.arch} W{args.bits}A{args.bits} training step, batch {args.batch_size}, amp {args.amp}, "
+          f"{args.steps} timed steps per model (median)")  # fmt: skip
+    print("  " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+    print(f"  load average before/after (1 min): {load_before[0]:.2f} / {load_after[0]:.2f}")
+    for name, seconds in medians.items():
+        print(f"  {name:13s} {seconds * 1000:9.1f} ms/step  {args.batch_size / seconds:8.1f} images/s")
+    for name, value in ratios.items():
+        print(f"  {name:21s} {value:.3f}")
+    verdict = "meets" if ratios["fat / no-transform"] <= 1.15 else "misses"
+    print(f"  FAT overhead {100 * (ratios['fat / no-transform'] - 1):+.1f} % ({verdict} the <= 15 % target)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "arch": args.arch,
+                    "bits": args.bits,
+                    "batch_size": args.batch_size,
+                    "amp": args.amp,
+                    "steps": args.steps,
+                    "median_s": medians,
+                    "ratios": ratios,
+                    "load_average": [load_before[0], load_after[0]],
+                    **facts,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""--resume continues at the exact step: an interrupted run ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from fatq.cli_train import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(job) -> dict:
+    return torch.load(job / "last.pt", weights_only=True)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6)  # 18 images, batch 4: 5 steps/epoch
+    common = ["--arch", "resnet20", "--bits", "4", "--data-dir", str(data), "--epochs", "2", "--batch-size", "4"]
+    common += ["--quiet", "--device", "cpu", "--seed", "5", "--milestones", "0.4,1.2"]
+
+    assert main([*common, "--job-dir", "straight", "--max-steps", "7"]) == 0
+    # stop mid-epoch (step 3 of 5), with an extra periodic save in between
+    assert main([*common, "--job-dir", "split", "--max-steps", "3", "--save-every", "2"]) == 0
+    assert _state(tmp_path / "split")["step"] == 3
+    assert main(["--job-dir", "split", "--resume", "--max-steps", "7", "--data-dir", str(data), "--quiet"]) == 0
+
+    straight, split = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert straight["step"] == split["step"] == 7
+    for key, value in straight["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, split["state_dict"][key]), key
+        else:  # quantizer flags (extra state)
+            assert value == split["state_dict"][key], key
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    resumed_momentum = [s["momentum_buffer"] for s in split["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, resumed_momentum, strict=True))
+    # both invocations are recorded
+    import json
+
+    invocations = json.loads((tmp_path / "split" / "config.json").read_text())["invocations"]
+    assert [i["resumed_from_step"] for i in invocations] == [None, 3]
+
+
+def test_resume_refuses_changed_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    common = ["--arch", "resnet20", "--data-dir", str(data), "--batch-size", "4", "--quiet", "--job-dir", "job"]
+    assert main([*common, "--epochs", "2", "--max-steps", "1"]) == 0
+    assert main([*common, "--epochs", "3", "--resume"]) == 2
+    assert "--epochs 3 differs from the run being resumed (2)" in capsys.readouterr().err
+    # starting a new run in a job dir that holds one is refused as well
+    assert main([*common, "--epochs", "2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_resume_accepts_repeating_the_original_values(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    common = ["--arch", "resnet20", "--data-dir", str(data), "--batch-size", "4", "--quiet", "--job-dir", "job"]
+    value = "0.04" if flag == "--lr" else "0.0005"
+    assert main([*common, "--epochs", "2", "--max-steps", "1", flag, value]) == 0
+    assert main([*common, "--epochs", "2", "--resume", flag, value]) == 0
+    assert _state(tmp_path / "job")["step"] == 2

@@ -1,0 +1,183 @@
+"""fatq-train: artifacts of a tiny run, evaluation of fatq and public checkpoints, bad input, recipe pieces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from fatq import QuantSpec, create_model
+from fatq.checkpoint import IMAGENET_NORMALIZATION, model_from_checkpoint
+from fatq.cli_train import main
+from fatq.data import load_split, normalize
+from fatq.train import LRSchedule, TrainConfig, default_milestones, parameter_groups
+
+TINY = ["--arch", "resnet20", "--batch-size", "8", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """3 classes x 8 train / 8 test images of 32x32; the working directory is a temp dir."""
+    monkeypatch.chdir(tmp_path)
+    return make_image_folder(tmp_path / "data", classes=3, per_class=8)
+
+
+def _accuracy_by_hand(model, data_dir, normalization) -> float:
+    """Independent top-1: one forward over the whole test split, argmax, compare."""
+    test = load_split(data_dir, "test")
+    model.eval()
+    with torch.no_grad():
+        logits = model(normalize(test.images, normalization["mean"], normalization["std"]))
+    return 100.0 * (logits.argmax(1) == test.labels).float().mean().item()
+
+
+def test_training_writes_all_artifacts(tiny, tmp_path, capsys):
+    job = tmp_path / "job"
+    argv = [*TINY, "--bits", "4", "--data-dir", str(tiny), "--epochs", "2", "--job-dir", str(job)]
+    assert main([*argv, "--json", "out.json"]) == 0
+    assert {p.name for p in job.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json"}
+
+    lines = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 6]  # 24 images / batch 8 = 3 steps per epoch
+    assert all(line["train_images"] == 24 and line["images"] == 24 for line in lines)
+
+    config = json.loads((job / "config.json").read_text())
+    assert config["config"]["weight_bits"] == 4 and config["config"]["milestones"] == [0.75, 1.125]
+    assert (
+        config["invocations"][0]["command"][1:] == [*argv, "--json", "out.json"]
+        and config["invocations"][0]["torch"] == torch.__version__
+    )
+
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["steps"] == 6 and summary["top1"] == lines[-1]["top1"]
+    assert {"top1", "top5", "loss", "steps", "git_commit", "fatq_version"} <= set(summary)
+
+    last = torch.load(job / "last.pt", weights_only=True)
+    assert last["step"] == 6 and last["epoch"] == 2 and "optimizer" in last and "rng" in last
+    assert last["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]  # CIFAR-10 constants, no checkpoint to inherit
+    model = model_from_checkpoint(last)
+    assert _accuracy_by_hand(model, tiny, last["normalization"]) == pytest.approx(summary["top1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("top-1 ") and "top-5" in out[-1]
+
+    # --eval-only of the fatq checkpoint reproduces the reported figure
+    assert main(["--eval-only", str(job / "last.pt"), "--data-dir", str(tiny), "--json", "eval.json", "--quiet"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == pytest.approx(summary["top1"])
+
+
+def test_eval_only_of_a_public_checkpoint_uses_imagenet_normalization(tiny, tmp_path):
+    torch.manual_seed(3)
+    fp32 = create_model("resnet20", bits=32, num_classes=3)
+    for m in fp32.modules():  # give BN non-trivial statistics so normalization matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    public = {"best_prec1": 0.0, "state_dict": {f"module.{k}": v for k, v in fp32.state_dict().items()}}
+    torch.save(public, tmp_path / "public.th")
+    with pytest.raises(SystemExit):  # argparse --help exits 0 and lists the architectures
+        main(["--help"])
+    assert main(["--eval-only", "public.th", "--arch", "resnet20", "--data-dir", str(tiny), "--json", "e.json"]) == 0
+    reported = json.loads((tmp_path / "e.json").read_text())
+    assert reported["normalization"] == IMAGENET_NORMALIZATION and reported["weight_bits"] == 32
+    assert reported["top1"] == pytest.approx(_accuracy_by_hand(fp32, tiny, IMAGENET_NORMALIZATION))
+
+
+def test_amp_bf16_on_cpu_trains(tiny, tmp_path):
+    assert main([*TINY, "--data-dir", str(tiny), "--amp", "--max-steps", "1", "--job-dir", "amp"]) == 0
+    assert torch.load(tmp_path / "amp" / "last.pt", weights_only=True)["step"] == 1
+
+
+def _write_public(path, arch):
+    model = create_model(arch, bits=32, num_classes=3)
+    torch.save({"best_prec1": 0.0, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+
+
+R20 = ["--arch", "resnet20"]
+BAD_INPUTS = {  # argv ("{data}" is the tiny dataset), expected part of the one-line message
+    "unknown arch": (["--arch", "resnet21", "--data-dir", "{data}"], "invalid choice"),
+    "bits out of range": ([*R20, "--bits", "9", "--data-dir", "{data}"], "bits must be in 2..8"),
+    "missing data dir": ([*R20, "--data-dir", "nowhere"], "does not exist"),
+    "empty data dir": ([*R20, "--data-dir", "empty"], "no image-folder dataset"),
+    "data dir without classes": ([*R20, "--data-dir", "classless"], "has no class folders"),
+    "checkpoint of another arch": ([*R20, "--data-dir", "{data}", "--pretrained", "r32.th"], "does not fit resnet20"),
+    "corrupt checkpoint": ([*R20, "--data-dir", "{data}", "--pretrained", "junk.th"], "not a readable checkpoint"),
+    "resume without last.pt": (["--data-dir", "{data}", "--resume", "--job-dir", "fresh"], "does not exist"),
+    "resume without job dir": (["--data-dir", "{data}", "--resume"], "--resume needs --job-dir"),
+    "bad milestones": ([*R20, "--data-dir", "{data}", "--milestones", "1,x"], "--milestones must be"),
+    "eval-only without arch": (["--eval-only", "r32.th", "--data-dir", "{data}"], "pass --arch"),
+    "unknown flag": ([*R20, "--data-dir", "{data}", "--bogus"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, capsys, case):
+    _write_public(tmp_path / "r32.th", "resnet32")
+    (tmp_path / "junk.th").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "classless" / split).mkdir(parents=True)
+    argv, message = BAD_INPUTS[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([a.replace("{data}", str(tiny)) for a in argv] + ["--quiet", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no job dir, no runs/, no partial file
+
+
+def test_console_script_reports_user_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fatq.cli_train", "--arch", "resnet20", "--data-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_parameter_groups_follow_the_recipe():
+    cfg = TrainConfig(arch="resnet20", data_dir="-")
+    model = create_model("resnet20", spec=QuantSpec(4, 4))
+    groups = {g["name"]: g for g in parameter_groups(model, cfg)}
+    expected = {
+        "weights": (0.04, 5e-4),
+        "act_alpha": (0.1, 1e-4),
+        "weight_alpha": (0.02, 1e-4),
+        "transform": (0.02, 1e-4),
+    }
+    assert {name: (g["lr"], g["weight_decay"]) for name, g in groups.items()} == expected
+    from fatq.quantizers import ActivationQuantizer
+
+    activation_alphas = {id(m.alpha) for m in model.modules() if isinstance(m, ActivationQuantizer)}
+    assert {id(p) for p in groups["act_alpha"]["params"]} == activation_alphas
+    assert len(groups["transform"]["params"]) == 18  # one mask per FAT conv of ResNet-20 (19 convs - first)
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters()))
+    fp32 = parameter_groups(create_model("resnet20", bits=32), TrainConfig(arch="resnet20", data_dir="-", lr=0.1))
+    assert [g["name"] for g in fp32] == ["weights"] and fp32[0]["lr"] == 0.1
+
+
+def test_step_schedule_scales_reference_milestones_to_short_runs():
+    cfg = TrainConfig(arch="resnet20", data_dir="-", epochs=1, milestones=default_milestones(1))
+    schedule = LRSchedule.from_config(cfg, steps_per_epoch=196)
+    assert schedule.milestone_steps == [round(196 * 150 / 400), round(196 * 225 / 400)]
+    assert schedule.factor(0) == 1.0 and schedule.factor(73) == 1.0
+    assert schedule.factor(74) == pytest.approx(0.1) and schedule.factor(110) == pytest.approx(0.01)
+    full = LRSchedule.from_config(TrainConfig(arch="resnet20", data_dir="-"), steps_per_epoch=196)
+    assert full.milestone_steps == [150 * 196, 225 * 196]  # the 400-epoch recipe is unchanged
+    cosine = LRSchedule("cosine", 100, [])
+    assert cosine.factor(0) == 1.0 and cosine.factor(50) == pytest.approx(0.5) and cosine.factor(100) == 0.0
