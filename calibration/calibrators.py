@@ -164,12 +164,14 @@ class HistogramCalibrator(Calibrator):
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
         self.histogram.all_reduce(device)
 
+    drop_exact = False  # leave out values every threshold represents exactly (see MagnitudeHistogram)
+
     def _occupied(self, signed: bool) -> tuple[Tensor, float, float]:
         """(counts up to the last non-empty bin [k] float64, bin width, exact max magnitude)."""
         hist = self.histogram
         if self.empty:
             raise FatqError(f"the {self.name} calibrator has collected no data.")
-        counts = hist.magnitudes(signed)
+        counts = hist.magnitudes(signed, self.drop_exact)
         nonzero = torch.nonzero(counts).flatten()
         occupied = int(nonzero[-1]) + 1 if nonzero.numel() else 1
         peak = max(abs(hist.min_value), abs(hist.max_value)) if signed else max(hist.max_value, 0.0)
@@ -277,11 +279,21 @@ class EntropyCalibrator(HistogramCalibrator):
     the number of quantized bins generalised from 128 (int8) to the quantizer's non-negative
     integer values, levels + 1 (signed b bits: 2^(b-1); unsigned: m + 1). The threshold is the
     upper edge of the last included bin; among equal divergences the largest threshold wins.
+
+    Values every threshold represents exactly (exact zeros; negatives for an unsigned
+    quantizer) are left out of the histogram. After a ReLU they are about half of all values,
+    all in bin 0: kept in, that spike dominates the divergence, which is then smallest when each
+    group holds a single bin, i.e. at the smallest candidate threshold (measured: ResNet-20
+    thresholds collapsed to 128 bins and accuracy to chance). ModelOpt's entropy calibrator
+    guards against the same spike by overwriting bin 0 with bin 1.
     """
 
     name = "entropy"
+    drop_exact = True
 
     def _threshold(self, counts: Tensor, width: float, levels: int) -> float:
+        if float(counts.sum()) <= 0:
+            return width  # nothing but exact zeros: any threshold is exact
         candidates, kl = entropy_divergences(counts, levels + 1)
         best = torch.nonzero(kl == kl.min()).flatten()[-1]
         return float(candidates[best]) * width
@@ -290,27 +302,33 @@ class EntropyCalibrator(HistogramCalibrator):
 class MSECalibrator(HistogramCalibrator):
     """alpha minimising the expected squared quantization error over the histogram.
 
-    Every bin edge j * width is a candidate; a bin's values are represented by its centre
-    (the bins are much narrower than a quantization step at 2048 bins). Values beyond alpha
-    are clipped to it, so the error of clipping and of rounding are both counted.
+    Candidates are bin edges j * width; a bin's values are represented by its centre (the bins
+    are much narrower than a quantization step at 2048 bins). Values beyond alpha are clipped to
+    it, so the errors of clipping and of rounding are both counted. The search visits every
+    8th edge, then every edge around the best of those (the error curve is smooth at that
+    scale), which is 6-7 times cheaper than visiting all of them.
     """
 
     name = "mse"
+    _STRIDE = 8
     _CHUNK = 256  # candidates per step: bounds memory at chunk * bins float64
+
+    def _errors(self, candidates: Tensor, counts: Tensor, width: float, levels: int) -> Tensor:
+        """Expected squared error (times the count) for thresholds ``candidates * width``, float64 [c]."""
+        centres = (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * width
+        errors = []
+        for chunk in candidates.split(self._CHUNK):
+            step = (chunk.double() * width / levels)[:, None]
+            quantized = torch.clamp(torch.round(centres[None, :] / step), 0, levels) * step
+            errors.append(((centres[None, :] - quantized) ** 2 * counts[None, :]).sum(dim=1))
+        return torch.cat(errors)
 
     def _threshold(self, counts: Tensor, width: float, levels: int) -> float:
         k = counts.numel()
-        centres = (torch.arange(k, dtype=torch.float64) + 0.5) * width
-        best_err, best_alpha = math.inf, k * width
-        for first in range(1, k + 1, self._CHUNK):
-            alphas = torch.arange(first, min(first + self._CHUNK, k + 1), dtype=torch.float64) * width
-            step = (alphas / levels)[:, None]
-            quantized = torch.clamp(torch.round(centres[None, :] / step), 0, levels) * step
-            errors = ((centres[None, :] - quantized) ** 2 * counts[None, :]).sum(dim=1)
-            i = int(torch.argmin(errors))
-            if float(errors[i]) < best_err:
-                best_err, best_alpha = float(errors[i]), float(alphas[i])
-        return best_alpha
+        coarse = torch.unique(torch.cat([torch.arange(1, k + 1, self._STRIDE), torch.tensor([k])]))
+        best = int(coarse[int(torch.argmin(self._errors(coarse, counts, width, levels)))])
+        fine = torch.arange(max(1, best - self._STRIDE + 1), min(k, best + self._STRIDE - 1) + 1)
+        return float(fine[int(torch.argmin(self._errors(fine, counts, width, levels)))]) * width
 
 
 CALIBRATORS: dict[str, type[Calibrator]] = {

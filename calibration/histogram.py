@@ -14,6 +14,8 @@ point, so this holds bit for bit, not only up to rounding.
 
 Positive and negative values are counted separately (by magnitude), so one collection serves
 both a signed quantizer (which sees |x|) and an unsigned one (which maps negatives to 0).
+Exact zeros are also counted on their own: after a ReLU they are often half of all values,
+and a method may want to leave out values that every threshold represents exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class MagnitudeHistogram:
     Attributes:
         num_bins: bins per sign (a power of two, so growth keeps the bin count).
         counts: float64 [2, num_bins] on CPU; row 0 counts x >= 0, row 1 counts x < 0 by |x|.
+        zeros: how many of the values in row 0, bin 0 are exactly 0.
         width: bin width (a power of two), or None before any non-empty batch.
         min_value, max_value: exact extremes of everything collected (inf/-inf when empty).
     """
@@ -47,6 +50,7 @@ class MagnitudeHistogram:
     def reset(self) -> None:
         """Forget everything collected."""
         self.counts = torch.zeros(2, self.num_bins, dtype=torch.float64)
+        self.zeros = 0.0
         self.width: float | None = None
         self.min_value = math.inf
         self.max_value = -math.inf
@@ -105,6 +109,7 @@ class MagnitudeHistogram:
         index += (x < 0).long() * self.num_bins
         counts = torch.bincount(index, minlength=2 * self.num_bins).reshape(2, self.num_bins)
         self.counts += counts.to(device="cpu", dtype=torch.float64)
+        self.zeros += float((x == 0).sum())
         self.min_value = min(self.min_value, lo)
         self.max_value = max(self.max_value, hi)
 
@@ -122,6 +127,7 @@ class MagnitudeHistogram:
         self._coarsen(width)
         incoming._coarsen(width)
         self.counts += incoming.counts
+        self.zeros += other.zeros
         self.min_value = min(self.min_value, other.min_value)
         self.max_value = max(self.max_value, other.max_value)
 
@@ -145,19 +151,29 @@ class MagnitudeHistogram:
         if self.width is None:
             self.width = width
         self._coarsen(width)
-        counts = self.counts.to(device)
+        counts = torch.cat([self.counts.flatten(), torch.tensor([self.zeros], dtype=torch.float64)]).to(device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        self.counts = counts.cpu()
+        counts = counts.cpu()
+        self.counts, self.zeros = counts[:-1].reshape(2, self.num_bins), float(counts[-1])
         self.max_value, self.min_value = stats[1].item(), -stats[2].item()
 
-    def magnitudes(self, signed: bool) -> Tensor:
+    def magnitudes(self, signed: bool, drop_exact: bool = False) -> Tensor:
         """Counts of the values a quantizer sees, float64 [num_bins] over ``edges``.
 
         Signed: |x| of every value. Unsigned: the positive values; negatives are clipped to 0 by
         the quantizer, so they are counted in bin 0.
+
+        Args:
+            signed: for a signed (symmetric) or an unsigned quantizer.
+            drop_exact: leave out the values that every threshold maps to exactly 0 with no
+                error: exact zeros, and for an unsigned quantizer the negatives.
         """
         if signed:
-            return self.counts.sum(dim=0)
-        counts = self.counts[0].clone()
-        counts[0] += self.counts[1].sum()
+            counts = self.counts.sum(dim=0)
+        else:
+            counts = self.counts[0].clone()
+            if not drop_exact:
+                counts[0] += self.counts[1].sum()
+        if drop_exact:
+            counts[0] -= self.zeros
         return counts

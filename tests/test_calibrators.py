@@ -63,11 +63,14 @@ def test_histogram_counts_match_numpy_and_split_sign():
     assert hist.magnitudes(signed=True).tolist() == (pos + neg).tolist()
     unsigned = hist.magnitudes(signed=False)
     assert unsigned[0] == pos[0] + 2 and unsigned.sum() == 7  # negatives clip to 0
+    assert hist.zeros == 1
+    assert hist.magnitudes(signed=False, drop_exact=True).tolist() == (pos - np.eye(8)[0]).tolist()
+    assert hist.magnitudes(signed=True, drop_exact=True).sum() == 6
 
 
 def test_histogram_merge_equals_one_shot():
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(3000, generator=g) * 0.1, torch.randn(2000, generator=g) * 7
+    a, b = torch.relu(torch.randn(3000, generator=g) * 0.1), torch.randn(2000, generator=g) * 7
     ha, hb, whole = MagnitudeHistogram(512), MagnitudeHistogram(512), MagnitudeHistogram(512)
     ha.collect(a)
     hb.collect(b)
@@ -78,7 +81,7 @@ def test_histogram_merge_equals_one_shot():
     ha.merge(hb)
     for merged in (ha, hb_first):
         assert merged.width == whole.width
-        assert torch.equal(merged.counts, whole.counts)
+        assert torch.equal(merged.counts, whole.counts) and merged.zeros == whole.zeros
         assert merged.min_value == whole.min_value and merged.max_value == whole.max_value
 
 
@@ -216,6 +219,22 @@ def test_entropy_threshold_is_argmin_edge():
     assert low < rng.alpha  # fewer levels -> more clipping
 
 
+def test_entropy_ignores_the_relu_zero_spike():
+    # half the values of a ReLU output are exactly 0; kept in bin 0, that spike pulls the
+    # threshold down (towards one bin per group); left out, the bulk of the tail is kept
+    x = torch.relu(_gaussian(100_000))
+    cal = _collect(EntropyCalibrator(), x)
+    alpha = cal.compute(8, signed=False).alpha
+    with_zeros = cal.histogram.magnitudes(signed=False)
+    with_zeros = with_zeros[: int(torch.nonzero(with_zeros).max()) + 1]
+    candidates, kl = entropy_divergences(with_zeros, 128)
+    kept = float(candidates[int(torch.argmin(kl))]) * cal.histogram.width
+    assert kept < 0.6 * alpha  # the failure mode, if the zeros were kept
+    assert 3.0 < alpha <= float(x.max())
+    only_zeros = _collect(EntropyCalibrator(), torch.zeros(100))
+    assert only_zeros.compute(8, signed=True).alpha > 0
+
+
 # --- registry, merging, reset --------------------------------------------------------------------
 
 
@@ -274,8 +293,8 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
 
     import torch.multiprocessing as mp
 
-    # fork: the children need not re-import torch (spawn would take seconds per process)
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a child forked after the parent ran torch ops can deadlock in its thread pool
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     data = _gaussian(4000, seed=7)
     whole = torch.cat([data[:1000] * 0.05, data[1000:] * 3])
