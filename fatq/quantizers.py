@@ -49,7 +49,7 @@ def unsigned_levels(bits: int) -> int:
 def round_clamp(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """Integers clamp(round_half_even(x / scale), qmin, qmax), as float (ONNX QuantizeLinear)."""
     # round/clamp in place on the fresh quotient: same values, one allocation instead of three
-    return torch.round(x / scale).clamp_(qmin, qmax)
+    return (x / scale).round_().clamp_(qmin, qmax)
 
 
 class _LearnedScaleQuant(torch.autograd.Function):

@@ -20,10 +20,11 @@ TINY = ["--arch", "resnet20", "--batch-size", "8", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster on a loaded machine."""
+def _one_thread(request):
+    """Tiny models run faster on one thread, and far faster on a loaded machine (real-data tests keep all)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if request.node.get_closest_marker("data") is None:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -181,3 +182,14 @@ def test_step_schedule_scales_reference_milestones_to_short_runs():
     assert full.milestone_steps == [150 * 196, 225 * 196]  # the 400-epoch recipe is unchanged
     cosine = LRSchedule("cosine", 100, [])
     assert cosine.factor(0) == 1.0 and cosine.factor(50) == pytest.approx(0.5) and cosine.factor(100) == 0.0
+
+
+@pytest.mark.data
+def test_eval_only_of_the_public_fp32_resnet20(data_dir, pretrained_dir, tmp_path, capsys):
+    checkpoint = pretrained_dir / "resnet20-cifar10-fp32.th"
+    argv = ["--eval-only", str(checkpoint), "--arch", "resnet20", "--data-dir", str(data_dir), "--quiet"]
+    assert main([*argv, "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["images"] == 10000 and result["weight_bits"] == 32
+    assert result["top1"] == pytest.approx(81.03, abs=0.3)  # measured with the core; JPEG q75 test split
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"top-1 {result['top1']:.2f} %")
