@@ -439,7 +439,7 @@ class Trainer:
             self.data.normalization,
             self.rank_batch,
             self.ctx,
-            amp=self.cfg.amp,
+            amp=False,  # report the accuracy of the float32 model that export folds, even after --amp training
         )
 
     def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
