@@ -69,8 +69,9 @@ def _finite(name: str, tensor: torch.Tensor) -> None:
 class _Folder:
     """State of one fold: fx node -> tensor name, emitted nodes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, disabled_quantizers: str):
         self.model = model
+        self.disabled_quantizers = disabled_quantizers
         self.modules = dict(model.named_modules())
         self.nodes: list[DeployNode] = []
         self.tensor: dict[str, str] = {}  # fx node name -> deploy tensor name
@@ -105,6 +106,8 @@ class _Folder:
     # --- layers ----------------------------------------------------------------------------
 
     def quantize(self, name: str, quantizer: ActivationQuantizer, source: str) -> str:
+        if not quantizer.enabled and self.disabled_quantizers == "skip":
+            return source
         if not quantizer.enabled:
             raise FatqError(
                 f"activation quantizer {name!r} is disabled (the model keeps that input float); "
@@ -266,6 +269,12 @@ class _Folder:
         shape = list(shape) if isinstance(shape, (list, tuple)) else [shape]
         return len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], fx.Node) and shape[0].name in self.size_nodes
 
+    def is_flatten_method(self, method: str, args: tuple, kwargs: dict) -> bool:
+        """x.flatten(1), or x.view/reshape(x.size(0), -1)."""
+        if method == "flatten":
+            return args[1:2] == (1,) or kwargs.get("start_dim") == 1
+        return method in ("view", "reshape") and self.is_flatten_reshape(args)
+
     def call_function(self, node: fx.Node) -> None:
         fn, args, kwargs = node.target, node.args, node.kwargs
         if fn in _ADD_FUNCTIONS:
@@ -302,9 +311,7 @@ class _Folder:
             self.simple(node, "relu", self.unique(node.name))
         elif method in ("add", "add_", "__add__") and len(args) == 2:
             self.add(node)
-        elif method == "flatten" and (args[1:2] == (1,) or kwargs.get("start_dim") == 1):
-            self.simple(node, "flatten", self.unique(node.name))
-        elif method in ("view", "reshape") and self.is_flatten_reshape(args):
+        elif self.is_flatten_method(method, args, kwargs):
             self.simple(node, "flatten", self.unique(node.name))
         elif method == "mean":
             self.mean(node, args, kwargs)
@@ -350,12 +357,14 @@ def model_metadata(model: nn.Module) -> dict:
     return meta
 
 
-def fold(model: nn.Module, input_shape: list[int] | None = None) -> DeployGraph:
+def fold(model: nn.Module, input_shape: list[int] | None = None, disabled_quantizers: str = "error") -> DeployGraph:
     """Fold ``model`` (its weights as they are now; BN uses running statistics) into a deploy graph.
 
     Args:
         model: a registry model (quantized or FP32) or any model built from the supported layers.
         input_shape: [C, H, W]; default the registry's input size of ``model.arch``.
+        disabled_quantizers: "error" (an integer engine needs every range: calibrate first) or
+            "skip" (treat them as identity, as the model does; for the float baseline).
 
     Returns:
         A "folded" :class:`DeployGraph` (``quantized`` when the model has quantized layers).
@@ -368,7 +377,9 @@ def fold(model: nn.Module, input_shape: list[int] | None = None) -> DeployGraph:
         from fatq.models import model_info
 
         input_shape = list(model_info(model.arch).input_size)
-    folder = _Folder(model)
+    if disabled_quantizers not in ("error", "skip"):
+        raise ValueError(f"disabled_quantizers must be 'error' or 'skip', got {disabled_quantizers!r}")
+    folder = _Folder(model, disabled_quantizers)
     with torch.no_grad():
         folder.run(trace(model))
     _finalize_params(folder.nodes)

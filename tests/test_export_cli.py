@@ -1,0 +1,180 @@
+"""fatq-export end to end: files, metadata, --check report, calibration, --lint, and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import make_image_folder
+from export_helpers import trained_like
+
+from export.cli import deploy_graph_path, main
+from export.deploy_graph import DeployGraph
+from export.qdq_writer import read_metadata
+from fatq.checkpoint import CIFAR_NORMALIZATION, save_checkpoint
+from fatq.models import create_model
+from fatq.qconfig import QuantSpec
+
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r20.pt"
+    save_checkpoint(path, trained_like("resnet20", 4), CIFAR_NORMALIZATION, CLASSES, epoch=1)
+    return path
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+def test_export_writes_onnx_deploy_graph_and_metadata(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main([str(checkpoint), "--format", "onnx", "-o", str(out), "--quiet"]) == 0
+    model = onnx.load(str(out))
+    meta = read_metadata(model)
+    assert meta["arch"] == "resnet20" and meta["bits"] == "w4a4" and meta["format"] == "qdq-int8"
+    assert json.loads(meta["normalization"]) == CIFAR_NORMALIZATION
+    assert json.loads(meta["input_shape"]) == ["batch", 3, 32, 32]
+    assert json.loads(meta["class_names"]) == CLASSES
+    assert meta["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert meta["calibration"] == "none" and "fatq-export" in meta["export_command"]
+    assert {"fatq_version", "git_commit", "opset"} <= set(meta)
+    graph = DeployGraph.load(deploy_graph_path(out))
+    assert graph.dialect == "integer" and graph.meta["arch"] == "resnet20"
+
+
+def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    args = [str(checkpoint), "-o", str(out), "--check", "--check-images", "12", "--json", str(report), "--quiet"]
+    assert main(args) == 0
+    check = json.loads(report.read_text())["check"]
+    for key in ("images", "top1_agreement_pct", "max_abs_logit_diff", "mean_abs_logit_diff", "int8_identical_pct_min"):
+        assert key in check
+    assert check["images"] == 12 and check["passed"] is True
+    assert check["int8_identical_pct_min"] == 100.0 and len(check["int8_identical_pct"]) == check["int8_tensors"]
+    assert set(check["accuracy"]) == {"onnxruntime", "reference", "checkpoint"}
+    assert main([*args, "--min-agreement", "100.1"]) == 1
+    assert json.loads(report.read_text())["check"]["passed"] is False
+
+
+def test_fp32_format_and_fp32_checkpoint(checkpoint, tmp_path):
+    assert main([str(checkpoint), "--format", "onnx-fp32", "--check", "--check-images", "8", "--quiet"]) == 0
+    written = checkpoint.with_name("r20.fp32.onnx")
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(written)).graph.node)
+    fp32 = tmp_path / "fp32.pt"
+    save_checkpoint(fp32, create_model("resnet20", bits=32), CIFAR_NORMALIZATION, CLASSES)
+    assert main([str(fp32), "--format", "onnx-fp32", "--quiet"]) == 0
+    assert main([str(fp32), "--format", "onnx", "--quiet"]) == 2
+
+
+def test_calibration_of_float_edge_inputs(tmp_path, capsys):
+    spec = QuantSpec(weight_bits=4, act_bits=4, edge_inputs="float", residual_inputs="float")
+    model = create_model("resnet20", spec=spec).eval()
+    path = tmp_path / "float_edges.pt"
+    save_checkpoint(path, model, CIFAR_NORMALIZATION, CLASSES)
+    assert main([str(path), "--quiet"]) == 2
+    err = _error(capsys)
+    assert "conv1.input_quantizer" in err and "--calib-data" in err
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    out = tmp_path / "cal.onnx"
+    args = [str(path), "-o", str(out), "--calib-data", str(data), "--calib-batches", "1", "--calib-method", "minmax"]
+    report = tmp_path / "r.json"
+    main([*args, "--check", "--data-dir", str(data), "--check-images", "8", "--json", str(report), "--quiet"])
+    calibration = json.loads(read_metadata(onnx.load(str(out)))["calibration"])
+    assert calibration["method"] == "minmax" and "conv1.input_quantizer" in calibration["quantizers"]
+    assert "layer1.0.branch_quantizer" in calibration["quantizers"]
+    check = json.loads(report.read_text())["check"]
+    assert check["images"] == 8 and check["int8_identical_pct_min"] == 100.0
+    assert check["accuracy"]["checkpoint_uncalibrated"] is not None
+
+
+def test_lint(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main([str(checkpoint), "-o", str(out), "--quiet"]) == 0
+    assert main(["--lint", str(out)]) == 0
+    model = onnx.load(str(out))
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and not init.dims:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.int8(2), init.name))
+            break
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    capsys.readouterr()
+    assert main(["--lint", str(broken)]) == 1
+    assert "zero-point" in capsys.readouterr().out
+    (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
+    assert main(["--lint", str(tmp_path / "junk.onnx")]) == 2
+
+
+def _junk(tmp_path, checkpoint):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"\x00garbage" * 10)
+    return path, "not a readable checkpoint"
+
+
+def _truncated(tmp_path, checkpoint):
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(checkpoint.read_bytes()[:3000])
+    return path, "not a readable checkpoint"
+
+
+def _public(tmp_path, checkpoint):
+    path = tmp_path / "public.th"
+    torch.save({"best_prec1": 90.0, "state_dict": create_model("resnet20").state_dict()}, path)
+    return path, "not a fatq checkpoint"
+
+
+def _edited(tmp_path, checkpoint, edit):
+    data = torch.load(checkpoint, weights_only=True)
+    edit(data)
+    path = tmp_path / "edited.pt"
+    torch.save(data, path)
+    return path
+
+
+def _nan(tmp_path, checkpoint):
+    path = _edited(
+        tmp_path, checkpoint, lambda d: d["state_dict"]["layer2.1.conv1.weight"].view(-1).__setitem__(0, float("nan"))
+    )
+    return path, "layer2.1.conv1.weight"
+
+
+def _unknown_arch(tmp_path, checkpoint):
+    return _edited(tmp_path, checkpoint, lambda d: d.__setitem__("arch", "resnet21")), "resnet21"
+
+
+BAD_CHECKPOINTS = {
+    "missing": lambda tmp_path, checkpoint: (tmp_path / "nope.pt", "does not exist"),
+    "junk": _junk,
+    "truncated": _truncated,
+    "public": _public,
+    "nan": _nan,
+    "unknown_arch": _unknown_arch,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoints_exit_2_with_one_sentence(case, checkpoint, tmp_path, capsys):
+    path, message = BAD_CHECKPOINTS[case](tmp_path, checkpoint)
+    out = tmp_path / "out.onnx"
+    assert main([str(path), "-o", str(out), "--quiet"]) == 2
+    err = _error(capsys)
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys):
+    assert main([str(checkpoint), "-o", str(tmp_path / "no_dir" / "m.onnx"), "--quiet"]) == 2
+    assert "does not exist" in _error(capsys)
+    assert main([str(checkpoint), "--format", "trt", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "not available" in _error(capsys)
+    assert main([str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
+    assert "opset" in _error(capsys)
+    assert main([]) == 2
+    assert not list(tmp_path.glob("*.onnx"))

@@ -1,0 +1,142 @@
+"""QDQ / float ONNX writers against ONNX Runtime (int8-exact vs the deploy reference) and OpenVINO."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import input_shape_for, trained_like
+
+from export.fold import fold
+from export.graph_check import check_model
+from export.lower import lower
+from export.parity import compare
+from export.qdq_writer import DEFAULT_OPSET, read_metadata, write_float, write_qdq
+from export.reference import DeployReference
+from fatq.errors import FatqError
+
+ort = pytest.importorskip("onnxruntime")
+
+CASES = [
+    ("resnet20", 4, {}),
+    ("resnet20", 2, {"shortcut": "B"}),
+    ("vgg_small", 3, {}),
+    ("mobilenetv2", 4, {}),
+    ("resnet18", 8, {}),
+]
+
+
+@functools.cache
+def _model_and_graph(name: str, bits: int, options: str):
+    model = trained_like(name, bits, **json.loads(options))
+    return model, lower(fold(model, input_shape_for(name)))
+
+
+def _optimized_ops(path, tmp_path) -> list[onnx.NodeProto]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return list(onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+@pytest.mark.parametrize(("name", "bits", "options"), CASES)
+def test_onnxruntime_int8_tensors_identical_to_reference(name, bits, options, tmp_path):
+    model, graph = _model_and_graph(name, bits, json.dumps(options))
+    onnx_model = write_qdq(graph)
+    assert check_model(onnx_model) == []
+    onnx.checker.check_model(onnx_model, full_check=True)
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx_model, str(path))
+
+    report = compare(path, graph, model, torch.randn(6, *input_shape_for(name)), batch_size=3, quiet=True)
+
+    assert report["int8_tensors"] == len(DeployReference(graph).quant)
+    assert report["unobserved_int8_tensors"] == []
+    assert report["int8_identical_pct_min"] == 100.0, {k: v for k, v in report["int8_identical_pct"].items() if v < 100}
+    assert report["debug_copy_logits_identical"]
+    assert report["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= 1e-4
+
+    # every conv whose output is quantized runs as ORT's fused integer kernel
+    ops = _optimized_ops(path, tmp_path)
+    fused = sum(n.op_type == "QLinearConv" for n in ops)
+    float_convs = [n.name for n in ops if n.op_type in ("Conv", "FusedConv")]
+    int_out = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
+    float_out = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is None]
+    assert fused == len(int_out)
+    # only a conv whose output the model itself leaves unquantized (MobileNetV2's last 1x1 conv
+    # feeds the average pool in float) stays a float conv
+    assert len(float_convs) == len(float_out)
+    assert sum(n.op_type == "QGemm" for n in ops) == 1
+
+
+def test_opset_ir_version_and_dynamic_batch(tmp_path):
+    model, graph = _model_and_graph("resnet20", 4, "{}")
+    onnx_model = write_qdq(graph)
+    assert onnx_model.opset_import[0].version == DEFAULT_OPSET == 21
+    assert onnx_model.ir_version == 10
+    dims = onnx_model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        out = session.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_array_equal(out, DeployReference(graph)(x).numpy())
+    old = write_qdq(graph, opset=13)
+    assert old.opset_import[0].version == 13 and check_model(old) == []
+    ort.InferenceSession(old.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(FatqError, match="opset"):
+        write_qdq(graph, opset=11)
+
+
+def test_metadata_round_trips(tmp_path):
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    metadata = {"arch": "resnet20", "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    path = tmp_path / "m.onnx"
+    onnx.save(write_qdq(graph, metadata=metadata), str(path))
+    read = read_metadata(onnx.load(str(path)))
+    assert read["arch"] == "resnet20"
+    assert json.loads(read["normalization"]) == metadata["normalization"]
+
+
+def test_int8_range_clip_variant_is_valid_and_close():
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    onnx_model = write_qdq(graph, range_clip="int8")
+    assert check_model(onnx_model) == []
+    assert any(n.op_type == "Clip" and n.output[0] == "layer1.0.conv1.input_quantizer" for n in onnx_model.graph.node)
+    x = torch.randn(4, 3, 32, 32)
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": x.numpy()})[0]
+    expected = DeployReference(graph)(x).numpy()
+    # ORT does not fuse this form on x86 (float convs on dequantized values): close, not identical
+    np.testing.assert_allclose(out, expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_float_writer_matches_fp32_model():
+    model = trained_like("resnet20", 32)
+    onnx_model = write_float(fold(model))
+    assert check_model(onnx_model) == []
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx_model.graph.node)
+    x = torch.randn(4, 3, 32, 32)
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_runs_the_int8_file(tmp_path):
+    ov = pytest.importorskip("openvino")
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    path = tmp_path / "m.onnx"
+    onnx.save(write_qdq(graph), str(path))
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 2})
+    x = torch.randn(16, 3, 32, 32)
+    out = compiled(x.numpy())[compiled.output(0)]
+    expected = DeployReference(graph)(x).numpy()
+    # OpenVINO runs its own int8 kernels (and BF16 elsewhere on CPUs that have it): near, not exact
+    assert (out.argmax(1) == expected.argmax(1)).mean() >= 0.9
+    assert np.abs(out - expected).max() <= 0.1 * np.abs(expected).max()
