@@ -161,6 +161,9 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Train
     given.setdefault("lr", default_lr(given["weight_bits"]))
     epochs = given.setdefault("epochs", TrainConfig.__dataclass_fields__["epochs"].default)
     given.setdefault("milestones", default_milestones(epochs))
+    if given.get("dataset") == "imagefolder":  # pad crops by 1/8 of the side, as 4 px does for 32x32 CIFAR
+        side = given.get("image_size") or model_info(given["arch"]).input_size[-1]
+        given.setdefault("crop_padding", max(1, side // 8))
     cfg = TrainConfig(**given)
     cfg.quant_spec()  # validates bits and edge mode now, before any data is read
     return cfg
@@ -171,13 +174,15 @@ def default_job_dir(cfg: TrainConfig, ctx: distributed.DistContext) -> Path:
     return Path("runs") / f"{cfg.arch}-w{cfg.weight_bits}a{cfg.act_bits}-{stamp}"
 
 
-def _load_splits(data_dir: str, dataset: str, image_size: int | None, arch: str, splits: tuple[str, ...]) -> dict:
+def _load_splits(
+    data_dir: str, dataset: str, image_size: int | None, arch: str, splits: tuple[str, ...], quiet: bool
+) -> dict:
     """Decode (or read from the cache) the named splits; all must have the same classes."""
     if dataset == "imagefolder" and image_size is None:
         image_size = model_info(arch).input_size[-1]
     elif dataset == "cifar10":
         image_size = None  # CIFAR-10 is 32x32 already; None shares the decode cache
-    loaded = {s: load_split(data_dir, s, dataset, image_size) for s in splits}
+    loaded = {s: load_split(data_dir, s, dataset, image_size, quiet=quiet) for s in splits}
     if len({tuple(split.class_names) for split in loaded.values()}) != 1:
         raise FatqError(f"the splits of {data_dir} have different class folders.")
     return loaded
@@ -232,7 +237,7 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
     else:
         arch = given["arch"]
     dataset = given.get("dataset", "cifar10")
-    test = _load_splits(data_dir, dataset, given.get("image_size"), arch, ("test",))["test"]
+    test = _load_splits(data_dir, dataset, given.get("image_size"), arch, ("test",), args.quiet)["test"]
     if fatq_format:
         model = model_from_checkpoint(checkpoint)
         spec = model.spec
@@ -253,7 +258,8 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
     _check_classes(model.num_classes, class_names, test.class_names, str(args.eval_only))
     model.to(ctx.device)
     images, labels = test.images.to(ctx.device), test.labels.to(ctx.device)
-    result = evaluate(model, images, labels, normalization, given.get("batch_size", 256), ctx, given.get("amp", False))
+    batch = given.get("batch_size", 256)
+    result = evaluate(model, images, labels, normalization, batch, ctx, given.get("amp", False), args.quiet)
     if ctx.is_main:
         print(_final_line(result))
         if args.json:
@@ -290,7 +296,7 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     job_dir = Path(args.job_dir) if args.job_dir else default_job_dir(cfg, ctx)
     if checkpoint is None and (job_dir / "last.pt").exists():
         raise FatqError(f"{job_dir} already holds a run; pass --resume to continue it or choose another --job-dir.")
-    splits = _load_splits(cfg.data_dir, cfg.dataset, cfg.image_size, cfg.arch, ("train", "test"))
+    splits = _load_splits(cfg.data_dir, cfg.dataset, cfg.image_size, cfg.arch, ("train", "test"), args.quiet)
     train, test = splits["train"], splits["test"]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes=len(train.class_names))

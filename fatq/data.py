@@ -122,7 +122,7 @@ def _split_dir(root: Path, split: str) -> Path:
     raise FatqError(f"{root} has no {'/'.join(names)} split.")
 
 
-def _decode_image_folder(split_dir: Path, image_size: int | None) -> ImageSplit:
+def _decode_image_folder(split_dir: Path, image_size: int | None, quiet: bool = False) -> ImageSplit:
     from PIL import Image
 
     class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
@@ -136,7 +136,9 @@ def _decode_image_folder(split_dir: Path, image_size: int | None) -> ImageSplit:
     if not files:
         raise FatqError(f"{split_dir} contains no images.")
     arrays = []
-    for path in files:
+    from fatq.cli_common import progress
+
+    for path in progress(files, desc=f"decoding {split_dir.name}", quiet=quiet, unit="img"):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")  # grayscale / palette / RGBA -> RGB, explicitly
@@ -161,7 +163,11 @@ def _load_torchvision_cifar10(path: Path, split: str) -> ImageSplit:
 
 
 def load_split(
-    data_dir: str | Path, split: str = "test", dataset: str = "cifar10", image_size: int | None = None
+    data_dir: str | Path,
+    split: str = "test",
+    dataset: str = "cifar10",
+    image_size: int | None = None,
+    quiet: bool = False,
 ) -> ImageSplit:
     """Load one split as uint8 tensors, decoding once and caching the result.
 
@@ -171,6 +177,7 @@ def load_split(
         split: "train" or "test" ("val" is accepted for image folders).
         dataset: "cifar10" or "imagefolder".
         image_size: resize every image to this square size (image folders only).
+        quiet: no progress bar while decoding (it shows only on a terminal anyway).
     """
     if split not in ("train", "test", "val"):
         raise FatqError(f"split must be train, test or val, got {split!r}.")
@@ -186,7 +193,7 @@ def load_split(
     if cached.exists():
         data = torch.load(cached, weights_only=True)
         return ImageSplit(data["images"], data["labels"], data["class_names"])
-    result = _decode_image_folder(split_dir, image_size)
+    result = _decode_image_folder(split_dir, image_size, quiet)
     cached.parent.mkdir(parents=True, exist_ok=True)
     from fatq.checkpoint import atomic_save
 

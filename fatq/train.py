@@ -271,6 +271,7 @@ def evaluate(
     batch_size: int,
     ctx: DistContext | None = None,
     amp: bool = False,
+    quiet: bool = True,
 ) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on a split.
 
@@ -281,6 +282,7 @@ def evaluate(
         batch_size: images per forward pass.
         ctx: under DDP each rank evaluates its shard and the counts are summed.
         amp: evaluate under autocast.
+        quiet: no progress bar (shown on rank 0 only, and only on a terminal).
 
     Returns:
         {"top1", "top5", "loss", "images"} over the whole split.
@@ -288,7 +290,11 @@ def evaluate(
     ctx = ctx or DistContext(0, 1, 0, images.device)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)  # loss sum, top1, top5, count
-    for batch, target in eval_batches(images, labels, batch_size, normalization, ctx.rank, ctx.world_size):
+    from fatq.cli_common import progress
+
+    batches = eval_batches(images, labels, batch_size, normalization, ctx.rank, ctx.world_size)
+    total = -(-len(range(ctx.rank, len(labels), ctx.world_size)) // batch_size)
+    for batch, target in progress(batches, total=total, desc="eval", quiet=quiet or not ctx.is_main, unit="batch"):
         with autocast_context(images.device, amp):
             logits = model(batch).float()
         totals[0] += F.cross_entropy(logits, target, reduction="sum").double()
@@ -440,6 +446,7 @@ class Trainer:
             self.rank_batch,
             self.ctx,
             amp=False,  # report the accuracy of the float32 model that export folds, even after --amp training
+            quiet=self.options.quiet,
         )
 
     def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from conftest import make_image_folder
 from fatq import QuantSpec, create_model
 from fatq.checkpoint import IMAGENET_NORMALIZATION, model_from_checkpoint
 from fatq.cli_train import main
-from fatq.data import load_split, normalize
+from fatq.data import channel_statistics, load_split, normalize
 from fatq.train import LRSchedule, TrainConfig, default_milestones, parameter_groups
 
 TINY = ["--arch", "resnet20", "--batch-size", "8", "--quiet", "--device", "cpu"]
@@ -193,3 +193,16 @@ def test_eval_only_of_the_public_fp32_resnet20(data_dir, pretrained_dir, tmp_pat
     assert result["images"] == 10000 and result["weight_bits"] == 32
     assert result["top1"] == pytest.approx(81.03, abs=0.3)  # measured with the core; JPEG q75 test split
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"top-1 {result['top1']:.2f} %")
+
+
+def test_imagefolder_training_resizes_and_normalizes_with_its_own_statistics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "folder", classes=5, per_class=2, size=20)
+    argv = ["--arch", "resnet20", "--dataset", "imagefolder", "--image-size", "16", "--data-dir", str(data)]
+    assert main([*argv, "--batch-size", "4", "--max-steps", "1", "--quiet", "--job-dir", "job"]) == 0
+    last = torch.load(tmp_path / "job" / "last.pt", weights_only=True)
+    train = load_split(data, "train", dataset="imagefolder", image_size=16)
+    assert train.images.shape == (10, 3, 16, 16) and last["num_classes"] == 5
+    expected = channel_statistics(train.images)
+    assert last["normalization"]["mean"] == pytest.approx(expected["mean"])
+    assert last["train_config"]["crop_padding"] == 2
