@@ -302,6 +302,7 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     model = build_model(cfg, num_classes=len(train.class_names))
     if checkpoint is not None:
         normalization = checkpoint["normalization"]
+        _check_classes(model.num_classes, checkpoint.get("class_names"), train.class_names, str(args.job_dir))
     elif cfg.pretrained:
         meta = init_from_pretrained(model, cfg.pretrained)
         normalization = meta["normalization"]
@@ -321,15 +322,13 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     )
     workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 0)
     quiet = args.quiet or not ctx.is_main
-    if ctx.is_main:
-        job_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(ctx)
     log = _metrics_logger(job_dir, cfg, quiet) if ctx.is_main else None
     options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log)
-    trainer = Trainer(cfg, model, data, ctx, options)
+    trainer = Trainer(cfg, model, data, ctx, options)  # last checks (e.g. batch vs processes) before writing
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
     if ctx.is_main:
+        job_dir.mkdir(parents=True, exist_ok=True)
         _write_config(job_dir, cfg, normalization, provenance(argv, ctx, resumed_from_step=trainer.step or None))
     result = trainer.fit()
     digests = trainer.rank_digests()

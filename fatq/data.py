@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fatq.augment import batch_generator, random_crop_flip
+from fatq.cli_common import progress
 from fatq.errors import FatqError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -136,8 +137,6 @@ def _decode_image_folder(split_dir: Path, image_size: int | None, quiet: bool = 
     if not files:
         raise FatqError(f"{split_dir} contains no images.")
     arrays = []
-    from fatq.cli_common import progress
-
     for path in progress(files, desc=f"decoding {split_dir.name}", quiet=quiet, unit="img"):
         try:
             with Image.open(path) as img:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fatq.checkpoint import load_state_strict, save_checkpoint
+from fatq.cli_common import progress
 from fatq.data import ImageSplit, TrainBatches, eval_batches
 from fatq.distributed import DistContext, all_reduce_sum, gather_objects
 from fatq.errors import FatqError
@@ -290,8 +291,6 @@ def evaluate(
     ctx = ctx or DistContext(0, 1, 0, images.device)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)  # loss sum, top1, top5, count
-    from fatq.cli_common import progress
-
     batches = eval_batches(images, labels, batch_size, normalization, ctx.rank, ctx.world_size)
     total = -(-len(range(ctx.rank, len(labels), ctx.world_size)) // batch_size)
     for batch, target in progress(batches, total=total, desc="eval", quiet=quiet or not ctx.is_main, unit="batch"):
@@ -470,8 +469,6 @@ class Trainer:
         return self.last_eval
 
     def _run_epoch(self, epoch: int, first: int, limit: int) -> None:
-        from fatq.cli_common import progress
-
         batches = self._batches(epoch, first)
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss sum, top1, count
         bar = progress(
