@@ -62,16 +62,21 @@ def export_float_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int,
 
 
 def save_resnet_checkpoint(path: Path, bits: int = 32, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A randomly initialised resnet20 saved as a fatq checkpoint; quantizer ranges set from one batch.
+    """A randomly initialised resnet20 with consistent statistics, saved as a fatq checkpoint.
 
-    For quantized models one train-mode forward on random images initialises the data-driven
-    ranges (edge and residual quantizers), as the first training step would.
+    Two train-mode passes over random images set BatchNorm's running statistics to the batch
+    statistics (cumulative average), so eval mode sees activations of the scale training saw; the
+    first pass also initialises the data-driven quantizer ranges (edge and residual quantizers),
+    as the first training step would.
     """
     torch.manual_seed(seed)
     model = create_model("resnet20", bits=bits, num_classes=num_classes)
-    if bits != 32:
-        model.train()
-        with torch.no_grad():
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
             model(torch.randn(16, 3, 32, 32))
     model.eval()
     save_checkpoint(path, model, NORMALIZATION, [f"class{i}" for i in range(num_classes)])
@@ -157,3 +162,27 @@ def qdq_reference(x: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
     real = acc * (np.float64(params["x_scale"]) * params["w_scale"].astype(np.float64))[None, :, None, None]
     q_y = _quantize(np.maximum(real, 0.0), params["y_scale"])
     return (q_y * params["y_scale"]).astype(np.float32), q_y
+
+
+def export_qdq_onnx(model: nn.Module, path: Path, normalization: dict = NORMALIZATION) -> Path:
+    """QDQ int8 ONNX of a quantized model through the export stage (fold -> lower -> QDQ writer)."""
+    from export.fold import fold
+    from export.lower import lower
+    from export.qdq_writer import write_qdq
+
+    onnx.save(write_qdq(lower(fold(model.eval())), metadata={"normalization": normalization}), str(path))
+    return path
+
+
+def scale_initializer(onnx_path: Path, target: Path, name: str, factor: float, index: int | None = None) -> Path:
+    """Copy of an ONNX file with initializer ``name`` (or its element ``index``) multiplied by ``factor``."""
+    model = onnx.load(str(onnx_path))
+    (init,) = [i for i in model.graph.initializer if i.name == name]
+    values = numpy_helper.to_array(init).copy()
+    if index is None:
+        values = values * np.asarray(factor, values.dtype)
+    else:
+        values[index] = values[index] * np.asarray(factor, values.dtype)
+    init.CopyFrom(numpy_helper.from_array(values, name))
+    onnx.save(model, str(target))
+    return target

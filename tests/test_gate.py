@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-import onnx
 import pytest
-from engine_helpers import export_float_onnx, save_resnet_checkpoint
-from onnx import numpy_helper
+from engine_helpers import export_float_onnx, export_qdq_onnx, save_resnet_checkpoint, scale_initializer
 
 from engines.cli import main
 from engines.parity import Agreement, agreement, evaluate_gate, topk_accuracy
@@ -65,15 +65,6 @@ def fp32_pair(tmp_path_factory):
     return root / "fp32.pt", root / "fp32.onnx"
 
 
-def _broken_copy(onnx_path, target, initializer_suffix: str, factor: float):
-    """Copy of the model with one initializer multiplied by ``factor``."""
-    model = onnx.load(str(onnx_path))
-    (init,) = [i for i in model.graph.initializer if i.name.endswith(initializer_suffix)]
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
-    onnx.save(model, str(target))
-    return target
-
-
 GATE_ARGS = ["--batch-sizes", "8", "--warmup", "0", "--iterations", "1", "--rounds", "1", "--threads", "1", "--quiet"]
 
 
@@ -84,8 +75,27 @@ def test_gate_passes_on_the_right_model_and_fails_on_a_broken_one(fp32_pair, tmp
     assert capsys.readouterr().err == ""
 
     # The classifier's weights negated: argmax becomes argmin on every input.
-    broken = _broken_copy(good, tmp_path / "broken.onnx", "linear.weight", -1.0)
+    broken = scale_initializer(good, tmp_path / "broken.onnx", "linear.weight", -1.0)
     assert main([str(broken), "--engine", "ort", "--engine", "openvino", *gate, *GATE_ARGS]) == 1
     err = capsys.readouterr().err
     assert "gate failed: ort: top-1 agreement" in err and "gate failed: openvino: top-1 agreement" in err
     assert "short by" in err
+
+
+def test_qdq_gate_passes_on_the_export_and_fails_with_one_scale_changed(tmp_path, capsys):
+    ckpt = tmp_path / "w8.pt"
+    # Seed 0's classifier margins on random images exceed 1.5 logits, ten times the engines'
+    # deviation from the fake-quant model (about 0.1 at 8 bits): the right file must agree 100 %.
+    model = save_resnet_checkpoint(ckpt, bits=8, seed=0)
+    good = export_qdq_onnx(model, tmp_path / "w8.onnx")
+    report = tmp_path / "good.json"
+    gate = ["--reference", str(ckpt), "--min-agreement", "99.9", "--limit", "64", "--json", str(report)]
+    assert main([str(good), "--engine", "ort", "--engine", "openvino", *gate, *GATE_ARGS]) == 0
+    predicted = json.loads(report.read_text())
+    assert all(a["top1_agreement_pct"] == 100.0 for a in predicted["agreement"].values())
+
+    # The classifier's (per-tensor) weight scale with its sign flipped: the winning logit drops below others.
+    broken = scale_initializer(good, tmp_path / "broken.onnx", "linear.weight_scale", -1.0)
+    assert main([str(broken), "--engine", "ort", "--engine", "openvino", *gate, *GATE_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert "gate failed: ort: top-1 agreement" in err and "gate failed: openvino: top-1 agreement" in err

@@ -7,11 +7,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from engine_helpers import export_float_onnx, make_qdq_conv, qdq_reference, save_resnet_checkpoint, tiny_float_cnn
+from engine_helpers import (
+    export_float_onnx,
+    export_qdq_onnx,
+    make_qdq_conv,
+    qdq_reference,
+    save_resnet_checkpoint,
+    tiny_float_cnn,
+)
 
 from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, read_onnx_info
 from engines.openvino_runner import OpenVinoRunner
 from engines.ort_runner import OrtRunner
+from engines.parity import agreement
 from engines.runner import TensorMeta
 from engines.timing import LatencyStats, time_interleaved
 from engines.torch_runner import TorchRunner
@@ -68,6 +76,43 @@ def test_qdq_graph_matches_numpy_integer_reference(qdq_onnx, runner_cls):
     assert np.mean(q_out == q_expected) >= 0.99
     assert np.all(q_out >= 0)  # the Relu before Q is honoured
     assert (q_expected > 0).mean() > 0.2  # the test data is not trivially all zero
+
+
+@pytest.fixture(scope="module")
+def exported_w4(tmp_path_factory):
+    """A W4A4 resnet20 checkpoint and its QDQ export (the export stage's fold -> lower -> writer)."""
+    root = tmp_path_factory.mktemp("w4")
+    model = save_resnet_checkpoint(root / "w4.pt", bits=4, seed=0)
+    return root / "w4.pt", export_qdq_onnx(model, root / "w4.onnx")
+
+
+def _deploy_logits(ckpt, x: np.ndarray) -> np.ndarray:
+    with TorchRunner.from_checkpoint(ckpt, mode="deploy", threads=1) as runner:
+        assert runner.info().options["mode"] == "deploy"
+        return runner.infer({"input": x})["logits"]
+
+
+def test_ort_runner_matches_the_deploy_reference_exactly(exported_w4):
+    ckpt, path = exported_w4
+    x = _inputs(16, (3, 32, 32), seed=3)
+    with OrtRunner(path, threads=1) as runner:
+        out = runner.infer({"input": x})["logits"]
+    # The deploy reference replays ONNX Runtime's integer kernels (export.reference): same logits.
+    np.testing.assert_allclose(out, _deploy_logits(ckpt, x), rtol=0, atol=1e-5)
+
+
+def test_openvino_runner_follows_the_deploy_reference(exported_w4):
+    ckpt, path = exported_w4
+    x = _inputs(16, (3, 32, 32), seed=3)
+    with OpenVinoRunner(path, threads=1) as runner:
+        out = runner.infer({"input": x})["logits"]
+    expected = _deploy_logits(ckpt, x)
+    # OpenVINO's CPU plugin requantizes in its own order (its low-precision transformations move
+    # dequantization scales), so single int8 steps differ inside; the logits stay close.
+    result = agreement(out, expected)
+    spread = float(expected.max() - expected.min())
+    assert result.cosine_min > 0.99 and result.max_abs_logit_diff < 0.15 * spread
+    assert result.top1_agreement_pct >= 90.0
 
 
 def test_openvino_bf16_mode_is_labelled_and_refused_for_qdq(float_onnx, qdq_onnx):
