@@ -202,7 +202,7 @@ def provenance(args_argv: list[str], ctx: distributed.DistContext, **extra) -> d
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "fatq_version": __version__,
         "git_commit": git_commit(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(ctx.device),
@@ -323,13 +323,14 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 0)
     quiet = args.quiet or not ctx.is_main
     log = _metrics_logger(job_dir, cfg, quiet) if ctx.is_main else None
-    options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log)
+    invocation = provenance(argv, ctx, resumed_from_step=checkpoint["step"] if checkpoint else None)
+    options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log, invocation)
     trainer = Trainer(cfg, model, data, ctx, options)  # last checks (e.g. batch vs processes) before writing
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
     if ctx.is_main:
         job_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(job_dir, cfg, normalization, provenance(argv, ctx, resumed_from_step=trainer.step or None))
+        _write_config(job_dir, cfg, normalization, invocation)
     result = trainer.fit()
     digests = trainer.rank_digests()
     if ctx.is_main:

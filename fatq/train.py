@@ -333,6 +333,7 @@ class RunOptions:
         workers: batch-preparation threads (see :class:`fatq.data.TrainBatches`).
         quiet: no progress bars or per-epoch lines.
         log: called with one metrics dict per evaluation, on rank 0 (metrics.jsonl, epoch lines).
+        provenance: how the run was started (command, versions); stored in every checkpoint.
     """
 
     job_dir: Path
@@ -341,6 +342,7 @@ class RunOptions:
     workers: int = 0
     quiet: bool = False
     log: Callable[[dict], None] | None = None
+    provenance: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -415,6 +417,7 @@ class Trainer:
             "metrics": {"last_eval": self.last_eval, "best_top1": self.best_top1},
             "train_config": self.cfg.to_dict(),
             "world_size": self.ctx.world_size,
+            "provenance": self.options.provenance,
         }
         if full:
             fields.update(

@@ -68,6 +68,7 @@ def test_training_writes_all_artifacts(tiny, tmp_path, capsys):
 
     last = torch.load(job / "last.pt", weights_only=True)
     assert last["step"] == 6 and last["epoch"] == 2 and "optimizer" in last and "rng" in last
+    assert last["provenance"]["command"] == config["invocations"][0]["command"]
     assert last["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]  # CIFAR-10 constants, no checkpoint to inherit
     model = model_from_checkpoint(last)
     assert _accuracy_by_hand(model, tiny, last["normalization"]) == pytest.approx(summary["top1"])
