@@ -207,3 +207,9 @@ def test_imagefolder_training_resizes_and_normalizes_with_its_own_statistics(tmp
     expected = channel_statistics(train.images)
     assert last["normalization"]["mean"] == pytest.approx(expected["mean"])
     assert last["train_config"]["crop_padding"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_gpu_is_a_user_error(tiny, capsys):
+    assert main([*R20, "--data-dir", str(tiny), "--device", "cuda"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
