@@ -186,3 +186,12 @@ def scale_initializer(onnx_path: Path, target: Path, name: str, factor: float, i
     init.CopyFrom(numpy_helper.from_array(values, name))
     onnx.save(model, str(target))
     return target
+
+
+def export_fp32_twin(model: nn.Module, path: Path, normalization: dict = NORMALIZATION) -> Path:
+    """The onnx-fp32 twin of a quantized model (folded float weights, no activation quantization)."""
+    from export.fold import dequantized, fold
+    from export.qdq_writer import write_float
+
+    onnx.save(write_float(dequantized(fold(model.eval())), metadata={"normalization": normalization}), str(path))
+    return path

@@ -111,3 +111,134 @@ def test_read_sidecar_errors(tmp_path):
         read_sidecar(plan)
     (tmp_path / "m.plan.json").write_text(json.dumps(_sidecar()))
     assert read_sidecar(plan)["compute_capability"] == "9.0"
+
+
+# ----------------------------------------------------------------------------- TensorRT and a GPU (marker trt)
+def _require_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        pytest.skip("tensorrt is not installed (pip install 'fatq[trt]'); these tests need it and a CUDA GPU")
+    from engines.host import gpu_info
+
+    if gpu_info() is None:
+        pytest.skip("no CUDA GPU is visible (cuda-python and an NVIDIA driver are needed)")
+    return tensorrt
+
+
+@pytest.fixture(scope="module")
+def trt_models(tmp_path_factory):
+    """A W8A8 resnet20 checkpoint, its QDQ export and its onnx-fp32 twin."""
+    _require_tensorrt()
+    from engine_helpers import export_fp32_twin, export_qdq_onnx, save_resnet_checkpoint
+
+    root = tmp_path_factory.mktemp("trt")
+    model = save_resnet_checkpoint(root / "w8.pt", bits=8, seed=0)  # large classifier margins (see test_gate)
+    return root / "w8.pt", export_qdq_onnx(model, root / "w8.onnx"), export_fp32_twin(model, root / "w8-fp32.onnx")
+
+
+def _random_inputs(count: int):
+    import numpy as np
+
+    return np.random.default_rng(0).normal(size=(count, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.mark.trt
+def test_int8_engine_builds_runs_and_agrees_with_the_model(trt_models, tmp_path):
+    import numpy as np
+
+    from engines.parity import agreement
+    from engines.torch_runner import TorchRunner
+    from engines.trt_builder import build_engine
+    from engines.trt_runner import TrtRunner
+
+    ckpt, int8, _ = trt_models
+    plan = tmp_path / "w8.plan"
+    sidecar = build_engine(int8, plan, BuildSettings("int8", opt_batch=64, max_batch=64))
+    assert sidecar["typing"] == "strong" and sidecar["precision"] == "int8" and plan.is_file()
+    assert json.loads((tmp_path / "w8.plan.json").read_text())["plan_sha256"] == sidecar["plan_sha256"]
+    x = _random_inputs(256)
+    with TrtRunner(plan) as runner, TorchRunner.from_checkpoint(ckpt, threads=1) as reference:
+        assert runner.max_batch() == 64
+        logits = np.concatenate([runner.infer({"input": x[i : i + 64]})["logits"] for i in range(0, 256, 64)])
+        timing = runner.last_timing()
+        assert set(timing) == {"h2d_ms", "engine_ms", "d2h_ms"} and timing["engine_ms"] > 0
+        assert runner.memory_bytes() > 0
+        expected = reference.infer({"input": x})["logits"]
+    assert agreement(logits, expected).top1_agreement_pct >= 99.9
+
+
+@pytest.mark.trt
+def test_int8_engine_is_faster_than_fp16_at_batch_64(trt_models, tmp_path):
+    import tensorrt
+
+    from engines.timing import time_interleaved
+    from engines.trt_builder import build_engine
+    from engines.trt_runner import TrtRunner
+
+    _, int8, fp32 = trt_models
+    try:
+        choose_typing(tensorrt.__version__, "fp16", "fp32")
+    except FatqError as exc:
+        pytest.skip(f"no fp16 engine from an fp32 graph on TensorRT {tensorrt.__version__}: {exc}")
+    build_engine(int8, tmp_path / "int8.plan", BuildSettings("int8", opt_batch=64, max_batch=64))
+    build_engine(fp32, tmp_path / "fp16.plan", BuildSettings("fp16", opt_batch=64, max_batch=64))
+    feeds = {"input": _random_inputs(64)}
+    with TrtRunner(tmp_path / "int8.plan") as a, TrtRunner(tmp_path / "fp16.plan") as b:
+        results = time_interleaved({"int8": a, "fp16": b}, {"int8": feeds, "fp16": feeds}, 64, 20, 200)
+    assert results["int8"].source == "cuda-events"
+    assert results["int8"].latency.median < results["fp16"].latency.median
+
+
+@pytest.mark.trt
+def test_plan_from_another_tensorrt_is_refused(trt_models, tmp_path):
+    from engines.trt_builder import build_engine
+    from engines.trt_runner import TrtRunner
+
+    _, int8, _ = trt_models
+    plan = tmp_path / "m.plan"
+    build_engine(int8, plan, BuildSettings("int8", opt_batch=8, max_batch=8))
+    sidecar_path = tmp_path / "m.plan.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar_path.write_text(json.dumps({**sidecar, "tensorrt_version": "9.0.0"}))
+    with pytest.raises(FatqError, match="refusing m.plan: built with TensorRT 9.0.0"):
+        TrtRunner(plan).activate()
+
+
+@pytest.mark.trt
+def test_parser_errors_name_the_node(tmp_path):
+    _require_tensorrt()
+    import onnx
+    from onnx import TensorProto, helper
+
+    from engines.trt_builder import build_engine
+
+    node = helper.make_node("Mystery", ["input"], ["output"], name="the_unknown_op", domain="com.example")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(FatqError, match="the_unknown_op"):
+        build_engine(tmp_path / "bad.onnx", tmp_path / "bad.plan", BuildSettings("fp32", opt_batch=1, max_batch=1))
+    assert not (tmp_path / "bad.plan").exists()
+
+
+@pytest.mark.trt
+def test_fatq_bench_on_tensorrt_reports_engine_time_and_transfers(trt_models, tmp_path):
+    from engines.cli import main
+
+    ckpt, int8, _ = trt_models
+    out = tmp_path / "trt.json"
+    argv = [str(int8), "--engine", "trt", "--engine", "ort", "--reference", str(ckpt), "--min-agreement", "99.9",
+            "--batch-sizes", "1,64", "--warmup", "5", "--iterations", "20", "--threads", "2", "--json", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    trt_runs = [r for r in report["runs"] if r["engine"] == "trt"]
+    assert [r["batch_size"] for r in trt_runs] == [1, 64]
+    assert all(r["latency_source"] == "cuda-events" and set(r["transfer_ms"]) == {"h2d", "d2h"} for r in trt_runs)
+    assert report["configs"][0]["options"]["typing"] == "strong"
