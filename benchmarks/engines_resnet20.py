@@ -93,7 +93,11 @@ def readme_table(report: dict) -> str:
         )
     reference = report.get("reference") or {}
     if "top1" in reference:
-        lines.append(f"| PyTorch (fake-quant, eval) | W4A4 | – | – | – | {reference['top1']:.2f} | 100 |")
+        spec = reference["spec"]
+        bits = f"W{spec['weight_bits']}A{spec['act_bits']}"
+        lines.append(
+            f"| PyTorch {reference['arch']} (eval, fake-quant) | {bits} | – | – | – | {reference['top1']:.2f} | 100 |"
+        )
     return "\n".join(lines)
 
 
@@ -146,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         bench += ["--limit", str(args.limit)]
     _run(bench)
     report = json.loads(report_path.read_text())
-    host = report["host"]
+    host, settings, spec = report["host"], report["settings"], report["reference"]["spec"]
     print()
-    print(f"ResNet-20 W4A4, {report['settings']['eval_inputs']}, {args.threads} threads, {host['cpu']}, "
-          f"fatq {report['fatq_version']} ({report['git_commit'][:12]}); interleaved timing, "
-          f"{report['settings']['iterations']} iterations after {report['settings']['warmup']} warm-up.")  # fmt: skip
+    print(
+        f"{report['reference']['arch']} W{spec['weight_bits']}A{spec['act_bits']}, {settings['eval_inputs']}, "
+        f"{args.threads} threads, {host['cpu']}, fatq {report['fatq_version']} ({report['git_commit'][:12]}); "
+        f"interleaved timing, {settings['iterations']} iterations after {settings['warmup']} warm-up."
+    )
     print()
     print(readme_table(report))
     print()
