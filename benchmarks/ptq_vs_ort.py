@@ -225,7 +225,6 @@ def run_fat_edges(args, test, train, work: Path, notes: list) -> list[dict]:
     if not edges:
         raise SystemExit(f"{args.fat_checkpoint} has no 8-bit first/last layers to calibrate.")
     label = f"FAT W{model.spec.weight_bits}A{model.spec.act_bits}"
-    trained_state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     modules = dict(model.named_modules())
     trained_enabled = {p: modules[p].enabled for p in edges}
     rows = []
@@ -247,7 +246,7 @@ def run_fat_edges(args, test, train, work: Path, notes: list) -> list[dict]:
         }
     )
     for method in args.methods:
-        model.load_state_dict(trained_state, strict=False)
+        # calibrate() disables the targets while collecting, so each method starts from the same state
         batches = NormalizedBatches(train.images, normalization, args.calib_batches, args.batch_size, args.seed)
         calibrate(model, batches, method, quantizers=edges, quiet=True)
         ckpt = work / f"fat-edges-{method}.pt"

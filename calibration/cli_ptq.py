@@ -13,6 +13,7 @@ accuracy measured in PyTorch.
 from __future__ import annotations
 
 import argparse
+import platform
 import shlex
 import sys
 import time
@@ -28,6 +29,7 @@ from fatq.data import load_split
 from fatq.errors import FatqError
 from fatq.models import model_info
 from fatq.provenance import __version__, git_commit, sha256_file
+from fatq.quantizers import FLOAT_BITS, check_bits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,11 @@ def _main(argv: list[str] | None) -> int:
         model_info(args.arch)  # unknown names fail before any work
     if args.calib_batches < 1 or args.batch_size < 1 or args.eval_batch_size < 1:
         raise FatqError("--calib-batches, --batch-size and --eval-batch-size must be at least 1.")
+    if args.bits == FLOAT_BITS:
+        raise FatqError("--bits must be 2..8 for post-training quantization.")
+    check_bits(args.bits, "--bits")
+    if not 0 < args.percentile <= 100:
+        raise FatqError(f"--percentile must be in (0, 100], got {args.percentile}.")
     calib_options = {"percentile": args.percentile} if args.calib_method == "percentile" else {}
     _check_output_dir(args.output, "output checkpoint")
     _check_output_dir(args.json, "JSON report")
@@ -89,6 +96,14 @@ def _main(argv: list[str] | None) -> int:
     accuracy = evaluate_top1(model, test, normalization, args.eval_batch_size, quiet=args.quiet)
 
     command = shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    provenance = {
+        "command": command,
+        "fatq_version": __version__,
+        "git_commit": git_commit(),
+        "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     ptq = {
         "calib_method": args.calib_method,
         "calib_options": calib_options,
@@ -110,8 +125,7 @@ def _main(argv: list[str] | None) -> int:
         class_names,
         ptq=ptq,
         metrics={"test_top1": accuracy},
-        command=command,
-        torch_version=str(torch.__version__),
+        provenance=provenance,
     )
     print(
         f"{model.arch} PTQ W{args.bits}A{args.bits} ({args.calib_method}, weights {args.weight_method}, "
@@ -129,10 +143,7 @@ def _main(argv: list[str] | None) -> int:
                 **ptq,
                 "activation_alphas": alphas,
                 "seconds": round(time.monotonic() - started, 2),
-                "fatq_version": __version__,
-                "git_commit": git_commit(),
-                "torch_version": str(torch.__version__),
-                "command": command,
+                **provenance,
             },
         )
     return 0

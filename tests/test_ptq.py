@@ -12,7 +12,7 @@ from calibration.cli_ptq import main
 from calibration.passes import activation_quantizers
 from calibration.ptq import NormalizedBatches, evaluate_top1, mse_weight_alphas, ptq_spec, set_weight_ranges
 from fatq.checkpoint import CIFAR_NORMALIZATION, load_fatq_checkpoint, model_from_checkpoint, save_checkpoint
-from fatq.data import load_split
+from fatq.data import load_split, normalize
 from fatq.models import create_model
 from fatq.quantizers import PerChannelWeightQuantizer
 
@@ -83,6 +83,7 @@ def test_cli_end_to_end(tmp_path, tiny_image_folder, fp32_checkpoint, bits, meth
     data = load_fatq_checkpoint(out)  # weights_only load of the fatq format
     assert data["ptq"]["calib_method"] == method and data["ptq"]["calib_images"] == 8
     assert data["spec"]["weight_bits"] == bits and data["spec"]["per_channel_weights"]
+    assert data["provenance"]["command"].startswith("fatq-ptq") or "--bits" in data["provenance"]["command"]
     model = model_from_checkpoint(data)
     quantizers = activation_quantizers(model)
     assert all(q.enabled and q.initialized for q in quantizers.values())
@@ -119,6 +120,8 @@ def test_cli_bad_inputs(tmp_path, tiny_image_folder, fp32_checkpoint, capsys):
     cases = [
         [str(tmp_path / "missing.pt"), "--bits", "8", *data, "-o", str(out)],
         [str(source), "--bits", "9", *data, "-o", str(out)],
+        [str(source), "--bits", "32", *data, "-o", str(out)],
+        [str(source), "--bits", "8", *data, "--calib-method", "percentile", "--percentile", "0", "-o", str(out)],
         [str(source), "--bits", "8", *data, "-o", str(tmp_path / "no" / "dir.pt")],
         [str(source), "--bits", "8", *data, "--arch", "resnet21", "-o", str(out)],
         [str(source), "--bits", "8", *data, "--arch", "resnet56", "-o", str(out)],
@@ -133,3 +136,29 @@ def test_cli_bad_inputs(tmp_path, tiny_image_folder, fp32_checkpoint, capsys):
         assert err.count("\n") == 0 and "error:" in err and "Traceback" not in err, err
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_ptq_checkpoint_exports_and_runs_in_onnxruntime(tmp_path, tiny_image_folder, fp32_checkpoint):
+    """fatq-export takes the PTQ checkpoint like any other; ORT's logits follow PyTorch's."""
+    import onnxruntime as ort
+
+    from export.cli import main as export_main
+
+    source, _ = fp32_checkpoint
+    out = tmp_path / "ptq8.pt"
+    argv = [str(source), "--bits", "8", "--data-dir", str(tiny_image_folder), "--calib-method", "mse"]
+    assert main([*argv, "--batch-size", "4", "-o", str(out), "--quiet"]) == 0
+    onnx_path = tmp_path / "ptq8.onnx"
+    assert export_main([str(out), "--format", "onnx", "-o", str(onnx_path), "--quiet"]) == 0
+    data = load_fatq_checkpoint(out)
+    model = model_from_checkpoint(data).eval()
+    test = load_split(tiny_image_folder, "test")
+    images = normalize(test.images, data["normalization"]["mean"], data["normalization"]["std"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: images[i : i + 1].numpy()})[0] for i in range(len(images))])
+    with torch.no_grad():
+        expected = model(images).numpy()
+    # integer engines requantize with their own rounding: allow a few output quantization steps
+    spread = float(np.abs(expected).max())
+    assert np.abs(got - expected).max() <= 0.02 * spread  # measured: 0.8 %
