@@ -86,22 +86,28 @@ def inspect_model(path: str | Path) -> ModelFile:
     return ModelFile(path, kind, precision)
 
 
+KIND_NAMES = {ONNX: "ONNX files", TRT_PLAN: "TensorRT plans", CHECKPOINT: "fatq checkpoints"}
+KIND_ARTICLES = {ONNX: "an ONNX file", TRT_PLAN: "a TensorRT plan", CHECKPOINT: "a fatq checkpoint"}
+
+
 def _unsupported(model: ModelFile, engine: str, precision: str) -> str | None:
     """Why ``engine`` cannot run ``model`` at ``precision``, or None if it can."""
     kinds = {"torch": (CHECKPOINT,), "torch-cuda": (CHECKPOINT,), "trt": (ONNX, TRT_PLAN)}.get(engine, (ONNX,))
     if model.kind not in kinds:
-        return f"{engine} runs {' or '.join(kinds)} files, this is a {model.kind}"
+        wanted = " or ".join(KIND_NAMES[k] for k in kinds)
+        return f"{engine} runs {wanted}; {model.path.name} is {KIND_ARTICLES[model.kind]}"
     native = model.precision
     if precision == native:
         return None
     if native == "int8":
         return f"{model.path.name} is an int8 (QDQ/quantized) model; it runs only as int8"
-    extra = {"openvino": ("bf16",), "trt": ("fp16",), "torch-cuda": ("fp16",)}.get(engine, ())
     if model.kind == TRT_PLAN:
         return f"a TensorRT plan runs the precision it was built with ({native})"
+    extra = {"openvino": ("bf16",), "trt": ("fp16",), "torch-cuda": ("fp16",)}.get(engine, ())
     if native == "fp32" and precision in extra:
         return None
-    return f"{engine} runs a {native} model as {native}{''.join(' or ' + p for p in extra)}, not {precision}"
+    options = " or ".join((native, *extra))
+    return f"{engine} runs the {native} model {model.path.name} as {options}, not {precision}"
 
 
 def plan_runs(

@@ -83,10 +83,11 @@ def test_report_schema_accuracy_and_agreement(resnet_pair, tiny_image_folder, tm
     assert report["reference"]["top1"] == report["accuracy"]["torch"]["top1"]
     assert report["gate"]["passed"] and report["settings"]["eval_inputs"].startswith("cifar10 test split (12")
     assert report["skipped"] == [
-        {"model": str(ckpt), "engine": e, "precision": "fp32", "reason": f"{e} runs onnx files, this is a checkpoint"}
+        {"model": str(ckpt), "engine": e, "precision": "fp32",
+         "reason": f"{e} runs ONNX files; r20.pt is a fatq checkpoint"}
         for e in ("ort", "openvino")
     ] + [{"model": str(onnx_path), "engine": "torch", "precision": "fp32",
-          "reason": "torch runs checkpoint files, this is a onnx"}]  # fmt: skip
+          "reason": "torch runs fatq checkpoints; r20.onnx is an ONNX file"}]  # fmt: skip
     assert report["command"].startswith("fatq-bench ") and "--engine openvino" in report["command"]
     markdown = (tmp_path / "bench.md").read_text()
     assert "| run" in markdown and "images/s" in markdown and report["command"] in markdown
@@ -143,7 +144,7 @@ def test_bad_input_exits_2_with_one_sentence(resnet_pair, tiny_image_folder, tmp
     _exit2([str(onnx_path), "--min-agreement", "99", *FAST], capsys, "--min-agreement needs --reference")
     _exit2([str(onnx_path), "--json", str(tmp_path / "missing" / "r.json"), *FAST], capsys, "does not exist")
     _exit2([str(onnx_path), "--engine", "torch", *FAST], capsys, "no requested engine can run the given models")
-    _exit2([str(onnx_path), "--precision", "int8", *FAST], capsys, "ort runs a fp32 model as fp32, not int8")
+    _exit2([str(onnx_path), "--precision", "int8", *FAST], capsys, "ort runs the fp32 model r20.onnx as fp32, not int8")
 
     small = export_float_onnx(tiny_float_cnn(num_classes=3), tmp_path / "small.onnx", (3, 8, 8))
     _exit2([str(small), "--data-dir", str(tiny_image_folder), *FAST], capsys,
