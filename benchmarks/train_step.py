@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fatq import __version__
 from fatq.distributed import resolve_device
+from fatq.layers import QUANTIZED_LAYERS
 from fatq.train import TrainConfig, autocast_context, build_model, build_optimizer, default_lr
 
 
@@ -35,6 +36,20 @@ def variants(arch: str, bits: int) -> dict[str, TrainConfig]:
         "no-transform": TrainConfig(arch=arch, data_dir="-", weight_bits=bits, act_bits=bits, transform=False),
         "fp32": TrainConfig(arch=arch, data_dir="-", weight_bits=32, act_bits=32, lr=default_lr(32)),
     }
+
+
+def weight_path_time(model: torch.nn.Module, clock, device: torch.device) -> float:
+    """Seconds for forward + backward of every quantized layer's weight path (transform + quantizer)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    total = sum(layer.weight_quantizer(layer.transformed_weight()).square().sum() for layer in layers)
+    total.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
 
 
 def machine_facts(device: torch.device) -> dict:
@@ -108,6 +123,14 @@ def main() -> None:
             seconds = step(model, optimizer)
             if index >= args.warmup:
                 times.append(seconds)
+    # the weight path alone (transform + quantizer, forward and backward, all layers): the part FAT
+    # adds, measured without the activation work whose timing noise can hide it in a full step
+    weight_path = {name: [] for name in ("fat", "no-transform")}
+    for index in range(args.warmup + 5 * args.steps):
+        for name, times in weight_path.items():
+            seconds = weight_path_time(runs[name][0], clock, device)
+            if index >= args.warmup:
+                times.append(seconds)
     load_after = os.getloadavg()
 
     medians = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
@@ -125,6 +148,12 @@ def main() -> None:
         print(f"  {name:13s} {seconds * 1000:9.1f} ms/step  {args.batch_size / seconds:8.1f} images/s")
     for name, value in ratios.items():
         print(f"  {name:21s} {value:.3f}")
+    paths = {name: statistics.median(times) for name, times in weight_path.items()}
+    added = paths["fat"] - paths["no-transform"]
+    print(
+        f"  weight path alone: fat {paths['fat'] * 1000:.1f} ms, no-transform {paths['no-transform'] * 1000:.1f} ms: "
+        f"the transform adds {added * 1000:.1f} ms = {100 * added / medians['no-transform']:.1f} % of a plain step"
+    )
     verdict = "meets" if ratios["fat / no-transform"] <= 1.15 else "misses"
     print(f"  FAT overhead {100 * (ratios['fat / no-transform'] - 1):+.1f} % ({verdict} the <= 15 % target)")
     if args.json:
@@ -139,6 +168,7 @@ def main() -> None:
                     "clock": args.clock,
                     "median_s": medians,
                     "ratios": ratios,
+                    "weight_path_median_s": paths,
                     "load_average": [load_before[0], load_after[0]],
                     **facts,
                 },
