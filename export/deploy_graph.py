@@ -14,7 +14,8 @@ Two dialects share these classes:
     ``subsample_pad`` {pad}: x[:, :, ::2, ::2] with ``pad`` zero channels on each side.
 
 *integer* (:func:`export.lower.lower`): what an integer engine runs — conv/linear become ``qconv``
-    / ``qlinear`` with int32 biases and an output quantization (see :mod:`export.lower`).
+    / ``qlinear`` with int32 biases and an output quantization (see :mod:`export.lower`), and
+    ``pad_channels`` {pad} appends ``pad`` zero channels (an image's 3 channels -> 4).
 
 A tensor that holds integers·scale carries its quantization in the producing node's
 ``attrs["out_quant"]`` = {scale, qmin, qmax}; :meth:`DeployGraph.quant_of` finds it.
@@ -43,9 +44,9 @@ GRAPH_FORMAT_VERSION = 1
 FOLDED_OPS = frozenset(
     {"quantize", "conv", "linear", "relu", "clip", "add", "maxpool", "global_avgpool", "flatten", "subsample_pad"}
 )
-INTEGER_OPS = FOLDED_OPS | {"qconv", "qlinear"}
+INTEGER_OPS = FOLDED_OPS | {"qconv", "qlinear", "pad_channels"}
 # Ops that move or select integer values without arithmetic: a quantized input stays quantized.
-INTEGER_PRESERVING_OPS = frozenset({"maxpool", "flatten", "subsample_pad"})
+INTEGER_PRESERVING_OPS = frozenset({"maxpool", "flatten", "subsample_pad", "pad_channels"})
 
 
 @dataclass

@@ -18,6 +18,10 @@ logits), ``source`` (the folded conv) and ``quantizer`` (the fused quantizer).
 
 Quantizers reading anything else (the image, a residual Add, the pooled features) stay
 ``quantize`` nodes; MaxPool/Flatten/SubsamplePad of a quantized tensor keep its quantization.
+
+A (non-grouped) conv whose input channels are not a multiple of 4 — the stem, reading a 3-channel
+image — gets a ``pad_channels`` node adding zero channels and zero weights for them: exact, and
+ONNX Runtime's int8 conv kernels need it (its stem with 3 channels ran 4.5x slower than with 4).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ INT32_MAX = 2**31 - 1
 # Ops between a conv and a quantizer that fuse into the quantizer's integer range or commute with it.
 _RANGE_OPS = frozenset({"relu", "clip"})
 _PASS_THROUGH_OPS = frozenset({"maxpool", "flatten"})
+CHANNEL_MULTIPLE = 4
 
 
 def _round_half_even(value: np.float32) -> int:
@@ -154,7 +159,32 @@ class _Lowering:
                 )
             else:
                 self.emit(DeployNode(node.name, node.op, node.inputs, node.output, dict(node.attrs), dict(node.params)))
-        return _live_nodes(self.nodes, self.graph.output_name)
+        return _pad_input_channels(_live_nodes(self.nodes, self.graph.output_name))
+
+
+def _pad_input_channels(nodes: list[DeployNode]) -> list[DeployNode]:
+    """Give every non-grouped qconv a multiple of 4 input channels (zero channels, zero weights)."""
+    padded: dict[str, str] = {}  # input tensor -> its padded version
+    result = []
+    for node in nodes:
+        channels = node.params["weight"].shape[1] if node.op == "qconv" else 0
+        if node.op == "qconv" and node.attrs["groups"] == 1 and channels % CHANNEL_MULTIPLE:
+            pad = CHANNEL_MULTIPLE - channels % CHANNEL_MULTIPLE
+            source = node.inputs[0]
+            if source not in padded:
+                quant = next(n.attrs["out_quant"] for n in result if n.output == source)
+                padded[source] = f"{source}>pad{channels + pad}"
+                result.append(
+                    DeployNode(
+                        padded[source], "pad_channels", [source], padded[source], {"pad": pad, "out_quant": quant}
+                    )
+                )
+            weight = np.pad(node.params["weight"], ((0, 0), (0, pad), (0, 0), (0, 0)))
+            node = DeployNode(
+                node.name, node.op, [padded[source]], node.output, node.attrs, {**node.params, "weight": weight}
+            )
+        result.append(node)
+    return result
 
 
 def _live_nodes(nodes: list[DeployNode], output: str) -> list[DeployNode]:

@@ -324,6 +324,8 @@ def _emit_float_op(b: _Builder, node: DeployNode, inputs: list[str], output: str
         )
         pad = attrs["pad"]
         return b.node("Pad", [every_other, b.constant([0, pad, 0, 0, 0, pad, 0, 0], np.int64)], output, node.name)
+    if op == "pad_channels":
+        return b.node("Pad", [inputs[0], b.constant([0, 0, 0, 0, 0, attrs["pad"], 0, 0], np.int64)], output, node.name)
     raise FatqError(f"the ONNX writer cannot write op {op!r} (node {node.name!r}).")
 
 

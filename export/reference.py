@@ -9,7 +9,7 @@ Integer graphs (:func:`export.lower.lower`) run exactly as ONNX Runtime's CPU ke
   ``ComputeOutputScale`` (qlinearconv.cc) and applies in ``MlasRequantizeOutput`` / the symmetric
   conv kernels. A float output (the logits) is float32(acc + bias) · float32(s_x · s_w,c).
 - ``add``, ``relu``, ``clip``, ``global_avgpool``: float32 on dequantized values q · s.
-- ``maxpool``, ``flatten``, ``subsample_pad`` of a quantized tensor act on its integers.
+- ``maxpool``, ``flatten``, ``subsample_pad``, ``pad_channels`` of a quantized tensor act on its integers.
 
 Folded float graphs (FP32 models, :func:`export.fold.dequantized`) run as plain float32 convs.
 
@@ -183,4 +183,6 @@ def _float_op(op: str, attrs: dict, x: Tensor) -> Tensor:
         return torch.flatten(x, 1)
     if op == "subsample_pad":
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, attrs["pad"], attrs["pad"]))
+    if op == "pad_channels":
+        return F.pad(x, (0, 0, 0, 0, 0, attrs["pad"]))
     raise FatqError(f"the deploy reference cannot run op {op!r}.")

@@ -258,3 +258,19 @@ def test_deploy_graph_round_trips(tmp_path):
             assert a.params[key].dtype == b.params[key].dtype
     with pytest.raises(FatqError):
         DeployGraph.load(tmp_path / "missing.npz")
+
+
+def test_lowering_duplicates_the_stem_and_pads_it_to_four_channels():
+    graph = lower(fold(trained_like("resnet20", 4)))
+    pads = [n for n in graph.nodes if n.op == "pad_channels"]
+    assert len(pads) == 1 and pads[0].inputs == ["conv1.input_quantizer"] and pads[0].attrs["pad"] == 1
+    stems = [n for n in graph.nodes if n.op == "qconv" and n.attrs["source"] == "conv1"]
+    # the stem feeds two quantizers (layer1.0's conv input and its shortcut): one copy each
+    assert sorted(n.attrs["quantizer"] for n in stems) == [
+        "layer1.0.conv1.input_quantizer",
+        "layer1.0.shortcut_quantizer",
+    ]
+    for stem in stems:
+        assert stem.inputs == [pads[0].output]
+        assert stem.params["weight"].shape[1] == 4 and not stem.params["weight"][:, 3].any()
+    assert "relu" not in {n.op for n in graph.nodes if n.name.startswith("layer1.0")}  # ReLUs became ranges

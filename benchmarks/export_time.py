@@ -1,0 +1,109 @@
+"""How long ``fatq-export`` takes, stage by stage (target: ResNet-56 W4A4 under 5 s).
+
+Times, for one checkpoint (default: a random ResNet-56 W4A4 saved to a temp dir), the stages of
+``fatq-export --format onnx`` in this process: load + rebuild the model, fold (which computes the
+FAT transform and integers of every layer), lower, write the QDQ ONNX, lint it, save the file and
+its deploy graph; then the command itself as a subprocess: the time it reports (checkpoint to
+files written, what the < 5 s target is about) and its wall time including interpreter start and
+imports (torch, onnx). Prints the median of ``--repeats`` runs per line.
+
+Usage::
+
+    python benchmarks/export_time.py                      # random ResNet-56 W4A4
+    python benchmarks/export_time.py --checkpoint runs/r56/last.pt --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
+    import onnx
+
+    from export.cli import deploy_graph_path
+    from export.fold import fold, torch_threads
+    from export.graph_check import assert_deployable
+    from export.lower import lower
+    from export.qdq_writer import write_qdq
+    from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
+
+    times = {}
+    start = time.perf_counter()
+    with torch_threads(1):  # as fatq-export does
+        data = load_fatq_checkpoint(checkpoint)
+        model = model_from_checkpoint(data).eval()
+    times["load checkpoint + build model"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    folded = fold(model, list(data["input_size"]))
+    times["fold (FAT transform, integers, BN)"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    graph = lower(folded)
+    times["lower to integer ops"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    onnx_model = write_qdq(graph, metadata=graph.meta)
+    times["write QDQ ONNX"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    assert_deployable(onnx_model)
+    times["lint"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    onnx.save(onnx_model, str(out))
+    graph.save(deploy_graph_path(out))
+    times["save files"] = time.perf_counter() - mark
+    times["total in process"] = time.perf_counter() - start
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="fatq checkpoint (default: random --arch at --bits)")
+    parser.add_argument("--arch", default="resnet56")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from fatq.checkpoint import CIFAR_NORMALIZATION, save_checkpoint
+    from fatq.models import create_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else work / f"{args.arch}.pt"
+        if not args.checkpoint:
+            save_checkpoint(checkpoint, create_model(args.arch, bits=args.bits).eval(), CIFAR_NORMALIZATION)
+        runs = [_stages(checkpoint, work / "m.onnx") for _ in range(args.repeats)]
+        command = [
+            shutil.which("fatq-export") or "fatq-export",
+            str(checkpoint),
+            "-o",
+            str(work / "cli.onnx"),
+            "--quiet",
+        ]
+        walls, reported = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            walls.append(time.perf_counter() - start)
+            # "wrote PATH (N KiB, M nodes) in X s": the command's own timing, after imports
+            reported.append(float(output.rsplit(" in ", 1)[1].split()[0]))
+
+    print(
+        f"{checkpoint.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"python {sys.version.split()[0]}"
+    )
+    for stage in runs[0]:
+        print(f"  {stage:<38} {statistics.median(r[stage] for r in runs):7.3f} s")
+    print(f"  {'fatq-export, as it reports':<38} {statistics.median(reported):7.3f} s")
+    print(f"  {'fatq-export command (wall, with imports)':<38} {statistics.median(walls):7.3f} s")
+
+
+if __name__ == "__main__":
+    main()
