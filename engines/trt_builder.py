@@ -16,8 +16,9 @@ Typing (how precision is chosen), decided by :func:`choose_typing` and recorded 
   An fp16 engine from an fp32 graph needs this path; on TensorRT 11 it is refused with the
   remedy (convert the ONNX to fp16 first, e.g. with ModelOpt AutoCast).
 
-Implicit INT8 calibration (deprecated since 10.1, removed in 11) is not used: Q/DQ graphs carry
-their scales. Every build sets a workspace limit, an optimization profile for the dynamic batch
+Q/DQ graphs carry their scales, so no calibration is needed. Implicit INT8 calibration
+(deprecated since 10.1, removed in 11) remains an opt-in legacy path on 10.x only:
+``build_engine(..., int8_calibrator=...)`` with an fp32 graph (weakly typed). Every build sets a workspace limit, an optimization profile for the dynamic batch
 (min/opt/max), and a persistent timing cache.
 """
 
@@ -104,7 +105,9 @@ class BuildSettings:
             raise FatqError(f"workspace must be at least 1 MiB, got {self.workspace_mib}.")
 
 
-def choose_typing(trt_version: str, precision: str, graph_precision: str, requested: str = "auto") -> str:
+def choose_typing(
+    trt_version: str, precision: str, graph_precision: str, requested: str = "auto", calibrated: bool = False
+) -> str:
     """ "strong" or "weak" for building ``precision`` from a graph of ``graph_precision``.
 
     Args:
@@ -112,11 +115,21 @@ def choose_typing(trt_version: str, precision: str, graph_precision: str, reques
         precision: the engine precision asked for ("int8", "fp16", "fp32").
         graph_precision: the ONNX graph's own ("int8" for QDQ, "fp32", "fp16").
         requested: "auto", "strong" or "weak".
+        calibrated: an implicit INT8 calibrator is given (legacy path: int8 from an fp32 graph,
+            weakly typed, TensorRT 10.x only).
 
     Raises:
         FatqError: for combinations that cannot produce the asked precision.
     """
     major = major_version(trt_version)
+    if calibrated:
+        if major >= 11:
+            raise FatqError(
+                f"TensorRT {trt_version} has no implicit INT8 calibration (removed in 11); use a QDQ graph."
+            )
+        if precision != "int8" or graph_precision != "fp32" or requested == "strong":
+            raise FatqError("an INT8 calibrator builds a weakly typed int8 engine from an fp32 graph, nothing else.")
+        return "weak"
     if precision == "int8" and graph_precision != "int8":
         raise FatqError("an int8 TensorRT engine needs a QDQ graph (fatq-export --format onnx); this one has no Q/DQ.")
     if precision != "int8" and graph_precision == "int8":
@@ -165,7 +178,7 @@ def _default_timing_cache() -> Path:
     return cache_dir() / "trt" / "timing.cache"
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSettings) -> dict:
+def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSettings, int8_calibrator=None) -> dict:
     """Build a TensorRT engine from ``onnx_path`` and write ``plan_path`` plus its sidecar.
 
     Not run in this project (see the module docstring).
@@ -174,6 +187,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
         onnx_path: QDQ ONNX (int8 engine) or onnx-fp32 file (fp32/fp16 engines).
         plan_path: where the serialized engine goes; the sidecar goes to ``<plan_path>.json``.
         settings: precision, batch profile, typing, workspace, timing cache.
+        int8_calibrator: legacy implicit INT8 calibration (TensorRT 10.x only, deprecated since
+            10.1): an ``IInt8Calibrator`` such as
+            :func:`calibration.trt_calibrator.make_entropy_calibrator`, with an fp32 graph and
+            ``precision="int8"``; it is set as ``config.int8_calibrator`` and the batch profile
+            doubles as the calibration profile.
 
     Returns:
         The sidecar dict (also written next to the plan).
@@ -186,7 +204,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
     onnx_info = read_onnx_info(onnx_path)
     trt = import_tensorrt()
     gpu = require_gpu()
-    typing = choose_typing(trt.__version__, settings.precision, onnx_info.precision, settings.typing)
+    calibrated = int8_calibrator is not None
+    typing = choose_typing(trt.__version__, settings.precision, onnx_info.precision, settings.typing, calibrated)
     flags = builder_flags(typing, settings.precision)
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -204,7 +223,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    profile_shapes = _add_batch_profile(builder, network, config, settings)
+    profile_shapes = _add_batch_profile(builder, network, config, settings, calibration=calibrated)
+    if calibrated:
+        config.int8_calibrator = int8_calibrator
 
     cache_path = Path(settings.timing_cache) if settings.timing_cache else _default_timing_cache()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +238,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
     _atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     _atomic_write_bytes(plan_path, bytes(plan))
 
+    int8_scales = None
+    if settings.precision == "int8":
+        int8_scales = "legacy implicit INT8 calibrator" if calibrated else "Q/DQ nodes of the graph"
     sidecar = {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
@@ -227,6 +251,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
         "typing": typing,
         "builder_flags": flags,
         "network_flags": ["STRONGLY_TYPED"] if typing == "strong" else [],
+        "int8_scales": int8_scales,
         "profile": profile_shapes,
         "build_settings": asdict(settings),
         "source_onnx": onnx_path.name,
@@ -242,8 +267,12 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
     return sidecar
 
 
-def _add_batch_profile(builder, network, config, settings: BuildSettings) -> dict:
-    """An optimization profile with the batch axis dynamic; other axes must be fixed."""
+def _add_batch_profile(builder, network, config, settings: BuildSettings, calibration: bool = False) -> dict:
+    """An optimization profile with the batch axis dynamic; other axes must be fixed.
+
+    With ``calibration`` the same profile is the calibration profile (implicit INT8 calibration
+    of a dynamic-shape network needs one).
+    """
     profile = builder.create_optimization_profile()
     shapes, dynamic = {}, False
     for index in range(network.num_inputs):
@@ -266,6 +295,8 @@ def _add_batch_profile(builder, network, config, settings: BuildSettings) -> dic
         shapes[tensor.name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
     if dynamic:
         config.add_optimization_profile(profile)
+        if calibration:
+            config.set_calibration_profile(profile)
     return shapes
 
 

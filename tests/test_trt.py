@@ -40,6 +40,14 @@ def test_typing_choice(version, precision, graph, requested, expected):
     assert choose_typing(version, precision, graph, requested) == expected
 
 
+def test_legacy_calibration_typing():
+    assert choose_typing("10.14.1", "int8", "fp32", calibrated=True) == "weak"
+    with pytest.raises(FatqError, match="no implicit INT8 calibration"):
+        choose_typing("11.0.0", "int8", "fp32", calibrated=True)
+    with pytest.raises(FatqError, match="from an fp32 graph"):
+        choose_typing("10.14.1", "int8", "int8", calibrated=True)
+
+
 @pytest.mark.parametrize(
     ("version", "precision", "graph", "requested", "message"),
     [
