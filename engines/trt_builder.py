@@ -16,10 +16,19 @@ Typing (how precision is chosen), decided by :func:`choose_typing` and recorded 
   An fp16 engine from an fp32 graph needs this path; on TensorRT 11 it is refused with the
   remedy (convert the ONNX to fp16 first, e.g. with ModelOpt AutoCast).
 
+The sidecar ``<plan>.json`` records how the plan was made and where it may run: format,
+tensorrt_version, gpu_name, compute_capability, precision, typing, builder_flags,
+network_flags, int8_scales, profile, build_settings, source_onnx (+ its sha256 and
+metadata_props, which carry the input normalization), plan_sha256, fatq_version, git_commit,
+created_utc, command. :func:`check_plan` refuses a plan whose TensorRT version, GPU or bytes
+differ from the running ones.
+
 Q/DQ graphs carry their scales, so no calibration is needed. Implicit INT8 calibration
 (deprecated since 10.1, removed in 11) remains an opt-in legacy path on 10.x only:
-``build_engine(..., int8_calibrator=...)`` with an fp32 graph (weakly typed). Every build sets a workspace limit, an optimization profile for the dynamic batch
-(min/opt/max), and a persistent timing cache.
+``build_engine(..., int8_calibrator=...)`` with an fp32 graph (weakly typed).
+
+Every build sets a workspace limit, an optimization profile for the dynamic batch (min/opt/max)
+and a persistent timing cache.
 """
 
 from __future__ import annotations
