@@ -158,9 +158,9 @@ def export_ours(checkpoint: Path, onnx_path: Path) -> str | None:
     return None
 
 
-def evaluate_ours(model, checkpoint: Path, normalization, test, threads, notes: list) -> tuple[float, str]:
+def evaluate_ours(model, checkpoint: Path, normalization, test, threads, notes: list, work: Path) -> tuple[float, str]:
     """Accuracy of a fatq checkpoint in ORT (via fatq-export), else in PyTorch (noted)."""
-    onnx_path = checkpoint.with_suffix(".onnx")
+    onnx_path = work / f"{checkpoint.stem}.onnx"
     reason = export_ours(checkpoint, onnx_path)
     if reason is None:
         return ort_top1(onnx_path, test, normalization, threads), "onnxruntime"
@@ -202,7 +202,7 @@ def run_ptq_comparison(args, test, train, work: Path, notes: list) -> list[dict]
             quantize_post_training(model, batches(), method, args.weight_method, quiet=True)
             ckpt = work / f"ours-w{bits}-{method}.pt"
             save_checkpoint(ckpt, model, normalization, test.class_names, ptq={"calib_method": method})
-            acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes)
+            acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes, work)
             rows.append({"model": "fatq PTQ", "bits": bits, "method": method, "top1": acc, "measured_in": where})
             print(f"fatq W{bits}A{bits} {method}: {acc:.2f} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     for method in args.ort_methods:
@@ -229,10 +229,8 @@ def run_fat_edges(args, test, train, work: Path, notes: list) -> list[dict]:
     trained_enabled = {p: modules[p].enabled for p in edges}
     rows = []
     as_trained = "edge inputs as trained (" + ("int8" if all(trained_enabled.values()) else "float") + ")"
-    acc = evaluate_top1(model, test, normalization, quiet=True)
-    rows.append(
-        {"model": label, "bits": model.spec.act_bits, "method": as_trained, "top1": acc, "measured_in": "pytorch"}
-    )
+    acc, where = evaluate_ours(model, args.fat_checkpoint, normalization, test, args.threads, notes, work)
+    rows.append({"model": label, "bits": model.spec.act_bits, "method": as_trained, "top1": acc, "measured_in": where})
     for p in edges:
         modules[p].enabled = False
     acc = evaluate_top1(model, test, normalization, quiet=True)
@@ -251,7 +249,7 @@ def run_fat_edges(args, test, train, work: Path, notes: list) -> list[dict]:
         calibrate(model, batches, method, quantizers=edges, quiet=True)
         ckpt = work / f"fat-edges-{method}.pt"
         save_checkpoint(ckpt, model, normalization, test.class_names, edge_calibration={"calib_method": method})
-        acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes)
+        acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes, work)
         rows.append(
             {
                 "model": label,
@@ -298,10 +296,12 @@ def main(argv=None) -> int:
         rows = run(args, test, train, work, notes)
     env = environment()
     calib_images = min(args.calib_batches * args.batch_size, len(train))
-    print(
-        f"\n{len(test)} test images, {calib_images} calibration images (train split, seed {args.seed}), "
-        f"fatq weights: per-channel {args.weight_method}; ORT: QDQ, per-channel, symmetric int8\n"
-    )
+    setup = f"{len(test)} test images, {calib_images} calibration images (train split, seed {args.seed})"
+    if args.fat_checkpoint:
+        setup += f"; checkpoint {args.fat_checkpoint.name}, first/last-layer inputs recalibrated"
+    else:
+        setup += f"; fatq weights: per-channel {args.weight_method}; ORT: QDQ, per-channel, symmetric int8"
+    print(f"\n{setup}\n")
     print("| model | W/A bits | calibration | top-1 (%) | measured in |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -144,6 +144,8 @@ class MinMaxCalibrator(Calibrator):
 class HistogramCalibrator(Calibrator):
     """Base of the methods that choose alpha from a :class:`MagnitudeHistogram`."""
 
+    drop_exact = False  # leave out values every threshold represents exactly (see MagnitudeHistogram)
+
     def __init__(self, num_bins: int = DEFAULT_BINS):
         self.histogram = MagnitudeHistogram(num_bins)
 
@@ -163,8 +165,6 @@ class HistogramCalibrator(Calibrator):
 
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
         self.histogram.all_reduce(device)
-
-    drop_exact = False  # leave out values every threshold represents exactly (see MagnitudeHistogram)
 
     def _occupied(self, signed: bool) -> tuple[Tensor, float, float]:
         """(counts up to the last non-empty bin [k] float64, bin width, exact max magnitude)."""
