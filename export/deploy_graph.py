@@ -18,7 +18,8 @@ Two dialects share these classes:
     ``pad_channels`` {pad} appends ``pad`` zero channels (an image's 3 channels -> 4).
 
 A tensor that holds integers·scale carries its quantization in the producing node's
-``attrs["out_quant"]`` = {scale, qmin, qmax}; :meth:`DeployGraph.quant_of` finds it.
+``attrs["out_quant"]`` = {scale, qmin, qmax} (and ``expand`` in the integer dialect, see
+:func:`tensor_quant`); :meth:`DeployGraph.quant_of` finds it.
 
 File format (``.deploy.npz``, written atomically): ``graph.json`` (a uint8 array holding the
 UTF-8 JSON of everything but the arrays) and one array per parameter, keyed ``"<node>/<param>"``;
@@ -47,6 +48,20 @@ FOLDED_OPS = frozenset(
 INTEGER_OPS = FOLDED_OPS | {"qconv", "qlinear", "pad_channels"}
 # Ops that move or select integer values without arithmetic: a quantized input stays quantized.
 INTEGER_PRESERVING_OPS = frozenset({"maxpool", "flatten", "subsample_pad", "pad_channels"})
+
+
+def tensor_quant(out_quant: dict) -> dict:
+    """How a quantized tensor is stored: {scale, qmin, qmax} of the integers it holds.
+
+    ``out_quant`` gives the quantizer: values round to multiples of ``scale`` in [qmin, qmax].
+    With ``expand`` = j (integer dialect, :mod:`export.lower`) the tensor holds those integers
+    times j at scale scale / j (float32): the same real values on a finer integer grid.
+    """
+    expand = int(out_quant.get("expand", 1))
+    if expand == 1:
+        return {"scale": out_quant["scale"], "qmin": out_quant["qmin"], "qmax": out_quant["qmax"]}
+    scale = float(np.float32(out_quant["scale"]) / np.float32(expand))
+    return {"scale": scale, "qmin": expand * out_quant["qmin"], "qmax": expand * out_quant["qmax"]}
 
 
 @dataclass

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
 from fatq.errors import FatqError
 from fatq.provenance import __version__
 
@@ -146,7 +146,7 @@ class _QdqWriter:
         self.graph = graph
         self.b = builder
         self.range_clip = range_clip
-        self.quant: dict[str, dict] = {}  # deploy tensor -> {scale, qmin, qmax} (int8 ONNX tensor of that name)
+        self.quant: dict[str, dict] = {}  # deploy tensor -> stored {scale, qmin, qmax} of its int8 ONNX tensor
         self.copies: dict[str, list[str]] = {}  # deploy tensor -> int8 ONNX tensors not yet dequantized
         self.readers = graph.consumers()
         self.nudges: dict[tuple, int] = {}  # (float tensor, scale, qmin, qmax) -> Clip → Q copies made
@@ -168,15 +168,20 @@ class _QdqWriter:
         all fed by one clipped float tensor; the first Q carries the tensor's name.
         """
         b, scale = self.b, quant["scale"]
+        stored = tensor_quant(quant)  # with expand j: the integers times j at scale s / j
         readers = max(1, len(self.readers.get(output, [])))
         names = [output] + [f"{output}#{i}" for i in range(1, readers)]
         if self.range_clip == "int8":
             q = x if already_quantized else b.quantize(x, scale, name)
             for out in names:
-                b.clip(q, quant["qmin"], quant["qmax"], np.int8, f"{name}/range", out)
+                if stored["scale"] == scale:
+                    b.clip(q, quant["qmin"], quant["qmax"], np.int8, f"{name}/range", out)
+                else:
+                    clipped = b.clip(q, quant["qmin"], quant["qmax"], np.int8, f"{name}/range")
+                    b.quantize(b.dequantize(clipped, scale, name), stored["scale"], name, out)
         else:
             x = b.dequantize(x, scale, name) if already_quantized else x
-            key = (x, scale, quant["qmin"], quant["qmax"])
+            key = (x, stored["scale"], quant["qmin"], quant["qmax"])
             first = self.nudges.get(key, 0)  # an identical quantizer of the same tensor exists
             self.nudges[key] = first + readers
             clipped = b.clip(x, *_clip_bounds(quant, nudge=first), np.float32, f"{name}/range")
@@ -186,8 +191,8 @@ class _QdqWriter:
                     if copy == 0
                     else b.clip(clipped, *_clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
                 )
-                b.quantize(source, scale, name, out)
-        self.quant[output] = quant
+                b.quantize(source, stored["scale"], name, out)
+        self.quant[output] = stored
         self.copies[output] = names
 
     def requantize(self, x: str, quant: dict, output: str, name: str) -> None:
@@ -199,8 +204,9 @@ class _QdqWriter:
         if len(self.readers.get(output, [])) > 1:
             self.int8_output(x, quant, output, name, already_quantized=False)
             return
-        self.b.quantize(x, quant["scale"], name, output)
-        self.quant[output] = quant
+        stored = tensor_quant(quant)
+        self.b.quantize(x, stored["scale"], name, output)
+        self.quant[output] = stored
         self.copies[output] = [output]
 
     def weighted(self, node: DeployNode) -> None:

@@ -7,7 +7,8 @@ Integer graphs (:func:`export.lower.lower`) run exactly as ONNX Runtime's CPU ke
   ORT's QLinearConv requantizes, q_y = clamp(round_half_even(float32(acc + bias) · M_c), qmin, qmax)
   with M_c = float32(float32(s_x · s_w,c) / s_y) — the multiplier ORT computes in
   ``ComputeOutputScale`` (qlinearconv.cc) and applies in ``MlasRequantizeOutput`` / the symmetric
-  conv kernels. A float output (the logits) is float32(acc + bias) · float32(s_x · s_w,c).
+  conv kernels; stored as q_y · expand (:func:`export.deploy_graph.tensor_quant`). A float output
+  (the logits) is float32(acc + bias) · float32(s_x · s_w,c).
 - ``add``, ``relu``, ``clip``, ``global_avgpool``: float32 on dequantized values q · s.
 - ``maxpool``, ``flatten``, ``subsample_pad``, ``pad_channels`` of a quantized tensor act on its integers.
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
 from fatq.errors import FatqError
 
 EXACT_FLOAT32_LIMIT = 2**24
@@ -56,7 +57,8 @@ class DeployReference(nn.Module):
     def __init__(self, graph: DeployGraph):
         super().__init__()
         self.graph = graph
-        self.quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant") is not None}
+        # how each quantized tensor is stored (integers, scale): what DequantizeLinear reads
+        self.quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
         for index, node in enumerate(graph.nodes):
             for key, value in self._node_buffers(node).items():
                 self.register_buffer(f"n{index}_{key}", value, persistent=False)
@@ -164,7 +166,9 @@ class DeployReference(nn.Module):
         out_quant = attrs["out_quant"]
         if out_quant is None:
             return y
-        return torch.round(y).clamp_(out_quant["qmin"], out_quant["qmax"])
+        q = torch.round(y).clamp_(out_quant["qmin"], out_quant["qmax"])
+        expand = out_quant.get("expand", 1)
+        return q * expand if expand != 1 else q
 
 
 def _float_op(op: str, attrs: dict, x: Tensor) -> Tensor:

@@ -129,12 +129,14 @@ def _check_integer_reference(model: nn.Module, graph: DeployGraph, x: torch.Tens
     for hook in hooks:
         hook.remove()
     lowered = lower(graph)
-    reference = DeployReference(lowered)
-    _, captured = reference.run(x, capture=True, overrides=integers)
     producers = lowered.producers()
+    # integer layers store their outputs widened by ``expand`` (export.lower): same real values
+    expand = {name: producers[name].attrs["out_quant"].get("expand", 1) for name in integers}
+    reference = DeployReference(lowered)
+    _, captured = reference.run(x, capture=True, overrides={n: q * expand[n] for n, q in integers.items()})
     assert set(integers) <= set(captured)
     for name, theirs in integers.items():
-        diff = (captured[name] - theirs).abs()
+        diff = (captured[name] / expand[name] - theirs).abs()
         node = producers[name]
         while node.op not in ("qconv", "qlinear", "quantize"):  # max-pool/flatten after a fused conv
             node = producers[node.inputs[0]]
@@ -274,3 +276,34 @@ def test_lowering_duplicates_the_stem_and_pads_it_to_four_channels():
         assert stem.inputs == [pads[0].output]
         assert stem.params["weight"].shape[1] == 4 and not stem.params["weight"][:, 3].any()
     assert "relu" not in {n.op for n in graph.nodes if n.name.startswith("layer1.0")}  # ReLUs became ranges
+
+
+def test_widening_keeps_real_values_and_refines_the_bias_grid():
+    folded = fold(trained_like("resnet20", 4))
+    narrow, wide = lower(folded, weight_limit=1), lower(folded)
+    sources = {n.name: n for n in folded.nodes}
+    for node in (n for n in wide.nodes if n.op in ("qconv", "qlinear")):
+        source = sources[node.attrs["source"]]
+        k = np.asarray(node.attrs["weight_expand"])
+        weight = node.params["weight"].astype(np.int32)
+        original = source.params["weight"].astype(np.int32)
+        if weight.shape != original.shape:  # the stem's zero input channel
+            weight = weight[:, : original.shape[1]]
+        np.testing.assert_array_equal(weight, original * k.reshape(-1, *([1] * (weight.ndim - 1))))
+        assert np.abs(weight).max() <= max(63, np.abs(original).max())  # 8-bit layers keep k = 1
+        np.testing.assert_allclose(node.params["weight_scale"] * k, source.params["weight_scale"], rtol=1e-6)
+        grid = np.float64(node.attrs["input_scale"]) * node.params["weight_scale"]
+        assert (np.abs(node.params["bias_int32"] * grid - source.params["bias"]) <= grid / 2 * 1.001 + 1e-12).all()
+    expands = {n.attrs["quantizer"]: n.attrs["out_quant"]["expand"] for n in wide.nodes if n.op == "qconv"}
+    assert expands["layer1.0.conv2.input_quantizer"] == 127 // 15  # read by conv2 only
+    assert expands["layer1.0.branch_quantizer"] == 1  # read by the (float) residual Add
+    grids = []
+    for graph in (narrow, wide):
+        conv2 = graph.node("layer1.0.conv2>layer1.0.branch_quantizer")
+        grids.append(np.float64(conv2.attrs["input_scale"]) * conv2.params["weight_scale"])
+    # weight_limit=1 keeps the integers: k >= 9 (63 // 7 for 4-bit weights) refines each channel's grid
+    assert (grids[0] / grids[1]).min() >= 9 * (1 - 1e-6)
+    # and conv2 reads its input widened by j = 8: scale s / 8
+    quantizer = folded.node("layer1.0.conv2.input_quantizer").attrs["scale"]
+    conv2 = wide.node("layer1.0.conv2>layer1.0.branch_quantizer")
+    assert conv2.attrs["input_scale"] == float(np.float32(quantizer) / np.float32(8))

@@ -36,6 +36,15 @@ def _model_and_graph(name: str, bits: int, options: str):
     return model, lower(fold(model, input_shape_for(name)))
 
 
+def _after_float_layers(graph) -> set[str]:
+    """Quantized tensors computed from a float-output integer layer (through float ops)."""
+    tainted: set[str] = set()
+    for node in graph.nodes:
+        if (node.op in ("qconv", "qlinear") and node.attrs["out_quant"] is None) or tainted & set(node.inputs):
+            tainted.add(node.output)
+    return {t for t in tainted if graph.quant_of(t) is not None}
+
+
 def _optimized_ops(path, tmp_path) -> list[onnx.NodeProto]:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -57,9 +66,14 @@ def test_onnxruntime_int8_tensors_identical_to_reference(name, bits, options, tm
 
     assert report["int8_tensors"] == len(DeployReference(graph).quant)
     assert report["unobserved_int8_tensors"] == []
-    assert report["int8_identical_pct_min"] == 100.0, {k: v for k, v in report["int8_identical_pct"].items() if v < 100}
     assert report["debug_copy_logits_identical"]
-    assert report["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= 1e-4
+    # ORT runs a conv whose output the model leaves float (MobileNetV2's last 1x1 conv) as a float
+    # conv on dequantized inputs: its rounding, and so a few integers after it, may differ
+    after_float = _after_float_layers(graph)
+    for tensor, pct in report["int8_identical_pct"].items():
+        assert pct >= (99.9 if tensor in after_float else 100.0), (tensor, pct)
+    assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert report["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= (1e-2 if after_float else 1e-5)
 
     # every conv whose output is quantized runs as ORT's fused integer kernel
     ops = _optimized_ops(path, tmp_path)
@@ -107,7 +121,8 @@ def test_int8_range_clip_variant_is_valid_and_close():
     _, graph = _model_and_graph("resnet20", 4, "{}")
     onnx_model = write_qdq(graph, range_clip="int8")
     assert check_model(onnx_model) == []
-    assert any(n.op_type == "Clip" and n.output[0] == "layer1.0.conv1.input_quantizer" for n in onnx_model.graph.node)
+    int8_constants = {i.name for i in onnx_model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert any(n.op_type == "Clip" and n.input[1] in int8_constants for n in onnx_model.graph.node)
     x = torch.randn(4, 3, 32, 32)
     session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = session.run(None, {"input": x.numpy()})[0]
