@@ -34,6 +34,7 @@ WEIGHT_METHODS = ("max", "mse")
 # Candidate clipping thresholds of the weight MSE search, as fractions of max|W_c|: 0.2 covers
 # the optimum of 2-bit Gaussian-like weights (about a third of the max), steps of 1%.
 MSE_WEIGHT_FRACTIONS = torch.linspace(0.2, 1.0, 81, dtype=torch.float64)
+_MSE_CHUNK_ELEMENTS = 1 << 23  # bounds the [fractions, C, N] float64 work tensors at 64 MiB
 
 
 def ptq_spec(bits: int) -> QuantSpec:
@@ -91,29 +92,27 @@ def _per_channel(layer: nn.Module) -> Tensor:
         return layer.transformed_weight().detach().double().flatten(1)
 
 
-def mse_weight_alphas(weight: Tensor, bits_levels: int) -> Tensor:
+def mse_weight_alphas(weight: Tensor, levels: int) -> Tensor:
     """Per-channel clipping thresholds minimising sum (W - Q(W))^2 over a grid of fractions of max|W_c|.
 
     Args:
         weight: float [C_out, N].
-        bits_levels: positive integer levels n of the quantizer.
+        levels: positive integer levels n of the quantizer.
 
     Returns:
         float64 [C_out] thresholds (max|W_c| where that is optimal, never above it).
     """
     w = weight.double()
     peak = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # [C]
-    best_err = torch.full_like(peak, math.inf)
-    best = peak.clone()
-    for fraction in MSE_WEIGHT_FRACTIONS:
-        alpha = peak * fraction
-        scale = (alpha / bits_levels)[:, None]
-        q = round_clamp(w, scale, -bits_levels, bits_levels) * scale
-        err = ((w - q) ** 2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, alpha, best)
-    return best
+    # all fractions of a chunk at once ([F, C, N]): few large ops instead of many small ones
+    per_chunk = max(1, _MSE_CHUNK_ELEMENTS // w.numel())
+    errors = []
+    for fractions in MSE_WEIGHT_FRACTIONS.split(per_chunk):
+        scale = (peak[None, :] * fractions[:, None] / levels)[:, :, None]  # [F, C, 1]
+        q = round_clamp(w[None], scale, -levels, levels) * scale
+        errors.append(((w[None] - q) ** 2).sum(dim=2))  # [F, C]
+    best = torch.argmin(torch.cat(errors), dim=0)  # first minimum: the smallest such threshold
+    return peak * MSE_WEIGHT_FRACTIONS[best]
 
 
 def set_weight_ranges(model: nn.Module, method: str = "max") -> dict[str, Tensor]:
