@@ -29,7 +29,7 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     import onnx
 
     from export.cli import deploy_graph_path
-    from export.fold import fold, torch_threads
+    from export.fold import fold
     from export.graph_check import assert_deployable
     from export.lower import lower
     from export.qdq_writer import write_qdq
@@ -37,9 +37,8 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
 
     times = {}
     start = time.perf_counter()
-    with torch_threads(1):  # as fatq-export does
-        data = load_fatq_checkpoint(checkpoint)
-        model = model_from_checkpoint(data).eval()
+    data = load_fatq_checkpoint(checkpoint)
+    model = model_from_checkpoint(data).eval()
     times["load checkpoint + build model"] = time.perf_counter() - start
     mark = time.perf_counter()
     folded = fold(model, list(data["input_size"]))

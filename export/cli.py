@@ -232,7 +232,7 @@ def _check_images(data: dict, args, shape: list[int]) -> tuple[torch.Tensor, tor
 
 
 def export(args, argv: list[str]) -> int:
-    from export.fold import dequantized, fold, torch_threads
+    from export.fold import dequantized, fold
     from export.graph_check import assert_deployable
     from export.lower import lower
     from export.qdq_writer import write_float, write_qdq
@@ -246,10 +246,9 @@ def export(args, argv: list[str]) -> int:
     started = time.perf_counter()
     checkpoint = Path(args.checkpoint)
     out = _output_path(args)
-    with torch_threads(1):  # many small tensors: the thread pool only adds overhead here
-        data = load_fatq_checkpoint(checkpoint)
-        model = model_from_checkpoint(data).eval()
-        _check_finite(model)
+    data = load_fatq_checkpoint(checkpoint)
+    model = model_from_checkpoint(data).eval()
+    _check_finite(model)
     uncalibrated, calibration = None, None
     if args.format == "onnx" and not model.spec.is_float:
         uncalibrated = copy.deepcopy(model)

@@ -11,14 +11,16 @@ touching the integers: s_c = s_w · γ_c / √(var_c + ε), b_c = β_c + (bias_c
 A negative s_c negates channel c's integers (engines require positive scales); γ_c = 0 zeroes
 the channel (its output is the constant b_c). FP32 models (bits 32) fold into the same graph
 with float weights.
+
+The FAT transform's FFT and mask matmul round differently with different torch thread counts,
+so a handful of weight integers can differ between runs with different ``torch.set_num_threads``
+(1 in 2.4 M in a ResNet-34 layer): fold with the settings the model is evaluated with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import operator
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -338,22 +340,6 @@ class _Folder:
                 self.unknown(node, f"{node.op} {node.target}")
 
 
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, then restore the previous setting.
-
-    Folding runs hundreds of small tensor ops (a FFT per layer, rounding, checks) for which the
-    thread pool costs more than it saves: one thread folds ResNet-56 in ~1 s where two took ~10 s
-    on a busy 2-core machine.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _finalize_params(nodes: list[DeployNode]) -> None:
     """Cast the float64 folding results to the float32 the engines use."""
     for node in nodes:
@@ -398,7 +384,7 @@ def fold(model: nn.Module, input_shape: list[int] | None = None, disabled_quanti
     if disabled_quantizers not in ("error", "skip"):
         raise ValueError(f"disabled_quantizers must be 'error' or 'skip', got {disabled_quantizers!r}")
     folder = _Folder(model, disabled_quantizers)
-    with torch.no_grad(), torch_threads(1):
+    with torch.no_grad():
         folder.run(trace(model))
     _finalize_params(folder.nodes)
     quantized = any(n.op == "quantize" for n in folder.nodes)

@@ -20,20 +20,31 @@ def input_shape_for(name: str) -> list[int]:
 def trained_like(name: str, bits: int | tuple[int, int], seed: int = 0, batch: int = 4, **options) -> nn.Module:
     """A registry model in eval mode whose statistics look trained.
 
-    BatchNorm running statistics are the statistics of a random batch, so
-    each BN normalizes its conv's real output scale; γ is random with every 5th channel negative
-    and β random; the 8-bit edge/residual quantizers get their ranges from the first batch
-    (``init_from_data``) and body activation quantizers a random α in [1.5, 4].
+    In a training-mode pass over a random batch every activation quantizer's α is set, in forward
+    order, to 0.5–1x the largest |input| it sees (ranges fit the data, some values clip) and
+    BatchNorm keeps that batch's statistics; then γ is made random with every 5th channel
+    negative, β random, and the ranges are fitted again in eval mode.
     """
     torch.manual_seed(seed)
     model = create_model(name, bits=bits, **options)
     shape = input_shape_for(name)
+
+    def fit_range(quantizer, args):
+        peak = float(args[0].abs().max())
+        quantizer.set_range(peak * (0.5 + 0.5 * torch.rand(()).item()) if peak > 0 else 1.0)
+
+    def forward_fitting_ranges():
+        hooks = [m.register_forward_pre_hook(fit_range) for m in model.modules() if isinstance(m, ActivationQuantizer)]
+        with torch.no_grad():
+            model(torch.randn(batch, *shape))
+        for hook in hooks:
+            hook.remove()
+
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = 1.0  # running statistics := those of the batch below
     model.train()
-    with torch.no_grad():
-        model(torch.randn(batch, *shape))
+    forward_fitting_ranges()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             channels = module.num_features
@@ -41,6 +52,6 @@ def trained_like(name: str, bits: int | tuple[int, int], seed: int = 0, batch: i
             gamma[::5] *= -1
             module.weight.data = gamma
             module.bias.data = torch.randn(channels) * 0.3
-        elif isinstance(module, ActivationQuantizer) and module.bits < 8:
-            module.set_range(1.5 + 2.5 * torch.rand(()).item())
-    return model.eval()
+    model.eval()
+    forward_fitting_ranges()
+    return model
