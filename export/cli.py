@@ -268,8 +268,12 @@ def export(args, argv: list[str]) -> int:
     else:
         onnx_model = write_float(graph, opset=args.opset, metadata=graph.meta)
     assert_deployable(onnx_model)
-    _atomic_write(out, onnx_model.SerializeToString())
     graph.save(deploy_graph_path(out))
+    try:
+        _atomic_write(out, onnx_model.SerializeToString())
+    except BaseException:
+        deploy_graph_path(out).unlink(missing_ok=True)  # no half export: both files or neither
+        raise
     elapsed = time.perf_counter() - started
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {len(onnx_model.graph.node)} nodes) in {elapsed:.2f} s")
     report = {"output": str(out), "deploy_graph": str(deploy_graph_path(out)), "export_seconds": elapsed, **graph.meta}
