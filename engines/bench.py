@@ -56,6 +56,9 @@ class BenchSettings:
         dataset: "cifar10" or "imagefolder".
         limit: evaluate on this many test images (evenly spaced), or all.
         reference: fatq checkpoint to measure agreement against, or None.
+        reference_mode: "eval" compares with the trained fake-quant model (float BN and bias);
+            "deploy" with export's deploy reference of the same checkpoint (engine integer
+            semantics: int32 bias, requantization), which integer engines should match bit for bit.
         min_agreement: gate bound on top-1 agreement (%), or None.
         max_accuracy_drop: gate bound on the top-1 drop against the reference (points), or None.
         runner_options: torch mode and TensorRT build settings.
@@ -70,6 +73,7 @@ class BenchSettings:
     dataset: str = "cifar10"
     limit: int | None = None
     reference: Path | None = None
+    reference_mode: str = "eval"
     min_agreement: float | None = None
     max_accuracy_drop: float | None = None
     runner_options: RunnerOptions = field(default_factory=RunnerOptions)
@@ -229,7 +233,7 @@ def _open_runners(stack: contextlib.ExitStack, specs: list[RunSpec], options: Ru
 
 
 def _open_reference(stack: contextlib.ExitStack, settings: BenchSettings, sample_shape: tuple) -> tuple:
-    """The reference checkpoint's eval-mode runner and its checkpoint dict, or (None, None)."""
+    """The reference checkpoint's runner (eval or deploy mode) and its checkpoint dict, or (None, None)."""
     if settings.reference is None:
         return None, None
     from engines.torch_runner import TorchRunner
@@ -241,7 +245,9 @@ def _open_reference(stack: contextlib.ExitStack, settings: BenchSettings, sample
             f"the reference {settings.reference} takes {tuple(data['input_size'])} inputs, "
             f"the models take {tuple(sample_shape)}."
         )
-    runner = TorchRunner.from_checkpoint(settings.reference, mode="eval", threads=settings.threads, name="reference")
+    runner = TorchRunner.from_checkpoint(
+        settings.reference, mode=settings.reference_mode, threads=settings.threads, name="reference"
+    )
     stack.callback(runner.close)
     return runner.activate(), data
 
@@ -311,7 +317,7 @@ def _evaluate(
         summary = {
             "checkpoint": str(settings.reference),
             "sha256": sha256_file(settings.reference),
-            "mode": "eval",
+            "mode": settings.reference_mode,
             "arch": reference_data["arch"],
             "spec": reference_data["spec"],
         }

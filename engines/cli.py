@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fatq checkpoint whose eval-mode model every run is compared with",
     )
     parser.add_argument(
+        "--reference-mode",
+        choices=MODES,
+        default="eval",
+        help="reference model: eval = the trained fake-quant model (default); deploy = its deploy reference, "
+        "the same checkpoint with the engines' integer semantics (int32 bias), which int8 engines match exactly",
+    )
+    parser.add_argument(
         "--min-agreement",
         type=_percent,
         metavar="PCT",
@@ -194,6 +201,7 @@ def _run(argv: list[str] | None) -> int:
         dataset=args.dataset,
         limit=args.limit,
         reference=args.reference,
+        reference_mode=args.reference_mode,
         min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
         runner_options=RunnerOptions(
