@@ -23,13 +23,12 @@ headers and is checked against a real TensorRT only by ``tests/test_trt_calibrat
 from __future__ import annotations
 
 import math
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fatq.cli_common import write_bytes_atomic
 from fatq.errors import FatqError
 
 INT8_MAX = 127
@@ -133,14 +132,7 @@ def write_cache(path: str | Path, cache: CalibrationCache | bytes) -> None:
     if not path.parent.is_dir():
         raise FatqError(f"directory {path.parent} for the calibration cache does not exist.")
     data = cache if isinstance(cache, bytes) else format_cache(cache).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def cache_from_scales(

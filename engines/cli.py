@@ -20,11 +20,11 @@ from pathlib import Path
 
 from engines.bench import BenchSettings, run_benchmark
 from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind
-from engines.report import markdown_report, terminal_report, write_plot, write_text_atomic
+from engines.report import markdown_report, terminal_report, write_plot
 from engines.run_plan import ENGINES, PRECISIONS, RunnerOptions
 from engines.torch_runner import MODES
 from engines.trt_builder import TYPINGS
-from fatq.cli_common import run_cli, write_json_atomic
+from fatq.cli_common import run_cli, write_json_atomic, write_text_atomic
 from fatq.errors import FatqError
 
 DEFAULT_ENGINE = {ONNX: "ort", TRT_PLAN: "trt", CHECKPOINT: "torch"}

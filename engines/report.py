@@ -180,21 +180,6 @@ def markdown_report(report: dict) -> str:
     return "\n".join(header) + "\n\n".join(_sections(report, markdown=True)) + "\n"
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plot(report: dict, path: str | Path) -> None:
     """PNG: median latency and throughput per batch size per run, and top-1 (or agreement) per run."""
     path = Path(path)

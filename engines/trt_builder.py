@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.host import GpuInfo, gpu_info
 from engines.model_files import ONNX, detect_model_kind, plan_sidecar_path, read_onnx_info
+from fatq.cli_common import write_bytes_atomic
 from fatq.data import cache_dir
 from fatq.errors import FatqError, MissingExtraError
 from fatq.provenance import __version__, git_commit, sha256_file
@@ -172,17 +171,6 @@ def format_parser_error(error) -> str:
     return f"node {error.node()} '{error.node_name()}' ({error.node_operator()}): {error.desc()}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _default_timing_cache() -> Path:
     return cache_dir() / "trt" / "timing.cache"
 
@@ -244,8 +232,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise FatqError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above).")
-    _atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    _atomic_write_bytes(plan_path, bytes(plan))
+    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(plan_path, bytes(plan))
 
     int8_scales = None
     if settings.precision == "int8":
@@ -272,7 +260,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    _atomic_write_bytes(plan_sidecar_path(plan_path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_bytes_atomic(plan_sidecar_path(plan_path), (json.dumps(sidecar, indent=2) + "\n").encode())
     return sidecar
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fatq.cli_common import run_cli, write_json_atomic
+from fatq.cli_common import run_cli, write_bytes_atomic, write_json_atomic
 from fatq.errors import FatqError
 
 FORMATS = ("onnx", "onnx-fp32", "trt")
@@ -203,17 +201,6 @@ def _metadata(data: dict, checkpoint: Path, graph, args, calibration: dict | Non
     }
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_images(data: dict, args, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     if args.data_dir:
         from fatq.data import load_split
@@ -270,7 +257,7 @@ def export(args, argv: list[str]) -> int:
     assert_deployable(onnx_model)
     graph.save(deploy_graph_path(out))
     try:
-        _atomic_write(out, onnx_model.SerializeToString())
+        write_bytes_atomic(out, onnx_model.SerializeToString())
     except BaseException:
         deploy_graph_path(out).unlink(missing_ok=True)  # no half export: both files or neither
         raise

@@ -33,17 +33,26 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place (no half-written file)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON atomically (see :func:`write_bytes_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
