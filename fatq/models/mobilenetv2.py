@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fatq.models.registry import register_model
-from fatq.models.weight_init import network_layers, reset_batchnorm
+from fatq.models.weight_init import torchvision_init
 from fatq.qconfig import LayerFactory
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 2.
@@ -117,14 +117,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Dropout(dropout), layers.last_linear(LAST_CHANNELS, num_classes))
         # torchvision's initialisation.
-        for m in network_layers(self):
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            else:
-                nn.init.normal_(m.weight, 0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        reset_batchnorm(self)
+        torchvision_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fatq.models.registry import register_model
-from fatq.models.weight_init import network_layers, reset_batchnorm
+from fatq.models.weight_init import torchvision_init
 from fatq.qconfig import LayerFactory
 
 # METHOD.md §4: six convs + one linear ("vgg_7_bn").
@@ -50,14 +50,7 @@ class VGG(nn.Module):
         head: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         self.classifier = nn.Sequential(*head, layers.last_linear(feature_size, num_classes))
         # torchvision's VGG initialisation.
-        for m in network_layers(self):
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            else:
-                nn.init.normal_(m.weight, 0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        reset_batchnorm(self)
+        torchvision_init(self, nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.flatten(self.features(x)))

@@ -28,3 +28,17 @@ def reset_batchnorm(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def torchvision_init(model: nn.Module, nonlinearity: str = "leaky_relu") -> None:
+    """torchvision's VGG/MobileNetV2 scheme: Kaiming-normal (fan_out) convs, N(0, 0.01) linears,
+    zero biases, identity BatchNorms. ``nonlinearity`` as torch.nn.init takes it (VGG: "relu";
+    MobileNetV2 keeps the default "leaky_relu" with slope 0, i.e. the same gain)."""
+    for m in network_layers(model):
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+        else:
+            nn.init.normal_(m.weight, 0, 0.01)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    reset_batchnorm(model)
