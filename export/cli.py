@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=99.99,
         help="min %% of identical int8 values per tensor (default 99.99)",
     )
+    parser.add_argument(
+        "--keep-bias",
+        action="store_true",
+        help="do not move the model's biases onto the engine's int32 grid (see export/engine_bias.py); "
+        "no .reference.pt is written and --check compares with the model as trained",
+    )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
     parser.add_argument(
         "--lint", metavar="FILE", help="only check FILE against the deployment rules (exit 1 on findings)"
@@ -129,6 +135,12 @@ def deploy_graph_path(onnx_path: str | Path) -> Path:
     """Where the deploy graph of an exported file lives: model.onnx -> model.deploy.npz."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.stem + ".deploy.npz")
+
+
+def reference_checkpoint_path(onnx_path: str | Path) -> Path:
+    """Where the PyTorch model an int8 file computes is saved: model.onnx -> model.reference.pt."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.stem + ".reference.pt")
 
 
 def _check_finite(model: torch.nn.Module) -> None:
@@ -243,47 +255,87 @@ def export(args, argv: list[str]) -> int:
         uncalibrated = uncalibrated if calibration else None
     # the float file drops activation quantization anyway: quantizers the model keeps float are fine
     folded = fold(model, list(data["input_size"]), disabled_quantizers="error" if args.format == "onnx" else "skip")
+    as_trained, projection = None, None
     if args.format == "onnx":
         if not folded.quantized:
             raise FatqError(f"{checkpoint} holds an FP32 model; export it with --format onnx-fp32.")
         graph = lower(folded)
+        if not args.keep_bias:
+            as_trained = copy.deepcopy(model)
+            projection = _project_biases(model, graph, list(data["input_size"]))
     else:
         graph = dequantized(folded)
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
+    if projection is not None:
+        graph.meta["bias_projection"] = {"reference_checkpoint": reference_checkpoint_path(out).name, **projection}
     if args.format == "onnx":
         onnx_model = write_qdq(graph, opset=args.opset, metadata=graph.meta)
     else:
         onnx_model = write_float(graph, opset=args.opset, metadata=graph.meta)
     assert_deployable(onnx_model)
-    graph.save(deploy_graph_path(out))
+    companions = [deploy_graph_path(out)] + ([reference_checkpoint_path(out)] if projection else [])
     try:
+        graph.save(deploy_graph_path(out))
+        if projection is not None:
+            _save_reference(model, data, reference_checkpoint_path(out), graph.meta)
         write_bytes_atomic(out, onnx_model.SerializeToString())
     except BaseException:
-        deploy_graph_path(out).unlink(missing_ok=True)  # no half export: both files or neither
+        for path in companions:  # no half export: all files or none
+            path.unlink(missing_ok=True)
         raise
     elapsed = time.perf_counter() - started
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {len(onnx_model.graph.node)} nodes) in {elapsed:.2f} s")
     report = {"output": str(out), "deploy_graph": str(deploy_graph_path(out)), "export_seconds": elapsed, **graph.meta}
     status = 0
     if args.check:
-        report["check"], status = _run_check(out, graph, model, data, args, uncalibrated)
+        report["check"], status = _run_check(out, graph, model, data, args, uncalibrated, as_trained)
     if args.json:
         write_json_atomic(args.json, report)
     return status
 
 
-def _run_check(out: Path, graph, model, data: dict, args, uncalibrated) -> tuple[dict, int]:
+def _project_biases(model, graph, input_size: list[int]) -> dict:
+    """Move ``model``'s biases onto ``graph``'s int32 grid and prove the integers did not change."""
+    from export.engine_bias import project_biases, verify_projection
+    from export.fold import fold
+    from export.lower import lower
+
+    report = project_biases(model, graph)
+    verify_projection(graph, lower(fold(model, input_size)))
+    return report
+
+
+def _save_reference(model, data: dict, path: Path, meta: dict) -> None:
+    """The checkpoint of the PyTorch model the int8 file computes (calibrated, biases on the grid)."""
+    from fatq.checkpoint import save_checkpoint
+
+    provenance = {k: meta[k] for k in ("source_checkpoint", "source_checkpoint_sha256", "export_command")}
+    save_checkpoint(
+        path,
+        model,
+        data["normalization"],
+        data.get("class_names"),
+        derived_from=provenance,
+        calibration=meta["calibration"],
+        bias_projection=meta["bias_projection"],
+    )
+
+
+def _run_check(out: Path, graph, model, data: dict, args, uncalibrated, as_trained) -> tuple[dict, int]:
     from export.parity import compare, float_baseline
 
     images, labels, source = _check_images(data, args, graph.input_shape)
     if graph.quantized:
-        compared, label = model, "checkpoint, eval mode" + (" (calibrated)" if uncalibrated is not None else "")
+        label = "checkpoint, eval mode" + (" (calibrated)" if uncalibrated is not None else "")
+        if as_trained is not None:
+            label += f", biases on the engine grid ({reference_checkpoint_path(out).name})"
+        compared = model
     elif graph.meta.get("dequantized_from_quantized_model"):
         compared = float_baseline(model)
         label = "checkpoint, eval mode, activation quantizers disabled (the float baseline this file is)"
     else:
         compared, label = model, "checkpoint, eval mode"
-    result = compare(out, graph, compared, images, labels, quiet=args.quiet)
+    result = compare(out, graph, compared, images, labels, quiet=args.quiet, as_trained=as_trained)
     result.update(data=source, compared_model=label)
     if uncalibrated is not None and labels is not None:
         # the accuracy effect of calibrating the quantizers the model kept float
@@ -319,6 +371,8 @@ def _print_check(r: dict) -> None:
         ("reference vs checkpoint", r["reference_vs_checkpoint"]),
         ("onnxruntime vs reference", r["onnxruntime_vs_reference"]),
     )
+    if "onnxruntime_vs_as_trained" in r:
+        rows += (("onnxruntime vs as trained", r["onnxruntime_vs_as_trained"]),)
     for label, row in rows:
         print(
             f"  {label:<28} {row['top1_agreement_pct']:>11.3f}% {row['max_abs_logit_diff']:>13.6f} "

@@ -126,6 +126,7 @@ def compare(
     batch_size: int = 250,
     threads: int | None = None,
     quiet: bool = False,
+    as_trained: nn.Module | None = None,
 ) -> dict:
     """Compare ONNX Runtime, the deploy reference and the PyTorch model on ``images``.
 
@@ -138,6 +139,9 @@ def compare(
         batch_size: images per run.
         threads: ONNX Runtime intra-op threads (None: its default).
         quiet: no progress bar.
+        as_trained: the model before its biases were moved onto the engine grid
+            (:mod:`export.engine_bias`); ONNX Runtime is also compared with it, reported under
+            ``"as_trained"``.
 
     Returns:
         The report (see ``fatq-export --help``; keys documented in the README).
@@ -149,12 +153,14 @@ def compare(
     production = _session(str(onnx_path), threads)
     debug = _session(with_outputs(onnx_model, {n: s is None for n, s in exposed.values()}), threads)
     debug_names = [OUTPUT_NAME, *(name for name, _ in exposed.values())]
-    pairs = {"ort_model": _Pair(), "ref_model": _Pair(), "ort_ref": _Pair()}
-    correct = {"onnxruntime": 0, "reference": 0, "checkpoint": 0}
+    pairs = {"ort_model": _Pair(), "ref_model": _Pair(), "ort_ref": _Pair(), "ort_trained": _Pair()}
+    correct = {"onnxruntime": 0, "reference": 0, "checkpoint": 0, "checkpoint_as_trained": 0}
     same = dict.fromkeys(exposed, 0)
     total = dict.fromkeys(exposed, 0)
     debug_identical = True
     model.eval()
+    if as_trained is not None:
+        as_trained.eval()
     steps = (images.shape[0] + batch_size - 1) // batch_size
     for x, y in progress(_batches(images, labels, batch_size), total=steps, desc="checking", quiet=quiet):
         x = x.float().contiguous()
@@ -165,13 +171,19 @@ def compare(
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
             model_logits = model(x).float().numpy()
+            trained_logits = as_trained(x).float().numpy() if as_trained is not None else None
         ref_logits = ref_logits.numpy()
         pairs["ort_model"].update(ort_logits, model_logits)
+        if trained_logits is not None:
+            pairs["ort_trained"].update(ort_logits, trained_logits)
         pairs["ref_model"].update(ref_logits, model_logits)
         pairs["ort_ref"].update(ort_logits, ref_logits)
         if y is not None:
             truth = y.numpy()
-            for key, logits in (("onnxruntime", ort_logits), ("reference", ref_logits), ("checkpoint", model_logits)):
+            runs = [("onnxruntime", ort_logits), ("reference", ref_logits), ("checkpoint", model_logits)]
+            if trained_logits is not None:
+                runs.append(("checkpoint_as_trained", trained_logits))
+            for key, logits in runs:
                 correct[key] += int((logits.argmax(1) == truth).sum())
         for tensor, (name, scale) in exposed.items():
             value = debug_out[name]
@@ -186,12 +198,17 @@ def compare(
         **pairs["ort_model"].result(),
         "reference_vs_checkpoint": pairs["ref_model"].result(),
         "onnxruntime_vs_reference": pairs["ort_ref"].result(),
-        "accuracy": {k: (100.0 * v / count if labels is not None else None) for k, v in correct.items()},
+        "accuracy": {
+            k: (100.0 * v / count if labels is not None else None)
+            for k, v in correct.items()
+            if as_trained is not None or k != "checkpoint_as_trained"
+        },
         "int8_identical_pct": identical,
         "int8_identical_pct_min": min(identical.values()) if identical else None,
         "int8_tensors": len(identical),
         "unobserved_int8_tensors": sorted(set(quant) - set(exposed)),
         "debug_copy_logits_identical": debug_identical,
+        **({"onnxruntime_vs_as_trained": pairs["ort_trained"].result()} if as_trained is not None else {}),
         "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(),
     }
     try:

@@ -12,10 +12,10 @@ import torch
 from conftest import make_image_folder
 from export_helpers import trained_like
 
-from export.cli import deploy_graph_path, main
+from export.cli import deploy_graph_path, main, reference_checkpoint_path
 from export.deploy_graph import DeployGraph
 from export.qdq_writer import read_metadata
-from fatq.checkpoint import CIFAR_NORMALIZATION, save_checkpoint
+from fatq.checkpoint import CIFAR_NORMALIZATION, load_fatq_checkpoint, save_checkpoint
 from fatq.models import create_model
 from fatq.qconfig import QuantSpec
 
@@ -58,9 +58,28 @@ def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
         assert key in check
     assert check["images"] == 12 and check["passed"] is True
     assert check["int8_identical_pct_min"] == 100.0 and len(check["int8_identical_pct"]) == check["int8_tensors"]
-    assert set(check["accuracy"]) == {"onnxruntime", "reference", "checkpoint"}
+    assert set(check["accuracy"]) == {"onnxruntime", "reference", "checkpoint", "checkpoint_as_trained"}
+    assert check["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert "top1_agreement_pct" in check["onnxruntime_vs_as_trained"]
     assert main([*args, "--min-agreement", "100.1"]) == 1
     assert json.loads(report.read_text())["check"]["passed"] is False
+
+
+def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main([str(checkpoint), "-o", str(out), "--quiet"]) == 0
+    saved = load_fatq_checkpoint(reference_checkpoint_path(out))
+    assert saved["derived_from"]["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert 0 < saved["bias_projection"]["max_shift_levels"] < 0.5
+    original = load_fatq_checkpoint(checkpoint)["state_dict"]
+    moved = [k for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, original[k])]
+    assert moved and all(k.endswith(".bias") for k in moved)  # only biases move
+    meta = json.loads(read_metadata(onnx.load(str(out)))["bias_projection"])
+    assert meta["reference_checkpoint"] == "m.reference.pt"
+    kept = tmp_path / "kept.onnx"
+    assert main([str(checkpoint), "-o", str(kept), "--keep-bias", "--quiet"]) == 0
+    assert not reference_checkpoint_path(kept).exists()
+    assert "bias_projection" not in read_metadata(onnx.load(str(kept)))
 
 
 def test_fp32_format_and_fp32_checkpoint(checkpoint, tmp_path):
@@ -166,7 +185,7 @@ def test_bad_checkpoints_exit_2_with_one_sentence(case, checkpoint, tmp_path, ca
     assert main([str(path), "-o", str(out), "--quiet"]) == 2
     err = _error(capsys)
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+    assert not list(tmp_path.glob("out.*")) and not list(tmp_path.glob(".out.*"))
 
 
 def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys):
