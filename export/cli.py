@@ -79,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="min %% of identical int8 values per tensor (default 99.99)",
     )
     parser.add_argument(
-        "--keep-bias",
+        "--as-trained",
         action="store_true",
-        help="do not move the model's biases onto the engine's int32 grid (see export/engine_bias.py); "
-        "no .reference.pt is written and --check compares with the model as trained",
+        help="export the model exactly as trained: do not move its biases onto the engine's int32 grid "
+        "nor its BN scales off rounding ties (export/engine_bias.py); no .reference.pt is written and "
+        "--check compares with the model as trained",
     )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
     parser.add_argument(
@@ -260,9 +261,12 @@ def export(args, argv: list[str]) -> int:
         if not folded.quantized:
             raise FatqError(f"{checkpoint} holds an FP32 model; export it with --format onnx-fp32.")
         graph = lower(folded)
-        if not args.keep_bias:
+        if not args.as_trained:
+            from export.engine_bias import make_engine_exact
+
             as_trained = copy.deepcopy(model)
-            projection = _project_biases(model, graph, list(data["input_size"]))
+            input_size = list(data["input_size"])
+            graph, projection = make_engine_exact(model, lambda m: lower(fold(m, input_size)))
     else:
         graph = dequantized(folded)
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
@@ -294,19 +298,8 @@ def export(args, argv: list[str]) -> int:
     return status
 
 
-def _project_biases(model, graph, input_size: list[int]) -> dict:
-    """Move ``model``'s biases onto ``graph``'s int32 grid and prove the integers did not change."""
-    from export.engine_bias import project_biases, verify_projection
-    from export.fold import fold
-    from export.lower import lower
-
-    report = project_biases(model, graph)
-    verify_projection(graph, lower(fold(model, input_size)))
-    return report
-
-
 def _save_reference(model, data: dict, path: Path, meta: dict) -> None:
-    """The checkpoint of the PyTorch model the int8 file computes (calibrated, biases on the grid)."""
+    """The checkpoint of the PyTorch model the int8 file computes (calibrated, on the engine grid)."""
     from fatq.checkpoint import save_checkpoint
 
     provenance = {k: meta[k] for k in ("source_checkpoint", "source_checkpoint_sha256", "export_command")}
@@ -328,7 +321,7 @@ def _run_check(out: Path, graph, model, data: dict, args, uncalibrated, as_train
     if graph.quantized:
         label = "checkpoint, eval mode" + (" (calibrated)" if uncalibrated is not None else "")
         if as_trained is not None:
-            label += f", biases on the engine grid ({reference_checkpoint_path(out).name})"
+            label += f", on the engine grid ({reference_checkpoint_path(out).name})"
         compared = model
     elif graph.meta.get("dequantized_from_quantized_model"):
         compared = float_baseline(model)

@@ -5,9 +5,16 @@ and owns three children with uniform names, which configs, calibration and expor
 path: ``weight_transform`` (FAT transform or Identity), ``weight_quantizer`` and
 ``input_quantizer``.
 
-In eval mode with gradients off, the quantized weight is computed once and cached; the cache is
+In eval mode with gradients off, the integer weights are computed once and cached; the cache is
 keyed by the version counters of the parameters it depends on, so an optimizer step or a
-``load_state_dict`` invalidates it.
+``load_state_dict`` invalidates it. That mode also computes the conv/linear the way an integer
+engine does: on the integers of the input and the weights, exactly (a float32 sum of integer
+products is exact while every partial sum stays below 2^24), then times s_x · s_w. In real
+arithmetic this is the same function as the fake-quant forward; in float32 it removes the
+rounding of a float sum of fake-quant products (up to ~1e-5 relative after cancellation), which
+is enough to send values that sit within that distance of a rounding boundary of the next
+quantizer to the other side than the engine does. Layers whose sums could reach 2^24 keep the
+fake-quant form.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from torch import Tensor, nn
 from fatq.transform import FATTransform
 
 
+EXACT_FLOAT32_SUM = 2**24
+
+
 class _QuantizedWeightMixin:
-    """Shared weight path: transform -> quantizer, with the eval-mode cache."""
+    """Shared weight path: transform -> quantizer, with the eval-mode cache and integer forward."""
 
     weight: nn.Parameter
     weight_transform: nn.Module
     weight_quantizer: nn.Module
+    input_quantizer: nn.Module
 
     def _cache_key(self) -> tuple:
         params = [self.weight, *self.weight_transform.parameters(), *self.weight_quantizer.parameters()]
@@ -43,11 +54,38 @@ class _QuantizedWeightMixin:
         """Fake-quantized weight = integers * scale (cached in eval mode without grad)."""
         if self.training or torch.is_grad_enabled():
             return self.weight_quantizer(self.transformed_weight())
+        return self._eval_weights()[0]
+
+    def _eval_weights(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """(integers * scale, integers, scale, integer forward is exact), cached."""
         key = self._cache_key()
         if getattr(self, "_cached_key", None) != key:
-            self._cached_weight = self.weight_quantizer(self.transformed_weight())
+            integers, scale = self.weight_integers()
+            fan_in = integers[0].numel()
+            levels = max(abs(v) for v in self.input_quantizer.int_range)
+            exact = fan_in * levels * float(integers.abs().max()) < EXACT_FLOAT32_SUM
+            self._cached = (integers * scale, integers, scale, exact)
             self._cached_key = key
-        return self._cached_weight
+        return self._cached
+
+    def _integer_forward(self, x: Tensor, op) -> Tensor | None:
+        """op(q_x, q_w) * s_x * s_w + bias in eval mode when exact there, else None (see module doc)."""
+        if self.training or torch.is_grad_enabled() or not self.input_quantizer.enabled:
+            return None
+        if torch.is_autocast_enabled(x.device.type):  # fp16/bf16 sums are not exact
+            return None
+        _, integers, weight_scale, exact = self._eval_weights()
+        if not exact:
+            return None
+        # the module call (not .integers()) so that hooks on the quantizer see it, as in training;
+        # q · s / s rounds back to q exactly (|q| <= 255, one float32 rounding in between)
+        input_scale = self.input_quantizer.scale
+        q_x = (self.input_quantizer(x) / input_scale).round_()
+        acc = op(q_x, integers)
+        # per-channel weight scales are [C_out, 1, ...]: move C_out to dim 1 of the output
+        scale = input_scale * weight_scale.reshape(1, -1, *([1] * (acc.dim() - 2)))
+        out = acc * scale
+        return out if self.bias is None else out + self.bias.reshape(1, -1, *([1] * (acc.dim() - 2)))
 
 
 class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
@@ -68,6 +106,9 @@ class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in, H, W] -> [B, C_out, H', W']."""
+        exact = self._integer_forward(x, lambda q_x, q_w: self._conv_forward(q_x, q_w, None))
+        if exact is not None:
+            return exact
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
@@ -82,6 +123,9 @@ class QuantLinear(_QuantizedWeightMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in] -> [B, C_out]."""
+        exact = self._integer_forward(x, F.linear)
+        if exact is not None:
+            return exact
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 

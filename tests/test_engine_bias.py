@@ -9,7 +9,16 @@ import pytest
 import torch
 from export_helpers import input_shape_for, trained_like
 
-from export.engine_bias import engine_bias, project_biases, verify_projection
+from export.deploy_graph import tensor_quant
+from export.engine_bias import (
+    TIE_MARGIN,
+    _Lattice,
+    avoid_ties,
+    engine_bias,
+    make_engine_exact,
+    project_biases,
+    verify_projection,
+)
 from export.fold import fold
 from export.lower import lower
 from export.reference import DeployReference
@@ -74,3 +83,45 @@ def test_projection_needs_the_integer_graph():
     model = trained_like("resnet20", 4)
     with pytest.raises(FatqError, match="integer"):
         project_biases(model, fold(model, input_shape_for("resnet20")))
+
+
+def _nearest_tie_distance(graph) -> float:
+    """Smallest |float32(N)·M − (k + ½)| over the reachable N next to each boundary, non-dense channels."""
+    quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
+    worst = np.inf
+    for node in graph.nodes:
+        if node.op not in ("qconv", "qlinear") or node.attrs["out_quant"] is None:
+            continue
+        lattice = _Lattice(node, quant[node.inputs[0]])
+        for c in range(lattice.multiplier.size):
+            m = np.float32(lattice.multiplier[c])
+            if m < 4 * TIE_MARGIN:
+                continue
+            for t in lattice.boundaries:
+                centre = np.floor(t / float(m))
+                n = np.arange(centre - 3, centre + 4)
+                n = n[(n >= lattice.low[c]) & (n <= lattice.high[c])].astype(np.float32)
+                if n.size:
+                    worst = min(worst, float(np.abs((n * m).astype(np.float64) - t).min()))
+    return worst
+
+
+def test_avoid_ties_clears_every_reachable_value_of_the_boundaries():
+    model = trained_like("resnet20", 4, seed=3)
+    lower_model = _lowered
+    assert _nearest_tie_distance(_lowered(model)) < TIE_MARGIN  # random models have near-ties too
+    graph, report = avoid_ties(model, lower_model)
+    assert report["channels_moved"] > 0 and report["unresolved"] == []
+    assert 0 < report["max_gamma_change"] < 5e-3
+    assert _nearest_tie_distance(graph) >= TIE_MARGIN
+
+
+def test_make_engine_exact_model_agrees_with_the_deploy_reference():
+    """After both steps the eval model and the engine arithmetic give the same integers everywhere."""
+    model = trained_like("resnet20", 4)
+    graph, report = make_engine_exact(model, _lowered)
+    assert report["ties"]["unresolved"] == [] and report["max_shift_levels"] < 0.5
+    x = torch.randn(64, *input_shape_for("resnet20"), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        difference = (model(x) - DeployReference(graph)(x)).abs().max().item()
+    assert difference < 1e-4

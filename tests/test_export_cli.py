@@ -72,12 +72,14 @@ def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_pat
     assert saved["derived_from"]["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert 0 < saved["bias_projection"]["max_shift_levels"] < 0.5
     original = load_fatq_checkpoint(checkpoint)["state_dict"]
-    moved = [k for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, original[k])]
-    assert moved and all(k.endswith(".bias") for k in moved)  # only biases move
+    moved = [
+        k for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, original[k])
+    ]
+    assert moved and all(k.endswith((".bias", ".weight")) and "bn" in k or k == "linear.bias" for k in moved)
     meta = json.loads(read_metadata(onnx.load(str(out)))["bias_projection"])
     assert meta["reference_checkpoint"] == "m.reference.pt"
     kept = tmp_path / "kept.onnx"
-    assert main([str(checkpoint), "-o", str(kept), "--keep-bias", "--quiet"]) == 0
+    assert main([str(checkpoint), "-o", str(kept), "--as-trained", "--quiet"]) == 0
     assert not reference_checkpoint_path(kept).exists()
     assert "bias_projection" not in read_metadata(onnx.load(str(kept)))
 

@@ -126,8 +126,29 @@ def test_eval_cache_equals_training_output(make):
         y_eval = layer(x)
         cached = layer.quantized_weight()
         assert layer.quantized_weight() is cached  # really cached
-    assert torch.equal(y_eval, y_train)
+    # eval runs the integer form of the same function: equal up to float32 rounding
+    torch.testing.assert_close(y_eval, y_train, rtol=1e-5, atol=1e-5)
     assert torch.equal(cached, _fresh_weight(layer))
+
+
+@pytest.mark.parametrize("make", [quant_conv, quant_linear], ids=["conv", "linear"])
+def test_eval_forward_is_the_exact_integer_product(make):
+    """Eval output = float32(Σ q_x q_w · s_x s_w) with the sum exact: within 2 roundings of float64 truth."""
+    layer = make().eval()
+    is_conv = isinstance(layer, QuantConv2d)
+    x = torch.rand(2, 4, 6, 6) * 3 if is_conv else torch.rand(2, 12) * 3
+    with torch.no_grad():
+        y_eval = layer(x).double()
+        q_x, s_x = layer.input_quantizer.integers(x)
+        q_w, s_w = layer.weight_integers()
+        op = (lambda a, w: layer._conv_forward(a, w, None)) if is_conv else torch.nn.functional.linear
+        truth = op(q_x.double(), q_w.double()) * float(s_x) * float(s_w)
+        if layer.bias is not None:
+            truth = truth + layer.bias.double().reshape(1, -1, *([1] * (truth.dim() - 2)))
+        fake_quant = op(layer.input_quantizer(x), layer.quantized_weight()).double()
+    exact_error = (y_eval - truth).abs().max().item()
+    assert exact_error <= 3 * torch.finfo(torch.float32).eps * truth.abs().max().item()
+    assert exact_error <= (fake_quant - truth).abs().max().item() + 1e-12
 
 
 @pytest.mark.parametrize("parameter", ["weight", "weight_quantizer.alpha", "weight_transform.mask.weight"])
