@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from fatq.transform import FATTransform
 
-
 EXACT_FLOAT32_SUM = 2**24
 
 
