@@ -2,9 +2,11 @@
 
 CPU sessions use ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``, sequential
 execution and every graph optimization (at level >= EXTENDED ORT fuses QDQ groups into
-QLinearConv/QLinearMatMul; DEPLOY.md). Intra-op threads do not spin after a run
-(``session.intra_op.allow_spinning = 0``): fatq-bench runs several sessions and engines in
-turns, and spinning threads of the session that just ran would steal the cores from the next one.
+QLinearConv/QLinearMatMul; DEPLOY.md). Intra-op threads spin between ops as ONNX Runtime does
+by default (what users get; without spinning the int8 ResNet-20, with its many small Q/DQ/Clip
+ops, ran 10 % slower at batch 64); fatq-bench gives every runner an untimed call at the start of
+each turn (:func:`engines.timing.time_interleaved`), so the spinning tail of the session that ran
+before does not land in the timed calls.
 The CUDA and TensorRT execution providers need the
 onnxruntime-gpu wheel and a GPU; they were not run in this project's CI (no GPU there).
 """
@@ -112,7 +114,6 @@ class OrtRunner(Runner):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see module docstring
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=self._provider_list(ort))

@@ -126,7 +126,8 @@ def time_interleaved(
         batch_size: images per call (for throughput).
         warmup: untimed calls per runner before timing (also compiles per-shape models).
         iterations: timed calls per runner, split over ``rounds`` turns.
-        rounds: number of turns; each runner runs ``iterations / rounds`` calls per turn.
+        rounds: number of turns; each runner runs ``iterations / rounds`` timed calls per turn,
+            after one untimed call.
         on_step: called after every timed or warm-up call (progress bars).
 
     Returns:
@@ -144,6 +145,9 @@ def time_interleaved(
     per_round = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for label, runner in runners.items():
+            # one untimed call per turn: the runner that ran before may still hold the cores
+            # (ONNX Runtime's spinning threads) and this runner's data has left the caches
+            runner.infer(feeds[label])
             for _ in range(count):
                 start = time.perf_counter_ns()
                 runner.infer(feeds[label])
