@@ -3,7 +3,8 @@
 Exports a trained W4A4 checkpoint twice (``fatq-export --format onnx`` and ``--format onnx-fp32``),
 runs ``fatq-bench`` on both files in one process (interleaved timing, same threads), and prints
 the README table: throughput per engine and precision, the int8/fp32 ratio per engine, top-1 on
-the test split and top-1 agreement with the PyTorch model.
+the test split and top-1 agreement with the PyTorch model the int8 file computes (the
+``.reference.pt`` fatq-export writes beside it).
 
 OpenVINO's fp32 run is forced to f32 (``INFERENCE_PRECISION_HINT=f32``); its bf16 mode is a
 separate, labelled row (on CPUs without native BF16 the table says so).
@@ -139,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     export = _tool("fatq-export")
     _run([export, str(args.checkpoint), "--format", "onnx", "-o", str(int8)])
     _run([export, str(args.checkpoint), "--format", "onnx-fp32", "-o", str(fp32)])
+    # the PyTorch model the int8 file computes (fatq-export writes it beside the file; README, Export)
+    reference = work / "resnet20-w4a4.reference.pt"
     report_path = work / "bench.json"
     bench = [_tool("fatq-bench"), str(int8), str(fp32), "--engine", "ort", "--engine", "openvino",
              "--precision", "int8", "--precision", "fp32", "--precision", "bf16",
              "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--iterations", str(args.iterations),
-             "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--reference", str(args.checkpoint),
+             "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--reference", str(reference),
              "--json", str(report_path), "--markdown", str(work / "bench.md"), "--plot", str(work / "bench.png"),
              "--quiet"]  # fmt: skip
     if args.limit:
