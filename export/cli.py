@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--as-trained",
         action="store_true",
         help="export the model exactly as trained: do not move its biases onto the engine's int32 grid "
-        "nor its BN scales off rounding ties (export/engine_bias.py); no .reference.pt is written and "
+        "nor its BN scales off rounding ties (export/engine_exact.py); no .reference.pt is written and "
         "--check compares with the model as trained",
     )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
@@ -262,7 +262,7 @@ def export(args, argv: list[str]) -> int:
             raise FatqError(f"{checkpoint} holds an FP32 model; export it with --format onnx-fp32.")
         graph = lower(folded)
         if not args.as_trained:
-            from export.engine_bias import make_engine_exact
+            from export.engine_exact import make_engine_exact
 
             as_trained = copy.deepcopy(model)
             input_size = list(data["input_size"])

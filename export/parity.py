@@ -140,7 +140,7 @@ def compare(
         threads: ONNX Runtime intra-op threads (None: its default).
         quiet: no progress bar.
         as_trained: the model before its biases were moved onto the engine grid
-            (:mod:`export.engine_bias`); ONNX Runtime is also compared with it, reported under
+            (:mod:`export.engine_exact`); ONNX Runtime is also compared with it, reported under
             ``"as_trained"``.
 
     Returns:

@@ -14,7 +14,7 @@ fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$FATQ_DATA_DIR
   --pretrained "$FATQ_PRETRAINED_DIR/resnet20-cifar10-fp32.th" --epochs 1 --max-steps "$steps" \
   --device cpu --job-dir "$work/train" --json "$work/train.json" --quiet
 # The int8 export also writes resnet20-w4a4.reference.pt: the checkpoint with its biases moved onto
-# the engines' int32 grid (export/engine_bias.py), i.e. the PyTorch model the int8 file computes.
+# the engines' int32 grid (export/engine_exact.py), i.e. the PyTorch model the int8 file computes.
 fatq-export "$work/train/last.pt" --format onnx -o "$work/resnet20-w4a4.onnx" --quiet
 fatq-export "$work/train/last.pt" --format onnx-fp32 -o "$work/resnet20-w4a4-fp32.onnx" --quiet
 # Gate 1 (parity): every int8 engine agrees >= 99.9 % top-1 with that PyTorch model.

@@ -20,8 +20,10 @@ them lies within ~1e-6 of a rounding boundary k + ½ of the next quantizer. The 
 model (which computes the same value with other float32 roundings, up to ~2e-6 levels apart,
 measured) then round it to different sides every time the accumulator takes that value — in a
 trained ResNet-20 W4A4 one such channel changed 0.2 % of the top-1 predictions. :func:`avoid_ties`
-scales that channel's BatchNorm γ by 1 + ε (|ε| ≲ 1e-4) so that no value N · M comes closer than
-:data:`TIE_MARGIN` to a boundary. :func:`make_engine_exact` runs both steps.
+scales that channel's BatchNorm γ by 1 + ε (|ε| ≤ 3e-3; on trained ResNet-20 W4A4 models about a
+quarter of the channels moved, by at most 1.5e-3) so that no value N · M comes closer than
+:data:`TIE_MARGIN` to a boundary. Channels with M < 4 · TIE_MARGIN are left alone: no γ change clears
+such a dense set of values, and a given value of it is rarely hit. :func:`make_engine_exact` runs both steps.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _EPSILONS = np.array([sign * step * 1e-5 for step in range(1, 301) for sign in (
 _MAX_ROUNDS = 8
 
 
-def engine_bias(params: dict, input_scale: float) -> np.ndarray:
+def engine_exact(params: dict, input_scale: float) -> np.ndarray:
     """The bias an engine adds, in real units: bias_int32 · float32(s_x · s_w,c), float64 [C_out]."""
     step = np.float32(input_scale) * params["weight_scale"].astype(np.float32)
     return params["bias_int32"].astype(np.float64) * step.astype(np.float64)
@@ -80,7 +82,7 @@ def project_biases(model: nn.Module, graph: DeployGraph) -> dict:
         if node.op not in INTEGER_LAYERS:
             continue
         path, module = _bias_owner(node, modules)
-        shift = engine_bias(node.params, node.attrs["input_scale"]) - node.params["bias"]
+        shift = engine_exact(node.params, node.attrs["input_scale"]) - node.params["bias"]
         if not shift.any():
             continue  # already on the grid (e.g. a layer without bias: 0 stays 0)
         if path in shifts:  # a conv duplicated for two quantizers: the same bias, the same shift
