@@ -44,7 +44,7 @@ _EPSILONS = np.array([sign * step * 1e-5 for step in range(1, 301) for sign in (
 _MAX_ROUNDS = 8
 
 
-def engine_exact(params: dict, input_scale: float) -> np.ndarray:
+def engine_bias(params: dict, input_scale: float) -> np.ndarray:
     """The bias an engine adds, in real units: bias_int32 · float32(s_x · s_w,c), float64 [C_out]."""
     step = np.float32(input_scale) * params["weight_scale"].astype(np.float32)
     return params["bias_int32"].astype(np.float64) * step.astype(np.float64)
@@ -68,21 +68,22 @@ def project_biases(model: nn.Module, graph: DeployGraph) -> dict:
 
     Returns:
         ``{"layers": {module path: max |shift| in output levels (logits: in logit units)},
-        "max_shift_levels": worst over the layers with a quantized output, "channels": C}``.
+        "max_shift_levels": worst over the layers with a quantized output, "channels": C,
+        "unmoved": [layers without a bias parameter to move (BatchNorm without affine)]}``.
 
     Raises:
-        FatqError: when the graph does not come from ``model`` or a bias is not a parameter.
+        FatqError: when the graph does not come from ``model``.
     """
     if graph.dialect != "integer":
         raise FatqError("bias projection needs the integer (lowered) graph.")
     modules = dict(model.named_modules())
     shifts: dict[str, np.ndarray] = {}
-    report: dict = {"layers": {}, "max_shift_levels": 0.0, "channels": 0}
+    report: dict = {"layers": {}, "max_shift_levels": 0.0, "channels": 0, "unmoved": []}
     for node in graph.nodes:
         if node.op not in INTEGER_LAYERS:
             continue
         path, module = _bias_owner(node, modules)
-        shift = engine_exact(node.params, node.attrs["input_scale"]) - node.params["bias"]
+        shift = engine_bias(node.params, node.attrs["input_scale"]) - node.params["bias"]
         if not shift.any():
             continue  # already on the grid (e.g. a layer without bias: 0 stays 0)
         if path in shifts:  # a conv duplicated for two quantizers: the same bias, the same shift
@@ -100,8 +101,9 @@ def project_biases(model: nn.Module, graph: DeployGraph) -> dict:
     with torch.no_grad():
         for path, shift in shifts.items():
             bias = getattr(modules[path], "bias", None)
-            if not isinstance(bias, torch.Tensor):
-                raise FatqError(f"{path} has no bias parameter to move onto the engine grid.")
+            if not isinstance(bias, torch.Tensor):  # e.g. BatchNorm(affine=False): left as trained
+                report["unmoved"].append(path)
+                continue
             bias.add_(torch.from_numpy(shift).to(bias.dtype))
     return report
 
@@ -196,8 +198,8 @@ def avoid_ties(model: nn.Module, lower_model) -> tuple[DeployGraph, dict]:
     for _ in range(_MAX_ROUNDS):
         changes = []
         for path, lattices in _lattices(graph).items():
-            if path is None:
-                continue  # no BatchNorm to scale: left as is, reported below
+            if path is None or not isinstance(getattr(modules[path], "weight", None), torch.Tensor):
+                continue  # no BatchNorm γ to scale: left as is, reported below
             for channel in _tied_channels(lattices):
                 epsilon = _gamma_change(lattices, int(channel))
                 if epsilon is not None:

@@ -14,7 +14,7 @@ from export.engine_exact import (
     TIE_MARGIN,
     _Lattice,
     avoid_ties,
-    engine_exact,
+    engine_bias,
     make_engine_exact,
     project_biases,
     verify_projection,
@@ -37,7 +37,7 @@ def _bias_gap_in_steps(graph) -> float:
     for node in graph.nodes:
         if node.op in ("qconv", "qlinear"):
             step = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-            gap = np.abs(node.params["bias"] - engine_exact(node.params, node.attrs["input_scale"])) / step
+            gap = np.abs(node.params["bias"] - engine_bias(node.params, node.attrs["input_scale"])) / step
             worst = max(worst, float(gap.max()))
     return worst
 
