@@ -92,9 +92,8 @@ def main() -> None:
         (f"stochastic re-rounding, seed {seed}", _stochastic_rounding(trained, graph, seed))
         for seed in range(args.seeds)
     ]
-    print(
-        f"{args.checkpoint}: {len(labels)} test images; torch {torch.__version__}, {platform.processor() or platform.machine()}"
-    )
+    machine = platform.processor() or platform.machine()
+    print(f"{args.checkpoint}: {len(labels)} test images; torch {torch.__version__}, {machine}")
     print("| model | top-1 % | top-1 agreement with the model as trained % |")
     print("|---|---:|---:|")
     for name, model in rows:
