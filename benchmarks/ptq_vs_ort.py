@@ -3,7 +3,8 @@
 Accuracy only (no timing): the public FP32 ResNet-20 on the JPEG CIFAR-10 test split,
 
 * FP32, exported to ONNX (``torch.onnx.export(..., dynamo=False)``) and run in ONNX Runtime;
-* fatq PTQ (``calibration.ptq``) at each ``--bits`` with each calibration method, exported
+* fatq PTQ (``calibration.ptq``) at each ``--bits`` with each calibration method, without and
+  with bias correction (``calibration.bias_correction``, ``--bias-correction``), exported
   with ``fatq-export --format onnx`` and run in ONNX Runtime; while the export stage's QDQ
   writer is missing (or fails) the model is evaluated in PyTorch instead, and the table says so
   in its "measured in" column;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import platform
 import shlex
@@ -39,7 +41,7 @@ import torch
 
 from calibration.calibrators import CALIBRATORS
 from calibration.passes import calibrate
-from calibration.ptq import NormalizedBatches, evaluate_top1, load_fp32_model, quantize_post_training
+from calibration.ptq import NormalizedBatches, evaluate_top1, fp32_twin, load_fp32_model, quantize_post_training
 from fatq.checkpoint import init_from_pretrained, load_fatq_checkpoint, model_from_checkpoint, save_checkpoint
 from fatq.data import ImageSplit, load_split, normalize
 from fatq.layers import QUANTIZED_LAYERS
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(CALIBRATORS), choices=list(CALIBRATORS))
     p.add_argument("--ort-methods", nargs="*", default=list(ORT_METHODS), choices=ORT_METHODS)
     p.add_argument("--weight-method", choices=("max", "mse"), default="max", help="fatq per-channel weight ranges")
+    p.add_argument(
+        "--bias-correction", choices=("on", "off", "both"), default="both", help="fatq PTQ rows with/without it"
+    )
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="picks the calibration images")
@@ -195,16 +200,18 @@ def run_ptq_comparison(args, test, train, work: Path, notes: list) -> list[dict]
     def batches():
         return NormalizedBatches(train.images, normalization, args.calib_batches, args.batch_size, args.seed)
 
-    for bits in args.bits:
-        for method in args.methods:
-            started = time.monotonic()
-            model, _ = load_fp32_model(args.checkpoint, bits, args.arch, num_classes=len(test.class_names))
-            quantize_post_training(model, batches(), method, args.weight_method, quiet=True)
-            ckpt = work / f"ours-w{bits}-{method}.pt"
-            save_checkpoint(ckpt, model, normalization, test.class_names, ptq={"calib_method": method})
-            acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes, work)
-            rows.append({"model": "fatq PTQ", "bits": bits, "method": method, "top1": acc, "measured_in": where})
-            print(f"fatq W{bits}A{bits} {method}: {acc:.2f} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    corrections = {"on": [True], "off": [False], "both": [False, True]}[args.bias_correction]
+    for bits, corrected, method in itertools.product(args.bits, corrections, args.methods):
+        started = time.monotonic()
+        model, _ = load_fp32_model(args.checkpoint, bits, args.arch, num_classes=len(test.class_names))
+        reference = fp32_twin(model, args.checkpoint) if corrected else None
+        quantize_post_training(model, batches(), method, args.weight_method, quiet=True, reference=reference)
+        name = "fatq PTQ + bias correction" if corrected else "fatq PTQ"
+        ckpt = work / f"ours-w{bits}-{method}{'-bc' if corrected else ''}.pt"
+        save_checkpoint(ckpt, model, normalization, test.class_names, ptq={"calib_method": method})
+        acc, where = evaluate_ours(model, ckpt, normalization, test, args.threads, notes, work)
+        rows.append({"model": name, "bits": bits, "method": method, "top1": acc, "measured_in": where})
+        print(f"{name} W{bits}A{bits} {method}: {acc:.2f} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     for method in args.ort_methods:
         started = time.monotonic()
         out = work / f"ort-int8-{method}.onnx"

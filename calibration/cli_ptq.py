@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from calibration.calibrators import CALIBRATORS
-from calibration.ptq import WEIGHT_METHODS, NormalizedBatches, evaluate_top1, load_fp32_model, quantize_post_training
+from calibration.ptq import (
+    WEIGHT_METHODS,
+    NormalizedBatches,
+    evaluate_top1,
+    fp32_twin,
+    load_fp32_model,
+    quantize_post_training,
+)
 from fatq.checkpoint import save_checkpoint
 from fatq.cli_common import run_cli, write_json_atomic
 from fatq.data import load_split
@@ -47,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     parser.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile")
     parser.add_argument("--weight-method", choices=WEIGHT_METHODS, default="max", help="per-channel weight ranges")
+    parser.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="skip matching every layer's output mean to the FP32 model's (calibration/bias_correction.py)",
+    )
     parser.add_argument("--arch", help="architecture of a public checkpoint (fatq checkpoints record theirs)")
     parser.add_argument("--dataset", choices=("cifar10", "imagefolder"), default="cifar10", help="dataset layout")
     parser.add_argument("--seed", type=int, default=0, help="picks the calibration images")
@@ -90,8 +102,9 @@ def _main(argv: list[str] | None) -> int:
     train = load_split(args.data_dir, "train", args.dataset)
     normalization = meta["normalization"]
     batches = NormalizedBatches(train.images, normalization, args.calib_batches, args.batch_size, args.seed)
+    reference = None if args.no_bias_correction else fp32_twin(model, args.checkpoint)
     alphas = quantize_post_training(
-        model, batches, args.calib_method, args.weight_method, quiet=args.quiet, **calib_options
+        model, batches, args.calib_method, args.weight_method, quiet=args.quiet, reference=reference, **calib_options
     )
     accuracy = evaluate_top1(model, test, normalization, args.eval_batch_size, quiet=args.quiet)
 
@@ -113,6 +126,7 @@ def _main(argv: list[str] | None) -> int:
         "calib_split": "train",
         "seed": args.seed,
         "weight_method": args.weight_method,
+        "bias_correction": not args.no_bias_correction,
         "source_checkpoint": str(args.checkpoint),
         "source_sha256": sha256_file(args.checkpoint),
         "source_format": meta["format"],
@@ -127,9 +141,10 @@ def _main(argv: list[str] | None) -> int:
         metrics={"test_top1": accuracy},
         provenance=provenance,
     )
+    correction = "bias correction, " if reference is not None else ""
     print(
         f"{model.arch} PTQ W{args.bits}A{args.bits} ({args.calib_method}, weights {args.weight_method}, "
-        f"{batches.num_images} calibration images): test top-1 {accuracy:.2f}% -> {output}"
+        f"{correction}{batches.num_images} calibration images): test top-1 {accuracy:.2f}% -> {output}"
     )
     if args.json is not None:
         write_json_atomic(

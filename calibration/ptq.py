@@ -8,7 +8,9 @@ per-channel weights, and every activation quantizer given its range by calibrati
    minimises the squared weight error (``weight_method="mse"``);
 3. calibrate every activation quantizer (body inputs at b bits, first/last-layer inputs and
    residual Add inputs at 8 bits) with one of the calibrators, in one pass over the
-   calibration images, with the weights already quantized (see ``calibration.passes``).
+   calibration images, with the weights already quantized (see ``calibration.passes``);
+4. optionally (on by default in fatq-ptq) correct the biases so that every layer's per-channel
+   output mean matches the FP32 model's on the calibration images (``calibration.bias_correction``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from calibration.bias_correction import correct_biases
 from calibration.passes import activation_quantizers, calibrate
 from fatq.checkpoint import init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
 from fatq.cli_common import progress
@@ -84,6 +87,14 @@ def load_fp32_model(
         model = create_model(arch, spec=ptq_spec(bits), num_classes=num_classes or 10)
     meta = init_from_pretrained(model, checkpoint)
     return model, meta
+
+
+def fp32_twin(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """The FP32 model of ``model``'s architecture with ``checkpoint``'s weights (eval mode): the
+    reference bias correction matches output means against."""
+    twin = create_model(model.arch, bits=32, num_classes=model.num_classes, **dict(model.arch_options))
+    init_from_pretrained(twin, checkpoint)
+    return twin.eval()
 
 
 def _per_channel(layer: nn.Module) -> Tensor:
@@ -194,14 +205,19 @@ def quantize_post_training(
     calib_method: str,
     weight_method: str = "max",
     quiet: bool = False,
+    reference: nn.Module | None = None,
     **calib_options,
 ) -> dict[str, float]:
-    """Set weight ranges, then calibrate every activation quantizer of ``model`` (in place).
+    """Set weight ranges, calibrate every activation quantizer of ``model`` (in place), and with a
+    ``reference`` (its :func:`fp32_twin`) correct its biases against it.
 
     Returns:
         {activation quantizer path: alpha}.
     """
     set_weight_ranges(model, weight_method)
-    return calibrate(
+    alphas = calibrate(
         model, batches, calib_method, quantizers=list(activation_quantizers(model)), quiet=quiet, **calib_options
     )
+    if reference is not None:
+        correct_biases(model, reference, batches, quiet=quiet)
+    return alphas

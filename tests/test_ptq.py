@@ -71,17 +71,20 @@ def fp32_checkpoint(tmp_path, tiny_image_folder):
     return path, model
 
 
-@pytest.mark.parametrize(("bits", "method", "weights"), [(8, "entropy", "max"), (4, "percentile", "mse")])
-def test_cli_end_to_end(tmp_path, tiny_image_folder, fp32_checkpoint, bits, method, weights, capsys):
+@pytest.mark.parametrize(
+    ("bits", "method", "weights", "corrected"), [(8, "entropy", "max", False), (4, "percentile", "mse", True)]
+)
+def test_cli_end_to_end(tmp_path, tiny_image_folder, fp32_checkpoint, bits, method, weights, corrected, capsys):
     source, fp32 = fp32_checkpoint
     out, report = tmp_path / "ptq.pt", tmp_path / "ptq.json"
     argv = [str(source), "--bits", str(bits), "--data-dir", str(tiny_image_folder), "--calib-method", method]
     argv += ["--calib-batches", "2", "--batch-size", "4", "--weight-method", weights, "-o", str(out)]
-    argv += ["--json", str(report), "--quiet"]
+    argv += ["--json", str(report), "--quiet"] + ([] if corrected else ["--no-bias-correction"])
     assert main(argv) == 0
     assert "test top-1" in capsys.readouterr().out
     data = load_fatq_checkpoint(out)  # weights_only load of the fatq format
     assert data["ptq"]["calib_method"] == method and data["ptq"]["calib_images"] == 8
+    assert data["ptq"]["bias_correction"] is corrected
     assert data["spec"]["weight_bits"] == bits and data["spec"]["per_channel_weights"]
     assert data["provenance"]["command"].startswith("fatq-ptq") or "--bits" in data["provenance"]["command"]
     model = model_from_checkpoint(data)
