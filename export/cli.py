@@ -3,8 +3,10 @@
     fatq-export CKPT --format onnx [-o OUT] [--opset N] [--calib-data DIR] [--check ...]
     fatq-export --lint model.onnx
 
-Writes OUT (ONNX, with provenance in ``metadata_props``) and OUT's ``.deploy.npz`` (the folded
-deploy graph the file was written from, see :mod:`export.deploy_graph`). Every file is checked
+Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
+deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for int8 files, OUT's
+``.reference.pt``: the checkpoint moved onto the engine's grid (:mod:`export.engine_exact`), i.e. the
+PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. Every file is checked
 against DEPLOY.md's rules before it is written (:mod:`export.graph_check`); nothing is written
 on an error. ``--check`` runs it in ONNX Runtime against the deploy reference and the PyTorch
 model (:mod:`export.parity`) and exits 1 below ``--min-agreement``.
