@@ -232,6 +232,25 @@ def _open_runners(stack: contextlib.ExitStack, specs: list[RunSpec], options: Ru
     return runners, next(iter(shapes.values()))
 
 
+def _note_engine_exact_reference(models: list, settings: BenchSettings) -> None:
+    """Say so when an int8 file computes a ``.reference.pt`` other than the ``--reference`` given."""
+    if settings.reference is None or settings.reference_mode != "eval":
+        return
+    for model in models:
+        if model.kind != ONNX:
+            continue
+        moved = read_onnx_info(model.path).metadata.get("bias_projection")
+        if moved is None:
+            continue
+        computed = Path(model.path).with_name(json.loads(moved)["reference_checkpoint"])
+        if computed.exists() and computed.resolve() != Path(settings.reference).resolve():
+            print(
+                f"fatq-bench: note: {Path(model.path).name} computes {computed.name} (the model on the engine grid, "
+                f"see fatq-export); against {Path(settings.reference).name} expect lower agreement.",
+                file=sys.stderr,
+            )
+
+
 def _open_reference(stack: contextlib.ExitStack, settings: BenchSettings, sample_shape: tuple) -> tuple:
     """The reference checkpoint's runner (eval or deploy mode) and its checkpoint dict, or (None, None)."""
     if settings.reference is None:
@@ -412,6 +431,7 @@ def run_benchmark(
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise FatqError(f"batch sizes must be positive integers, got {list(settings.batch_sizes)}.")
     models = [inspect_model(p) for p in model_paths]
+    _note_engine_exact_reference(models, settings)
     specs, skipped = plan_runs(models, engines, precisions)
     batch_sizes = tuple(dict.fromkeys(settings.batch_sizes))
     options = dataclasses.replace(settings.runner_options, threads=settings.threads, max_batch=max(batch_sizes),

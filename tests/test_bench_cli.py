@@ -154,3 +154,18 @@ def test_bad_input_exits_2_with_one_sentence(resnet_pair, tiny_image_folder, tmp
     out = tmp_path / "never.json"
     _exit2([str(onnx_path), "--engine", "openvino", "--json", str(out), *FAST], capsys, "pip install 'fatq[openvino]'")
     assert not out.exists() and list(tmp_path.glob(".never*")) == []
+
+
+def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_path, capsys):
+    from export.cli import main as export_main
+    from export.cli import reference_checkpoint_path
+
+    trained = tmp_path / "w4.pt"
+    save_resnet_checkpoint(trained, bits=4, num_classes=3)
+    onnx_path = tmp_path / "w4.onnx"
+    assert export_main([str(trained), "-o", str(onnx_path), "--quiet"]) == 0
+    base = [str(onnx_path), "--engine", "ort", "--batch-sizes", "2", "--limit", "8", *FAST]
+    assert main([*base, "--reference", str(trained)]) == 0
+    assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().err
+    assert main([*base, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
+    assert "note:" not in capsys.readouterr().err
