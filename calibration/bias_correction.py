@@ -39,7 +39,8 @@ def _bias_layers(model: nn.Module) -> list[str]:
 
 
 def _channel_means(model: nn.Module, paths: list[str], batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Mean over images and positions of each path's output, per channel (float64 [C])."""
+    """Mean over images and positions of each path's output, per channel (float64 [C]), keyed in
+    the order the forward pass first reached each path."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(paths, 0)
     modules = dict(model.named_modules())
@@ -82,12 +83,12 @@ def correct_biases(
     batches = list(batches)
     references = dict(reference.named_modules())
     paths = [p for p in _bias_layers(quantized) if p in references]
+    # keys in the order the forward pass reached them (module order need not be that order);
+    # layers the forward pass does not reach are absent
     targets = _channel_means(reference, paths, batches)
     modules = dict(quantized.named_modules())
     shifts = {}
-    for path in progress(paths, total=len(paths), desc="bias correction", quiet=quiet):
-        if path not in targets:
-            continue  # not reached by the forward pass
+    for path in progress(targets, total=len(targets), desc="bias correction", quiet=quiet):
         current = _channel_means(quantized, [path], batches)[path]
         shift = targets[path] - current
         with torch.no_grad():

@@ -4,9 +4,9 @@ CPU sessions use ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1`
 execution and every graph optimization (at level >= EXTENDED ORT fuses QDQ groups into
 QLinearConv/QLinearMatMul; DEPLOY.md). Intra-op threads spin between ops as ONNX Runtime does
 by default (what users get; without spinning the int8 ResNet-20, with its many small Q/DQ/Clip
-ops, ran 5–10 % slower at batch 64 in two measurements); fatq-bench gives every runner an untimed call at the start of
-each turn (:func:`engines.timing.time_interleaved`), so the spinning tail of the session that ran
-before does not land in the timed calls.
+ops, ran 5–10 % slower at batch 64 in two measurements); fatq-bench gives every runner an
+untimed call at the start of each turn (:func:`engines.timing.time_interleaved`), so the
+spinning tail of the session that ran before does not land in the timed calls.
 The CUDA and TensorRT execution providers need the
 onnxruntime-gpu wheel and a GPU; they were not run in this project's CI (no GPU there).
 """

@@ -266,7 +266,7 @@ def export(args, argv: list[str]) -> int:
         if not args.as_trained:
             from export.engine_exact import make_engine_exact
 
-            as_trained = copy.deepcopy(model)
+            as_trained = copy.deepcopy(model) if args.check else None  # --check compares with it
             input_size = list(data["input_size"])
             graph, projection = make_engine_exact(model, lambda m: lower(fold(m, input_size)))
     else:
@@ -322,7 +322,7 @@ def _run_check(out: Path, graph, model, data: dict, args, uncalibrated, as_train
     images, labels, source = _check_images(data, args, graph.input_shape)
     if graph.quantized:
         label = "checkpoint, eval mode" + (" (calibrated)" if uncalibrated is not None else "")
-        if as_trained is not None:
+        if "bias_projection" in graph.meta:
             label += f", on the engine grid ({reference_checkpoint_path(out).name})"
         compared = model
     elif graph.meta.get("dequantized_from_quantized_model"):

@@ -139,9 +139,9 @@ def compare(
         batch_size: images per run.
         threads: ONNX Runtime intra-op threads (None: its default).
         quiet: no progress bar.
-        as_trained: the model before its biases were moved onto the engine grid
-            (:mod:`export.engine_exact`); ONNX Runtime is also compared with it, reported under
-            ``"as_trained"``.
+        as_trained: the model before the engine-exact moves (:mod:`export.engine_exact`); ONNX
+            Runtime is also compared with it, reported under ``"onnxruntime_vs_as_trained"`` and
+            ``accuracy["checkpoint_as_trained"]``.
 
     Returns:
         The report (see ``fatq-export --help``; keys documented in the README).
