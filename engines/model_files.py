@@ -18,7 +18,8 @@ ONNX, TRT_PLAN, CHECKPOINT = "onnx", "trt-plan", "checkpoint"
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy (non-zip) format starts with a pickle protocol byte
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# ops of an int8 graph: QDQ files, and the QOperator form of ``fatq-export --format onnx-ort``
+INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
 # ONNX elem_type -> the float precision a graph without Q/DQ computes in
 _FLOAT_PRECISION = {1: "fp32", 10: "fp16", 16: "bf16"}
 
@@ -70,11 +71,13 @@ class OnnxModelInfo:
 
     Attributes:
         path: the file.
-        precision: "int8" when the graph holds QuantizeLinear/DequantizeLinear nodes, else the
+        precision: "int8" when the graph holds Q/DQ or QLinearConv/QLinearMatMul nodes, else the
             float type of its first input ("fp32", "fp16", "bf16").
         metadata: the model's ``metadata_props`` as a dict of strings.
         normalization: {"mean": [...], "std": [...]} from the metadata, or None.
         opset: the default-domain opset version.
+        onnxruntime_only: the graph uses ONNX Runtime's contrib ops (domain ``com.microsoft``, as
+            ``fatq-export --format onnx-ort`` files do), which other engines do not read.
     """
 
     path: Path
@@ -82,6 +85,7 @@ class OnnxModelInfo:
     metadata: dict = field(default_factory=dict)
     normalization: dict | None = None
     opset: int | None = None
+    onnxruntime_only: bool = False
 
 
 def read_onnx_info(path: str | Path) -> OnnxModelInfo:
@@ -96,10 +100,12 @@ def read_onnx_info(path: str | Path) -> OnnxModelInfo:
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     elem_type = inputs[0].type.tensor_type.elem_type if inputs else 1
-    precision = "int8" if ops & QDQ_OPS else _FLOAT_PRECISION.get(elem_type, "fp32")
+    precision = "int8" if ops & INT8_OPS else _FLOAT_PRECISION.get(elem_type, "fp32")
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return OnnxModelInfo(path, precision, metadata, normalization_from_metadata(metadata, path), opset)
+    onnxruntime_only = any(node.domain == "com.microsoft" for node in model.graph.node)
+    normalization = normalization_from_metadata(metadata, path)
+    return OnnxModelInfo(path, precision, metadata, normalization, opset, onnxruntime_only)
 
 
 def normalization_from_metadata(metadata: dict, source: str | Path = "model") -> dict | None:

@@ -5,7 +5,7 @@ Engines (as given to ``fatq-bench --engine``):
 =============  ============================  =========================================
 engine         model kinds                   precisions
 =============  ============================  =========================================
-ort            ONNX                          the graph's own (int8 for QDQ, else fp32)
+ort            ONNX                          the graph's own (int8 for QDQ or onnx-ort, else fp32)
 ort-cuda       ONNX (onnxruntime-gpu)        the graph's own
 ort-trt        ONNX (onnxruntime-gpu)        the graph's own (TensorRT EP)
 openvino       ONNX                          int8 (QDQ); fp32 (forced f32) or bf16 (float)
@@ -39,6 +39,7 @@ class ModelFile:
     path: Path
     kind: str
     precision: str
+    onnxruntime_only: bool = False  # ONNX Runtime contrib ops (fatq-export --format onnx-ort)
 
     @property
     def stem(self) -> str:
@@ -73,8 +74,9 @@ def inspect_model(path: str | Path) -> ModelFile:
     path = Path(path)
     kind = detect_model_kind(path)
     if kind == ONNX:
-        precision = read_onnx_info(path).precision
-    elif kind == TRT_PLAN:
+        info = read_onnx_info(path)
+        return ModelFile(path, kind, info.precision, info.onnxruntime_only)
+    if kind == TRT_PLAN:
         from engines.trt_builder import read_sidecar
 
         precision = read_sidecar(path)["precision"]
@@ -96,6 +98,8 @@ def _unsupported(model: ModelFile, engine: str, precision: str) -> str | None:
     if model.kind not in kinds:
         wanted = " or ".join(KIND_NAMES[k] for k in kinds)
         return f"{engine} runs {wanted}; {model.path.name} is {KIND_ARTICLES[model.kind]}"
+    if model.onnxruntime_only and engine != "ort":
+        return f"{model.path.name} uses ONNX Runtime's CPU contrib ops (an onnx-ort export); only engine ort runs it"
     native = model.precision
     if precision == native:
         return None

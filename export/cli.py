@@ -1,6 +1,7 @@
 """``fatq-export``: a trained fatq checkpoint -> QDQ int8 ONNX (or float ONNX), checked and linted.
 
     fatq-export CKPT --format onnx [-o OUT] [--opset N] [--calib-data DIR] [--check ...]
+    fatq-export CKPT --format onnx-ort ...     (same integers, for ONNX Runtime's CPU kernels)
     fatq-export --lint model.onnx
 
 Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
@@ -26,7 +27,10 @@ import torch
 from fatq.cli_common import run_cli, write_bytes_atomic, write_json_atomic
 from fatq.errors import FatqError
 
-FORMATS = ("onnx", "onnx-fp32", "trt")
+FORMATS = ("onnx", "onnx-ort", "onnx-fp32", "trt")
+INT8_FORMATS = ("onnx", "onnx-ort")
+DEFAULT_SUFFIX = {"onnx": ".onnx", "onnx-ort": ".ort.onnx", "onnx-fp32": ".fp32.onnx"}
+METADATA_FORMAT = {"onnx": "qdq-int8", "onnx-ort": "ort-uint8", "onnx-fp32": "fp32"}
 DEFAULT_CHECK_IMAGES = 2000
 CALIB_BATCH_SIZE = 64
 
@@ -40,10 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", nargs="?", help="fatq checkpoint (.pt) to export")
     parser.add_argument(
-        "--format", choices=FORMATS, default="onnx", help="onnx: QDQ int8 (default); onnx-fp32: folded float"
+        "--format",
+        choices=FORMATS,
+        default="onnx",
+        help="onnx: portable QDQ int8 for TensorRT, OpenVINO and ONNX Runtime (default); onnx-ort: the same "
+        "integers as uint8 QOperator ops, faster in ONNX Runtime, for nothing else (export/ort_writer.py); "
+        "onnx-fp32: folded float",
     )
     parser.add_argument(
-        "-o", "--output", help="output .onnx path (default: beside the checkpoint, <stem>.onnx / <stem>.fp32.onnx)"
+        "-o",
+        "--output",
+        help="output .onnx path (default: beside the checkpoint, <stem>.onnx / .ort.onnx / .fp32.onnx)",
     )
     parser.add_argument(
         "--opset",
@@ -102,6 +113,7 @@ def lint(path: str) -> int:
     import onnx
 
     from export.graph_check import check_model
+    from export.ort_writer import uint8_tensors
 
     try:
         model = onnx.load(path)
@@ -114,6 +126,12 @@ def lint(path: str) -> int:
     findings = check_model(model)
     for finding in findings:
         print(finding)
+    if findings and uint8_tensors(model) is not None:
+        print(
+            f"{path}: written by fatq-export --format onnx-ort for ONNX Runtime's CPU kernels: uint8 and zero "
+            "points by design; export --format onnx for TensorRT and OpenVINO.",
+            file=sys.stderr,
+        )
     print(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: clean", file=sys.stderr)
     return 1 if findings else 0
 
@@ -123,10 +141,7 @@ def lint(path: str) -> int:
 
 def _output_path(args) -> Path:
     checkpoint = Path(args.checkpoint)
-    if args.output:
-        out = Path(args.output)
-    else:
-        out = checkpoint.with_name(checkpoint.stem + (".onnx" if args.format == "onnx" else ".fp32.onnx"))
+    out = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + DEFAULT_SUFFIX[args.format])
     if not out.parent.is_dir():
         raise FatqError(f"output directory {out.parent} does not exist.")
     if out.suffix != ".onnx":
@@ -197,7 +212,7 @@ def _metadata(data: dict, checkpoint: Path, graph, args, calibration: dict | Non
     spec = data["spec"]
     return {
         "producer": "fatq-export",
-        "format": "qdq-int8" if args.format == "onnx" else "fp32",
+        "format": METADATA_FORMAT[args.format],
         "arch": data["arch"],
         "arch_options": data.get("arch_options", {}),
         "bits": f"w{spec['weight_bits']}a{spec['act_bits']}",
@@ -237,6 +252,7 @@ def export(args, argv: list[str]) -> int:
     from export.fold import dequantized, fold
     from export.graph_check import assert_deployable
     from export.lower import lower
+    from export.ort_writer import write_ort
     from export.qdq_writer import write_float, write_qdq
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 
@@ -252,14 +268,15 @@ def export(args, argv: list[str]) -> int:
     model = model_from_checkpoint(data).eval()
     _check_finite(model)
     uncalibrated, calibration = None, None
-    if args.format == "onnx" and not model.spec.is_float:
+    int8 = args.format in INT8_FORMATS
+    if int8 and not model.spec.is_float:
         uncalibrated = copy.deepcopy(model)
         calibration = _calibrate(model, data, args)
         uncalibrated = uncalibrated if calibration else None
     # the float file drops activation quantization anyway: quantizers the model keeps float are fine
-    folded = fold(model, list(data["input_size"]), disabled_quantizers="error" if args.format == "onnx" else "skip")
+    folded = fold(model, list(data["input_size"]), disabled_quantizers="error" if int8 else "skip")
     as_trained, projection = None, None
-    if args.format == "onnx":
+    if int8:
         if not folded.quantized:
             raise FatqError(f"{checkpoint} holds an FP32 model; export it with --format onnx-fp32.")
         graph = lower(folded)
@@ -274,11 +291,13 @@ def export(args, argv: list[str]) -> int:
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference_checkpoint_path(out).name, **projection}
-    if args.format == "onnx":
-        onnx_model = write_qdq(graph, opset=args.opset, metadata=graph.meta)
+    if args.format == "onnx-ort":
+        # uint8 and zero points by design: DEPLOY.md's rules (TensorRT's) do not apply to this file
+        onnx_model = write_ort(graph, opset=args.opset, metadata=graph.meta)
     else:
-        onnx_model = write_float(graph, opset=args.opset, metadata=graph.meta)
-    assert_deployable(onnx_model)
+        write = write_qdq if args.format == "onnx" else write_float
+        onnx_model = write(graph, opset=args.opset, metadata=graph.meta)
+        assert_deployable(onnx_model)
     companions = [deploy_graph_path(out)] + ([reference_checkpoint_path(out)] if projection else [])
     try:
         graph.save(deploy_graph_path(out))

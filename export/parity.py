@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,46 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from export.deploy_graph import DeployGraph
+from export.ort_writer import uint8_tensors
 from export.qdq_writer import INPUT_NAME, OUTPUT_NAME
 from export.reference import DeployReference
 from fatq.cli_common import progress
 from fatq.errors import MissingExtraError
 
 
-def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[str, tuple[str, float | None]]:
+@dataclass(frozen=True)
+class Observed:
+    """Where a quantized deploy tensor is read in the debug copy, and how to get its integers.
+
+    ``scale`` set: a float tensor whose integers are clamp(round_half_even(x / scale), -128, 127);
+    else an integer tensor whose integers are its values minus ``zero_point``.
+    """
+
+    name: str
+    dtype: int  # onnx.TensorProto element type
+    scale: float | None = None
+    zero_point: int = 0
+
+    def integers(self, value: np.ndarray) -> np.ndarray:
+        if self.scale is not None:
+            return np.clip(np.round(value / np.float32(self.scale)), -128, 127)
+        return value.astype(np.int32) - self.zero_point
+
+
+def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[str, Observed]:
     """Where each quantized deploy tensor can be read without perturbing the optimized graph.
 
     Args:
-        model: the exported QDQ model.
+        model: the exported QDQ model (or a ``--format onnx-ort`` model, whose uint8 tensors
+            carry the deploy names and are listed with their zero points in its metadata).
         quant: {deploy tensor: {scale, qmin, qmax}} of the deploy graph.
 
     Returns:
-        {deploy tensor: (ONNX tensor to expose, scale)}: with a scale the exposed tensor is float
-        and its integers are round(x / scale) clamped to int8; with None it is int8 itself.
+        {deploy tensor: :class:`Observed`}.
     """
+    uint8 = uint8_tensors(model)
+    if uint8 is not None:  # QOperator ops: exposing an output does not change any fusion
+        return {t: Observed(t, TensorProto.UINT8, zero_point=uint8[t]["zero_point"]) for t in quant if t in uint8}
     producers = {out: node for node in model.graph.node for out in node.output}
     int8_constants = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT8}
     found = {}
@@ -54,22 +78,21 @@ def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[s
         if node is None:
             continue
         if node.op_type == "QuantizeLinear":
-            found[tensor] = (node.input[0], q["scale"])
+            found[tensor] = Observed(node.input[0], TensorProto.FLOAT, q["scale"])
         elif node.op_type == "Clip" and node.input[1] in int8_constants:
-            found[tensor] = (tensor, None)
+            found[tensor] = Observed(tensor, TensorProto.INT8)
         elif node.op_type == "Clip":
-            found[tensor] = (tensor, q["scale"])
+            found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"])
     return found
 
 
-def with_outputs(model: onnx.ModelProto, names: dict[str, bool]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``names`` ({tensor: is_int8})."""
+def with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``names`` ({tensor: onnx element type})."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     existing = {o.name for o in copy.graph.output}
-    for name, is_int8 in names.items():
+    for name, dtype in names.items():
         if name not in existing:
-            dtype = TensorProto.INT8 if is_int8 else TensorProto.FLOAT
             copy.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
     return copy
 
@@ -151,8 +174,8 @@ def compare(
     quant = reference.quant
     exposed = observable_tensors(onnx_model, quant)
     production = _session(str(onnx_path), threads)
-    debug = _session(with_outputs(onnx_model, {n: s is None for n, s in exposed.values()}), threads)
-    debug_names = [OUTPUT_NAME, *(name for name, _ in exposed.values())]
+    debug = _session(with_outputs(onnx_model, {o.name: o.dtype for o in exposed.values()}), threads)
+    debug_names = [OUTPUT_NAME, *(o.name for o in exposed.values())]
     pairs = {"ort_model": _Pair(), "ref_model": _Pair(), "ort_ref": _Pair(), "ort_trained": _Pair()}
     correct = {"onnxruntime": 0, "reference": 0, "checkpoint": 0, "checkpoint_as_trained": 0}
     same = dict.fromkeys(exposed, 0)
@@ -185,10 +208,8 @@ def compare(
                 runs.append(("checkpoint_as_trained", trained_logits))
             for key, logits in runs:
                 correct[key] += int((logits.argmax(1) == truth).sum())
-        for tensor, (name, scale) in exposed.items():
-            value = debug_out[name]
-            if scale is not None:
-                value = np.clip(np.round(value / np.float32(scale)), -128, 127)
+        for tensor, observed in exposed.items():
+            value = observed.integers(debug_out[observed.name])
             same[tensor] += int((value.astype(np.float32) == integers[tensor].numpy()).sum())
             total[tensor] += value.size
     count = images.shape[0]

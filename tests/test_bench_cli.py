@@ -169,3 +169,22 @@ def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_pat
     assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().err
     assert main([*base, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_onnx_runtime_format_runs_on_ort_only_and_computes_the_reference(tmp_path, capsys):
+    from export.cli import main as export_main
+
+    trained = tmp_path / "w4.pt"
+    save_resnet_checkpoint(trained, bits=4, num_classes=3)
+    targeted = tmp_path / "w4-ort.onnx"
+    assert export_main([str(trained), "--format", "onnx-ort", "-o", str(targeted), "--quiet"]) == 0
+    out, reference = tmp_path / "r.json", tmp_path / "w4-ort.reference.pt"
+    argv = [str(targeted), "--engine", "ort", "--engine", "openvino", "--batch-sizes", "2", "--limit", "8",
+            "--reference", str(reference), "--min-agreement", "100", "--json", str(out), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [c["label"] for c in report["configs"]] == ["ort"] and report["configs"][0]["precision"] == "int8"
+    assert report["agreement"]["ort"]["top1_agreement_pct"] == 100.0
+    assert report["agreement"]["ort"]["max_abs_logit_diff"] <= 1e-5
+    (skipped,) = report["skipped"]
+    assert skipped["engine"] == "openvino" and "only engine ort runs it" in skipped["reason"]

@@ -84,6 +84,28 @@ def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_pat
     assert "bias_projection" not in read_metadata(onnx.load(str(kept)))
 
 
+def test_onnx_runtime_format_computes_the_same_model(checkpoint, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    args = [str(checkpoint), "--format", "onnx-ort", "--check", "--check-images", "8", "--json", str(report)]
+    assert main([*args, "--quiet"]) == 0
+    written = checkpoint.with_name("r20.ort.onnx")
+    meta = read_metadata(onnx.load(str(written)))
+    assert meta["format"] == "ort-uint8" and "uint8_tensors" in meta
+    assert reference_checkpoint_path(written).exists() and deploy_graph_path(written).exists()
+    check = json.loads(report.read_text())["check"]
+    assert check["passed"] and check["int8_identical_pct_min"] == 100.0
+    assert check["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= 1e-5
+    # the portable file of the same checkpoint moves the model the same way: one reference for both
+    portable = tmp_path / "p.onnx"
+    assert main([str(checkpoint), "-o", str(portable), "--quiet"]) == 0
+    targeted = load_fatq_checkpoint(reference_checkpoint_path(written))["state_dict"]
+    for key, value in load_fatq_checkpoint(reference_checkpoint_path(portable))["state_dict"].items():
+        assert torch.equal(value, targeted[key]) if isinstance(value, torch.Tensor) else value == targeted[key], key
+    capsys.readouterr()
+    assert main(["--lint", str(written)]) == 1  # uint8 and zero points: not for TensorRT, and lint says why
+    assert "onnx-ort" in capsys.readouterr().err
+
+
 def test_fp32_format_and_fp32_checkpoint(checkpoint, tmp_path):
     assert main([str(checkpoint), "--format", "onnx-fp32", "--check", "--check-images", "8", "--quiet"]) == 0
     written = checkpoint.with_name("r20.fp32.onnx")

@@ -1,0 +1,140 @@
+"""The ONNX Runtime–targeted int8 writer (``--format onnx-ort``) against the deploy reference and the QDQ file."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import input_shape_for, trained_like
+
+from export.deploy_graph import tensor_quant
+from export.fold import fold
+from export.graph_check import check_model
+from export.lower import lower
+from export.ort_writer import _U8, _AddCheck, inexact_adds, uint8_tensors, write_ort
+from export.parity import compare
+from export.qdq_writer import read_metadata, write_qdq
+from export.reference import DeployReference
+from fatq.errors import FatqError
+
+ort = pytest.importorskip("onnxruntime")
+
+CASES = [
+    ("resnet20", 4, {}),
+    ("resnet20", 2, {"shortcut": "B"}),
+    ("vgg_small", 3, {}),
+    ("mobilenetv2", 4, {}),
+    ("resnet18", 8, {}),
+]
+
+
+@functools.cache
+def _model_and_graph(name: str, bits: int, options: str):
+    model = trained_like(name, bits, **json.loads(options))
+    return model, lower(fold(model, input_shape_for(name)))
+
+
+def _session(model: onnx.ModelProto):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("name", "bits", "options"), CASES)
+def test_every_integer_identical_to_the_reference(name, bits, options, tmp_path):
+    model, graph = _model_and_graph(name, bits, json.dumps(options))
+    onnx_model = write_ort(graph)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    path = tmp_path / "model.ort.onnx"
+    onnx.save(onnx_model, str(path))
+
+    report = compare(path, graph, model, torch.randn(6, *input_shape_for(name)), batch_size=3, quiet=True)
+
+    assert report["int8_tensors"] == len(DeployReference(graph).quant)
+    assert report["unobserved_int8_tensors"] == []
+    assert report["debug_copy_logits_identical"]
+    assert report["int8_identical_pct"] and min(report["int8_identical_pct"].values()) == 100.0
+    assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
+
+
+@pytest.mark.parametrize(("name", "bits", "options"), CASES[:2])
+def test_same_logits_as_the_portable_qdq_file(name, bits, options):
+    _, graph = _model_and_graph(name, bits, json.dumps(options))
+    x = torch.randn(5, *input_shape_for(name)).numpy()
+    portable = _session(write_qdq(graph)).run(None, {"input": x})[0]
+    targeted = _session(write_ort(graph)).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(targeted, portable)
+
+
+def test_graph_is_uint8_qoperator_without_float_chains():
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    onnx_model = write_ort(graph)
+    ops = [n.op_type for n in onnx_model.graph.node]
+    convs = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
+    assert ops.count("QLinearConv") == len(convs)
+    assert "Conv" not in ops
+    # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") <= 6
+    domains = {n.domain for n in onnx_model.graph.node}
+    assert domains == {"", "com.microsoft"}
+    # every quantized tensor's zero point is recorded, and it is where the integer range starts
+    recorded = uint8_tensors(onnx_model)
+    for tensor in DeployReference(graph).quant:
+        assert recorded[tensor]["zero_point"] == -tensor_quant(graph.quant_of(tensor))["qmin"], tensor
+    # the portable rules (TensorRT's) flag it: uint8 by design
+    assert any("uint8" in str(f) for f in check_model(onnx_model))
+
+
+def test_metadata_names_the_format_and_keeps_the_callers_entries():
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    read = read_metadata(write_ort(graph, metadata={"arch": "resnet20"}))
+    assert read["arch"] == "resnet20"
+    assert json.loads(read["float_residual_adds"]) == []
+    assert set(json.loads(read["uint8_tensors"])) == set(DeployReference(graph).quant)
+
+
+def _check(scale_a, scale_c, scale_out, qmin=0, qmax=127):
+    a = _U8("a", scale_a, 127, -127, 127)
+    c = _U8("c", scale_c, 0, 0, 127)
+    return _AddCheck("q", a, c, scale_out, -qmin, qmin, qmax)
+
+
+def test_inexact_add_detection_against_a_float64_tie_analysis():
+    """A QLinearAdd whose lattice has a near-tie the kernel rounds differently is caught, a clean one is not."""
+    rng = np.random.default_rng(3)
+    found_clean = found_tie = False
+    for _ in range(40):
+        s_a, s_c, s_out = (float(v) for v in np.float32(rng.uniform(0.02, 0.2, 3)))
+        inexact = bool(inexact_adds([_check(s_a, s_c, s_out)]))
+        a, c = np.meshgrid(np.arange(-127, 128), np.arange(0, 128))
+        exact = (a * s_a + c * s_c) / s_out  # float64: how far each sum is from a rounding boundary
+        gap = np.abs(exact - np.floor(exact) - 0.5).min()
+        if not inexact:
+            found_clean = True
+        else:
+            found_tie = True
+            # the kernel only disagrees where float32 rounding can flip the result
+            assert gap < 1e-4, gap
+    assert found_clean and found_tie
+
+
+def test_a_quantizer_with_an_inexact_add_keeps_a_float_add(monkeypatch):
+    import export.ort_writer as ort_writer
+
+    _, graph = _model_and_graph("resnet20", 4, "{}")
+    monkeypatch.setattr(ort_writer, "inexact_adds", lambda checks: {checks[0].quantizer})
+    onnx_model = ort_writer.write_ort(graph)
+    assert len(json.loads(read_metadata(onnx_model)["float_residual_adds"])) == 1
+    x = torch.randn(4, 3, 32, 32)
+    out = _session(onnx_model).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_array_equal(out, DeployReference(graph)(x).numpy())
+
+
+def test_refuses_a_folded_graph():
+    model = trained_like("resnet20", 4)
+    with pytest.raises(FatqError, match="lowered"):
+        write_ort(fold(model, [3, 32, 32]))
