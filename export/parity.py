@@ -13,7 +13,9 @@ graph output is not converted to its uint8 kernels, so the next Conv would not f
 float), so the copy exposes the float tensor each Q reads instead — a DequantizeLinear → Clip
 output that holds integers · s exactly, or the clipped input of a quantizer — and the integers are
 clamp(round_half_even(x / s), -128, 127), what the Q computes. The copy's logits are compared with
-the file's to show the exposure did not change the computation.
+the file's to show the exposure did not change the computation. A ``--format onnx-ort`` file has no
+fusions to perturb: its uint8 tensors carry the deploy names and are exposed as they are, their
+integers being the bytes minus the zero points its metadata records (:mod:`export.ort_writer`).
 """
 
 from __future__ import annotations
