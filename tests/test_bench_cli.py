@@ -169,6 +169,13 @@ def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_pat
     assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().err
     assert main([*base, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
     assert "note:" not in capsys.readouterr().err
+    # the onnx-ort export of the same checkpoint computes the same model: no note either
+    targeted = tmp_path / "w4-ort.onnx"
+    assert export_main([str(trained), "--format", "onnx-ort", "-o", str(targeted), "--quiet"]) == 0
+    capsys.readouterr()
+    argv = [str(targeted), "--engine", "ort", "--batch-sizes", "2", "--limit", "8", *FAST]
+    assert main([*argv, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_onnx_runtime_format_runs_on_ort_only_and_computes_the_reference(tmp_path, capsys):
