@@ -11,7 +11,7 @@ import pytest
 import torch
 from export_helpers import input_shape_for, trained_like
 
-from export.deploy_graph import tensor_quant
+from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from export.fold import fold
 from export.graph_check import check_model
 from export.lower import lower
@@ -131,6 +131,36 @@ def test_a_quantizer_with_an_inexact_add_keeps_a_float_add(monkeypatch):
     assert len(json.loads(read_metadata(onnx_model)["float_residual_adds"])) == 1
     x = torch.randn(4, 3, 32, 32)
     out = _session(onnx_model).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_array_equal(out, DeployReference(graph)(x).numpy())
+
+
+def _linear(name: str, source: str, output: str, fan_in: int, fan_out: int, rng) -> DeployNode:
+    params = {
+        "weight": rng.integers(-7, 8, (fan_out, fan_in)).astype(np.int8),
+        "weight_scale": rng.uniform(0.01, 0.05, fan_out).astype(np.float32),
+        "bias": rng.normal(0, 0.1, fan_out).astype(np.float32),
+    }
+    return DeployNode(name, "linear", [source], output, {"quantized": True}, params)
+
+
+SIGNED_8BIT = {"bits": 8, "signed": True, "scale": 0.02, "qmin": -127, "qmax": 127}
+
+
+def test_linear_layer_with_a_quantized_output():
+    """No registry model has one (their classifiers are last); a two-layer MLP head does."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        DeployNode("flatten", "flatten", ["x"], "f", {}),
+        DeployNode("q0", "quantize", ["f"], "q0", SIGNED_8BIT),
+        _linear("fc1", "q0", "h", 48, 32, rng),
+        DeployNode("relu", "relu", ["h"], "r", {}),
+        DeployNode("q1", "quantize", ["r"], "q1", {"bits": 4, "signed": False, "scale": 0.05, "qmin": 0, "qmax": 15}),
+        _linear("fc2", "q1", "logits", 32, 10, rng),
+    ]
+    graph = lower(DeployGraph(nodes=nodes, input_name="x", input_shape=[3, 4, 4], output_name="logits", meta={}))
+    assert any(n.op == "qlinear" and n.attrs["out_quant"] is not None for n in graph.nodes)
+    x = torch.randn(64, 3, 4, 4)
+    out = _session(write_ort(graph)).run(None, {"input": x.numpy()})[0]
     np.testing.assert_array_equal(out, DeployReference(graph)(x).numpy())
 
 
