@@ -4,9 +4,10 @@ Times, for one checkpoint (default: a random ResNet-56 W4A4 saved to a temp dir)
 ``fatq-export --format onnx`` in this process: load + rebuild the model, fold (which computes the
 FAT transform and integers of every layer), lower, make the model engine-exact
 (:mod:`export.engine_exact`, which folds and lowers again per round), write the QDQ ONNX, lint it, save the file and
-its deploy graph; then the command itself as a subprocess: the time it reports (checkpoint to
-files written, what the < 5 s target is about) and its wall time including interpreter start and
-imports (torch, onnx). Prints the median of ``--repeats`` runs per line.
+its deploy graph; also the ``--format onnx-ort`` writer (with its QLinearAdd exactness check, one
+ONNX Runtime session). Then the commands themselves as subprocesses, for both int8 formats: the time
+each reports (checkpoint to files written, what the < 5 s target is about) and its wall time including
+interpreter start and imports (torch, onnx). Prints the median of ``--repeats`` runs per line.
 
 Usage::
 
@@ -34,6 +35,7 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     from export.fold import fold
     from export.graph_check import assert_deployable
     from export.lower import lower
+    from export.ort_writer import write_ort
     from export.qdq_writer import write_qdq
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 
@@ -63,6 +65,9 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     graph.save(deploy_graph_path(out))
     times["save files"] = time.perf_counter() - mark
     times["total in process"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    write_ort(graph, metadata=graph.meta)
+    times["write onnx-ort (QLinearAdd check incl.)"] = time.perf_counter() - mark
     return times
 
 
@@ -85,29 +90,27 @@ def main() -> None:
         if not args.checkpoint:
             save_checkpoint(checkpoint, create_model(args.arch, bits=args.bits).eval(), CIFAR_NORMALIZATION)
         runs = [_stages(checkpoint, work / "m.onnx") for _ in range(args.repeats)]
-        command = [
-            shutil.which("fatq-export") or "fatq-export",
-            str(checkpoint),
-            "-o",
-            str(work / "cli.onnx"),
-            "--quiet",
-        ]
-        walls, reported = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            walls.append(time.perf_counter() - start)
-            # "wrote PATH (N KiB, M nodes) in X s": the command's own timing, after imports
-            reported.append(float(output.rsplit(" in ", 1)[1].split()[0]))
+        walls, reported = {}, {}
+        for fmt in ("onnx", "onnx-ort"):
+            command = [shutil.which("fatq-export") or "fatq-export", str(checkpoint), "--format", fmt]
+            command += ["-o", str(work / f"cli-{fmt}.onnx"), "--quiet"]
+            walls[fmt], reported[fmt] = [], []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                walls[fmt].append(time.perf_counter() - start)
+                # "wrote PATH (N KiB, M nodes) in X s": the command's own timing, after imports
+                reported[fmt].append(float(output.rsplit(" in ", 1)[1].split()[0]))
 
     print(
         f"{checkpoint.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"python {sys.version.split()[0]}"
     )
     for stage in runs[0]:
-        print(f"  {stage:<38} {statistics.median(r[stage] for r in runs):7.3f} s")
-    print(f"  {'fatq-export, as it reports':<38} {statistics.median(reported):7.3f} s")
-    print(f"  {'fatq-export command (wall, with imports)':<38} {statistics.median(walls):7.3f} s")
+        print(f"  {stage:<46} {statistics.median(r[stage] for r in runs):7.3f} s")
+    for fmt in walls:
+        print(f"  {'fatq-export --format ' + fmt + ', as it reports':<46} {statistics.median(reported[fmt]):7.3f} s")
+        print(f"  {'  the same command (wall, with imports)':<46} {statistics.median(walls[fmt]):7.3f} s")
 
 
 if __name__ == "__main__":
