@@ -23,11 +23,14 @@ ONNX Runtime runs natively on uint8 (its "QOperator" form):
 - everything else (the image's quantizer, the pooled features, the logits) is written as in the
   QDQ file: float ops, ``Clip → QuantizeLinear`` to uint8, ``DequantizeLinear`` readers.
 
-Exactness: every step is integer arithmetic except QLinearAdd, which computes
-(a − z_a)·(s_a/s_c) + (b − z_b)·(s_b/s_c) rather than round((a·s_a + b·s_b) / s_c) as the
-deploy reference does, so a sum within float32 rounding error of a half-integer can round the
-other way. ``fatq-export --check`` counts identical integers per tensor against the reference;
-the ``uint8_tensors`` metadata entry gives each quantized tensor's scale and zero point.
+Exactness: every step is integer arithmetic except QLinearAdd, whose kernel computes with scale
+ratios rather than round((A·s_a + B·s_b) / s) as the deploy reference does, so a sum within float32
+rounding error of a half-integer can round the other way (seen: 7.500012 -> 7 in a random
+ResNet-18). :func:`write_ort` therefore runs every reachable input pair of every QLinearAdd through
+the installed ONNX Runtime and keeps a float Add for a quantizer where any pair differs
+(:func:`inexact_adds`; listed in the ``float_residual_adds`` metadata entry). The
+``uint8_tensors`` entry gives each quantized tensor's scale and zero point, which ``fatq-export
+--check`` uses to compare every integer with the reference.
 
 Not for TensorRT or OpenVINO: uint8, non-zero zero points and ``com.microsoft`` ops are outside
 the rules the portable file follows. Use the ``--format onnx`` file for them.
