@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 from torch import nn
 
@@ -55,3 +58,23 @@ def trained_like(name: str, bits: int | tuple[int, int], seed: int = 0, batch: i
     model.eval()
     forward_fitting_ranges()
     return model
+
+
+# Registry models the ONNX writers are tested on: (name, bits, create_model options)
+WRITER_CASES = [
+    ("resnet20", 4, {}),
+    ("resnet20", 2, {"shortcut": "B"}),
+    ("vgg_small", 3, {}),
+    ("mobilenetv2", 4, {}),
+    ("resnet18", 8, {}),
+]
+
+
+@functools.cache
+def lowered_case(name: str, bits: int, options: str):
+    """(trained-like model, its lowered deploy graph); ``options`` is JSON so the result can be cached."""
+    from export.fold import fold
+    from export.lower import lower
+
+    model = trained_like(name, bits, **json.loads(options))
+    return model, lower(fold(model, input_shape_for(name)))

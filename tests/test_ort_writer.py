@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import input_shape_for, trained_like
+from export_helpers import WRITER_CASES, input_shape_for, lowered_case, trained_like
 
 from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from export.fold import fold
@@ -23,20 +22,6 @@ from fatq.errors import FatqError
 
 ort = pytest.importorskip("onnxruntime")
 
-CASES = [
-    ("resnet20", 4, {}),
-    ("resnet20", 2, {"shortcut": "B"}),
-    ("vgg_small", 3, {}),
-    ("mobilenetv2", 4, {}),
-    ("resnet18", 8, {}),
-]
-
-
-@functools.cache
-def _model_and_graph(name: str, bits: int, options: str):
-    model = trained_like(name, bits, **json.loads(options))
-    return model, lower(fold(model, input_shape_for(name)))
-
 
 def _session(model: onnx.ModelProto):
     options = ort.SessionOptions()
@@ -44,9 +29,9 @@ def _session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize(("name", "bits", "options"), CASES)
+@pytest.mark.parametrize(("name", "bits", "options"), WRITER_CASES)
 def test_every_integer_identical_to_the_reference(name, bits, options, tmp_path):
-    model, graph = _model_and_graph(name, bits, json.dumps(options))
+    model, graph = lowered_case(name, bits, json.dumps(options))
     onnx_model = write_ort(graph)
     onnx.checker.check_model(onnx_model, full_check=True)
     path = tmp_path / "model.ort.onnx"
@@ -61,9 +46,9 @@ def test_every_integer_identical_to_the_reference(name, bits, options, tmp_path)
     assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
 
 
-@pytest.mark.parametrize(("name", "bits", "options"), CASES[:2])
+@pytest.mark.parametrize(("name", "bits", "options"), WRITER_CASES[:2])
 def test_same_logits_as_the_portable_qdq_file(name, bits, options):
-    _, graph = _model_and_graph(name, bits, json.dumps(options))
+    _, graph = lowered_case(name, bits, json.dumps(options))
     x = torch.randn(5, *input_shape_for(name)).numpy()
     portable = _session(write_qdq(graph)).run(None, {"input": x})[0]
     targeted = _session(write_ort(graph)).run(None, {"input": x})[0]
@@ -71,7 +56,7 @@ def test_same_logits_as_the_portable_qdq_file(name, bits, options):
 
 
 def test_graph_is_uint8_qoperator_without_float_chains():
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     onnx_model = write_ort(graph)
     ops = [n.op_type for n in onnx_model.graph.node]
     convs = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
@@ -90,7 +75,7 @@ def test_graph_is_uint8_qoperator_without_float_chains():
 
 
 def test_metadata_names_the_format_and_keeps_the_callers_entries():
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     read = read_metadata(write_ort(graph, metadata={"arch": "resnet20"}))
     assert read["arch"] == "resnet20"
     assert json.loads(read["float_residual_adds"]) == []
@@ -125,7 +110,7 @@ def test_inexact_add_detection_against_a_float64_tie_analysis():
 def test_a_quantizer_with_an_inexact_add_keeps_a_float_add(monkeypatch):
     import export.ort_writer as ort_writer
 
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     monkeypatch.setattr(ort_writer, "inexact_adds", lambda checks: {checks[0].quantizer})
     onnx_model = ort_writer.write_ort(graph)
     assert len(json.loads(read_metadata(onnx_model)["float_residual_adds"])) == 1

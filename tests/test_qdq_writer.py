@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import input_shape_for, trained_like
+from export_helpers import WRITER_CASES, input_shape_for, lowered_case, trained_like
 
 from export.fold import fold
 from export.graph_check import check_model
-from export.lower import lower
 from export.parity import compare
 from export.qdq_writer import DEFAULT_OPSET, read_metadata, write_float, write_qdq
 from export.reference import DeployReference
 from fatq.errors import FatqError
 
 ort = pytest.importorskip("onnxruntime")
-
-CASES = [
-    ("resnet20", 4, {}),
-    ("resnet20", 2, {"shortcut": "B"}),
-    ("vgg_small", 3, {}),
-    ("mobilenetv2", 4, {}),
-    ("resnet18", 8, {}),
-]
-
-
-@functools.cache
-def _model_and_graph(name: str, bits: int, options: str):
-    model = trained_like(name, bits, **json.loads(options))
-    return model, lower(fold(model, input_shape_for(name)))
 
 
 def _after_float_layers(graph) -> set[str]:
@@ -53,9 +37,9 @@ def _optimized_ops(path, tmp_path) -> list[onnx.NodeProto]:
     return list(onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
-@pytest.mark.parametrize(("name", "bits", "options"), CASES)
+@pytest.mark.parametrize(("name", "bits", "options"), WRITER_CASES)
 def test_onnxruntime_int8_tensors_identical_to_reference(name, bits, options, tmp_path):
-    model, graph = _model_and_graph(name, bits, json.dumps(options))
+    model, graph = lowered_case(name, bits, json.dumps(options))
     onnx_model = write_qdq(graph)
     assert check_model(onnx_model) == []
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -89,7 +73,7 @@ def test_onnxruntime_int8_tensors_identical_to_reference(name, bits, options, tm
 
 
 def test_opset_ir_version_and_dynamic_batch(tmp_path):
-    model, graph = _model_and_graph("resnet20", 4, "{}")
+    model, graph = lowered_case("resnet20", 4, "{}")
     onnx_model = write_qdq(graph)
     assert onnx_model.opset_import[0].version == DEFAULT_OPSET == 21
     assert onnx_model.ir_version == 10
@@ -108,7 +92,7 @@ def test_opset_ir_version_and_dynamic_batch(tmp_path):
 
 
 def test_metadata_round_trips(tmp_path):
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     metadata = {"arch": "resnet20", "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
     path = tmp_path / "m.onnx"
     onnx.save(write_qdq(graph, metadata=metadata), str(path))
@@ -118,7 +102,7 @@ def test_metadata_round_trips(tmp_path):
 
 
 def test_int8_range_clip_variant_is_valid_and_close():
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     onnx_model = write_qdq(graph, range_clip="int8")
     assert check_model(onnx_model) == []
     int8_constants = {i.name for i in onnx_model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
@@ -145,7 +129,7 @@ def test_float_writer_matches_fp32_model():
 
 def test_openvino_runs_the_int8_file(tmp_path):
     ov = pytest.importorskip("openvino")
-    _, graph = _model_and_graph("resnet20", 4, "{}")
+    _, graph = lowered_case("resnet20", 4, "{}")
     path = tmp_path / "m.onnx"
     onnx.save(write_qdq(graph), str(path))
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 2})
