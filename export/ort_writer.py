@@ -56,7 +56,8 @@ from export.qdq_writer import (
     _emit_float_op,
     _model,
     _num_classes,
-    _scalar_or_vector,
+    dequantized_weights,
+    weight_initializers,
 )
 from fatq.errors import FatqError
 
@@ -161,21 +162,9 @@ class _OrtWriter:
 
     # --- node kinds --------------------------------------------------------------------------
 
-    def weights(self, node: DeployNode) -> tuple[str, str, str, str, dict]:
-        """(int8 weight, weight scale, weight zero points, int32 bias, axis attrs) initializers."""
-        b, params = self.b, node.params
-        w_scale = _scalar_or_vector(params["weight_scale"])
-        return (
-            b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8)),
-            b.initializer(f"{node.name}.weight_scale", w_scale),
-            b.constant(np.zeros_like(w_scale), np.int8),
-            b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
-            {"axis": 0} if np.ndim(w_scale) else {},
-        )
-
     def conv(self, node: DeployNode) -> None:
         quant = node.attrs["out_quant"]
-        weight, w_scale, w_zero, bias, _ = self.weights(node)
+        weight, w_scale, w_zero, bias = weight_initializers(self.b, node)
         y_zero_point = self.byte(self.zero_point_for(quant, node.name))
         y = self.b.node(
             "QLinearConv",
@@ -189,17 +178,11 @@ class _OrtWriter:
 
     def dequantized_layer(self, node: DeployNode, output: str | None) -> str:
         """DQ(x), DQ(W), DQ(b) → Conv/Gemm with a float output; ONNX Runtime fuses it to an int8 kernel."""
-        b, x = self.b, self.u8[node.inputs[0]]
-        weight, w_scale, w_zero, bias, axis = self.weights(node)
-        xf = b.node("DequantizeLinear", self.quant_inputs(x), None, node.name)
-        w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **axis)
-        bias_scale = _scalar_or_vector(np.float32(x.scale) * node.params["weight_scale"].astype(np.float32))
-        bias_inputs = [bias, b.initializer(f"{node.name}.bias_scale", bias_scale)]
-        bias_inputs.append(b.constant(np.zeros_like(bias_scale), np.int32))
-        bf = b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
+        x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
+        w, bias = dequantized_weights(self.b, node)
         if node.op == "qconv":
-            return b.node("Conv", [xf, w, bf], output, node.name, **_conv_attrs(node.attrs))
-        return b.node("Gemm", [xf, w, bf], output, node.name, transB=1)
+            return self.b.node("Conv", [x, w, bias], output, node.name, **_conv_attrs(node.attrs))
+        return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)
 
     def quantized_linear(self, node: DeployNode) -> None:
         """DQ → Gemm → Q(uint8) (fused by ONNX Runtime into QGemm), then the clamp."""

@@ -137,6 +137,33 @@ def _clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
     return lo, hi
 
 
+def weight_initializers(b: _Builder, node: DeployNode) -> tuple[str, str, str, str]:
+    """(int8 weight, weight scale, int8 zero points, int32 bias) initializers of a qconv/qlinear node."""
+    params = node.params
+    w_scale = _scalar_or_vector(params["weight_scale"])
+    return (
+        b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8)),
+        b.initializer(f"{node.name}.weight_scale", w_scale),
+        b.constant(np.zeros_like(w_scale), np.int8),
+        b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
+    )
+
+
+def dequantized_weights(b: _Builder, node: DeployNode) -> tuple[str, str]:
+    """DequantizeLinear of a qconv/qlinear node's weight (per channel, axis 0) and of its int32 bias
+    (scale s_x · s_w,c, what ONNX Runtime needs to fuse the layer into an integer kernel)."""
+    weight, w_scale, w_zero, bias = weight_initializers(b, node)
+    per_channel = {"axis": 0} if np.ndim(_scalar_or_vector(node.params["weight_scale"])) else {}
+    w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
+    bias_scale = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+    bias_scale = _scalar_or_vector(bias_scale)
+    bias_inputs = [bias, b.initializer(f"{node.name}.bias_scale", bias_scale)]
+    bias_inputs.append(b.constant(np.zeros_like(bias_scale), np.int32))
+    axis = {"axis": 0} if np.ndim(bias_scale) else {}
+    dq_bias = b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
+    return w, dq_bias
+
+
 class _QdqWriter:
     """Lowered (integer) graph -> QDQ ONNX nodes."""
 
@@ -210,30 +237,9 @@ class _QdqWriter:
         self.copies[output] = [output]
 
     def weighted(self, node: DeployNode) -> None:
-        b, attrs, params = self.b, node.attrs, node.params
+        b, attrs = self.b, node.attrs
         x = self.as_float(node.inputs[0], node.name)
-        w_scale = _scalar_or_vector(params["weight_scale"])
-        axis = {"axis": 0} if np.ndim(w_scale) else {}
-        weight = b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8))
-        w = b.node(
-            "DequantizeLinear",
-            [weight, b.initializer(f"{node.name}.weight_scale", w_scale), b.constant(np.zeros_like(w_scale), np.int8)],
-            None,
-            f"{node.name}/weight",
-            **axis,
-        )
-        bias_scale = _scalar_or_vector(np.float32(attrs["input_scale"]) * params["weight_scale"].astype(np.float32))
-        bias = b.node(
-            "DequantizeLinear",
-            [
-                b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
-                b.initializer(f"{node.name}.bias_scale", bias_scale),
-                b.constant(np.zeros_like(bias_scale), np.int32),
-            ],
-            None,
-            f"{node.name}/bias",
-            **({"axis": 0} if np.ndim(bias_scale) else {}),
-        )
+        w, bias = dequantized_weights(b, node)
         out_quant = attrs["out_quant"]
         y_name = None if out_quant is not None else self.float_output(node)
         if node.op == "qconv":
