@@ -13,8 +13,8 @@ ONNX Runtime runs natively on uint8 (its "QOperator" form):
 - a conv is a ``QLinearConv`` (output scale s, zero point −qmin: the same integer kernel ONNX
   Runtime fuses from the portable file, with the same scales and int32 bias), then a uint8
   ``Clip(0, qmax − qmin)`` for the upper end, then, where :func:`export.lower.lower` stores the
-  integers times j at scale s / j, a uint8 ``Mul`` by j — two byte-wide passes (measured 8x
-  cheaper than a dequantize → clip → quantize chain on the same tensor);
+  integers times j at scale s / j, a uint8 ``Mul`` by j — two byte-wide passes (about a seventh
+  of the time of the float dequantize → clip → quantize chains, ``benchmarks/ort_profile.py``);
 - a quantizer reading a residual Add is a ``com.microsoft.QLinearAdd`` of the two uint8 inputs
   (output zero point −qmin) and the same Clip; a ReLU between them only narrows qmin, and an
   option-A shortcut's ``subsample_pad`` moves around the Add: the Add runs on the subsampled
