@@ -278,7 +278,7 @@ class _OrtWriter:
             elif node.op in INTEGER_PRESERVING_OPS and node.inputs[0] in self.u8:
                 self.integer_preserving(node)
         self.as_float(self.graph.output_name)  # float ops are written when something reads them
-        return {t: {"scale": q.scale, "zero_point": q.zero_point} for t, q in self.u8.items() if q.name == t}
+        return {t: {"scale": q.scale, "zero_point": q.zero_point} for t, q in self.u8.items()}
 
 
 def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:

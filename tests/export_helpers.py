@@ -78,3 +78,23 @@ def lowered_case(name: str, bits: int, options: str):
 
     model = trained_like(name, bits, **json.loads(options))
     return model, lower(fold(model, input_shape_for(name)))
+
+
+def compare_written(onnx_model, name: str, model: nn.Module, graph, path) -> dict:
+    """Save a written model to ``path`` and run ``fatq-export --check``'s comparison on 6 random inputs.
+
+    Also asserts what holds for every writer: each quantized tensor is observed, and exposing the
+    intermediate tensors left the logits unchanged.
+    """
+    import onnx
+
+    from export.parity import compare
+    from export.reference import DeployReference
+
+    onnx.checker.check_model(onnx_model, full_check=True)
+    onnx.save(onnx_model, str(path))
+    report = compare(path, graph, model, torch.randn(6, *input_shape_for(name)), batch_size=3, quiet=True)
+    assert report["int8_tensors"] == len(DeployReference(graph).quant)
+    assert report["unobserved_int8_tensors"] == []
+    assert report["debug_copy_logits_identical"]
+    return report

@@ -8,14 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import WRITER_CASES, input_shape_for, lowered_case, trained_like
+from export_helpers import WRITER_CASES, compare_written, input_shape_for, lowered_case, trained_like
 
 from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from export.fold import fold
 from export.graph_check import check_model
 from export.lower import lower
 from export.ort_writer import _U8, _AddCheck, inexact_adds, uint8_tensors, write_ort
-from export.parity import compare
 from export.qdq_writer import read_metadata, write_qdq
 from export.reference import DeployReference
 from fatq.errors import FatqError
@@ -32,16 +31,8 @@ def _session(model: onnx.ModelProto):
 @pytest.mark.parametrize(("name", "bits", "options"), WRITER_CASES)
 def test_every_integer_identical_to_the_reference(name, bits, options, tmp_path):
     model, graph = lowered_case(name, bits, json.dumps(options))
-    onnx_model = write_ort(graph)
-    onnx.checker.check_model(onnx_model, full_check=True)
-    path = tmp_path / "model.ort.onnx"
-    onnx.save(onnx_model, str(path))
+    report = compare_written(write_ort(graph), name, model, graph, tmp_path / "model.ort.onnx")
 
-    report = compare(path, graph, model, torch.randn(6, *input_shape_for(name)), batch_size=3, quiet=True)
-
-    assert report["int8_tensors"] == len(DeployReference(graph).quant)
-    assert report["unobserved_int8_tensors"] == []
-    assert report["debug_copy_logits_identical"]
     assert report["int8_identical_pct"] and min(report["int8_identical_pct"].values()) == 100.0
     assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
 
