@@ -1,12 +1,14 @@
 """ResNet-20 W4A4 on ONNX Runtime and OpenVINO: int8 against fp32 (and OpenVINO bf16), side by side.
 
-Exports a trained W4A4 checkpoint three times — ``fatq-export --format onnx`` (the portable QDQ
-file), ``--format onnx-ort`` (the same integers as uint8 QOperator ops, for ONNX Runtime only) and
-``--format onnx-fp32`` — runs ``fatq-bench`` on the three files in one process (interleaved timing,
-same threads; OpenVINO runs the portable and fp32 files) and prints the README table: latency and
-throughput per file, engine and precision, each int8 run's speed-up over the same engine's fp32
-run, top-1 on the test split and top-1 agreement with the PyTorch model the int8 files compute
-(the ``.reference.pt`` fatq-export writes beside them; both int8 exports write the same model).
+Exports a trained W4A4 checkpoint four times — ``fatq-export --format onnx`` (the portable QDQ
+file), ``--format onnx-ort`` (the same integers as uint8 QOperator ops, for ONNX Runtime only),
+``--format onnx-openvino`` (the same integers with the 4-bit quantizers as OpenVINO FakeQuantize
+ops, for OpenVINO only) and ``--format onnx-fp32`` — runs ``fatq-bench`` on the four files in one
+process (interleaved timing, same threads; each engine runs the portable file, its own file and
+the fp32 file) and prints the README table: latency and throughput per file, engine and precision,
+each int8 run's speed-up over the same engine's fp32 run, top-1 on the test split and top-1
+agreement with the PyTorch model the int8 files compute (the ``.reference.pt`` fatq-export writes
+beside them; the three int8 exports write the same model).
 
 OpenVINO's fp32 run is forced to f32 (``INFERENCE_PRECISION_HINT=f32``); its bf16 mode is a
 separate, labelled row (on CPUs without native BF16 the table says so).
@@ -33,6 +35,8 @@ from pathlib import Path
 
 TARGETS = {"openvino": 1.5, "ort": 1.0}  # int8 / fp32 throughput at the largest batch
 MIN_AGREEMENT = 99.9
+# fatq-export format -> file name suffix (fatq-bench labels runs by the name before the first dot)
+EXPORTS = {"onnx": "", "onnx-ort": "-ort", "onnx-openvino": "-ov", "onnx-fp32": "-fp32"}
 
 
 def _tool(name: str) -> str:
@@ -60,7 +64,11 @@ def _fmt(value: float | None, spec: str) -> str:
 def _file_kind(config: dict) -> str:
     if config["precision"] != "int8":
         return "folded float twin"
-    return "onnx-ort file (uint8 QOperator)" if config["model"].endswith("-ort.onnx") else "portable QDQ file"
+    if config["model"].endswith("-ort.onnx"):
+        return "onnx-ort file (uint8 QOperator)"
+    if config["model"].endswith("-ov.onnx"):
+        return "onnx-openvino file (FakeQuantize)"
+    return "portable QDQ file"
 
 
 def _speedups(report: dict, batch: int) -> dict[str, float]:
@@ -147,16 +155,14 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fatq-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    int8, int8_ort = work / "resnet20-w4a4.onnx", work / "resnet20-w4a4-ort.onnx"
-    fp32 = work / "resnet20-w4a4-fp32.onnx"
+    files = {fmt: work / f"resnet20-w4a4{suffix}.onnx" for fmt, suffix in EXPORTS.items()}
     export = _tool("fatq-export")
-    _run_tool([export, str(args.checkpoint), "--format", "onnx", "-o", str(int8)])
-    _run_tool([export, str(args.checkpoint), "--format", "onnx-ort", "-o", str(int8_ort)])
-    _run_tool([export, str(args.checkpoint), "--format", "onnx-fp32", "-o", str(fp32)])
+    for fmt, path in files.items():
+        _run_tool([export, str(args.checkpoint), "--format", fmt, "-o", str(path)])
     # the PyTorch model the int8 file computes (fatq-export writes it beside the file; README, Export)
     reference = work / "resnet20-w4a4.reference.pt"
     report_path = work / "bench.json"
-    bench = [_tool("fatq-bench"), str(int8), str(int8_ort), str(fp32), "--engine", "ort", "--engine", "openvino",
+    bench = [_tool("fatq-bench"), *map(str, files.values()), "--engine", "ort", "--engine", "openvino",
              "--precision", "int8", "--precision", "fp32", "--precision", "bf16",
              "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--iterations", str(args.iterations),
              "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--reference", str(reference),

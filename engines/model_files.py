@@ -20,6 +20,8 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy (non-zip) format starts with a pickle protocol byte
 # ops of an int8 graph: QDQ files, and the QOperator form of ``fatq-export --format onnx-ort``
 INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
+# custom op domains fatq-export writes -> the only engine that reads them (onnx-ort, onnx-openvino files)
+ENGINE_DOMAINS = {"com.microsoft": "ort", "org.openvinotoolkit": "openvino"}
 # ONNX elem_type -> the float precision a graph without Q/DQ computes in
 _FLOAT_PRECISION = {1: "fp32", 10: "fp16", 16: "bf16"}
 
@@ -76,8 +78,10 @@ class OnnxModelInfo:
         metadata: the model's ``metadata_props`` as a dict of strings.
         normalization: {"mean": [...], "std": [...]} from the metadata, or None.
         opset: the default-domain opset version.
-        onnxruntime_only: the graph uses ONNX Runtime's contrib ops (domain ``com.microsoft``, as
-            ``fatq-export --format onnx-ort`` files do), which other engines do not read.
+        only_engine: "ort" when the graph imports ONNX Runtime's contrib ops (``com.microsoft``, as
+            ``fatq-export --format onnx-ort`` files do), "openvino" when it imports OpenVINO's
+            (``org.openvinotoolkit``, ``--format onnx-openvino``): no other engine reads them. None
+            for a standard ONNX graph.
     """
 
     path: Path
@@ -85,7 +89,7 @@ class OnnxModelInfo:
     metadata: dict = field(default_factory=dict)
     normalization: dict | None = None
     opset: int | None = None
-    onnxruntime_only: bool = False
+    only_engine: str | None = None
 
 
 def read_onnx_info(path: str | Path) -> OnnxModelInfo:
@@ -103,9 +107,9 @@ def read_onnx_info(path: str | Path) -> OnnxModelInfo:
     precision = "int8" if ops & INT8_OPS else _FLOAT_PRECISION.get(elem_type, "fp32")
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    onnxruntime_only = any(node.domain == "com.microsoft" for node in model.graph.node)
+    only_engine = next((ENGINE_DOMAINS[o.domain] for o in model.opset_import if o.domain in ENGINE_DOMAINS), None)
     normalization = normalization_from_metadata(metadata, path)
-    return OnnxModelInfo(path, precision, metadata, normalization, opset, onnxruntime_only)
+    return OnnxModelInfo(path, precision, metadata, normalization, opset, only_engine)
 
 
 def normalization_from_metadata(metadata: dict, source: str | Path = "model") -> dict | None:

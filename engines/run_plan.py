@@ -39,7 +39,7 @@ class ModelFile:
     path: Path
     kind: str
     precision: str
-    onnxruntime_only: bool = False  # ONNX Runtime contrib ops (fatq-export --format onnx-ort)
+    only_engine: str | None = None  # the one engine that reads its custom ops (onnx-ort, onnx-openvino files)
 
     @property
     def stem(self) -> str:
@@ -75,7 +75,7 @@ def inspect_model(path: str | Path) -> ModelFile:
     kind = detect_model_kind(path)
     if kind == ONNX:
         info = read_onnx_info(path)
-        return ModelFile(path, kind, info.precision, info.onnxruntime_only)
+        return ModelFile(path, kind, info.precision, info.only_engine)
     if kind == TRT_PLAN:
         from engines.trt_builder import read_sidecar
 
@@ -98,8 +98,10 @@ def _unsupported(model: ModelFile, engine: str, precision: str) -> str | None:
     if model.kind not in kinds:
         wanted = " or ".join(KIND_NAMES[k] for k in kinds)
         return f"{engine} runs {wanted}; {model.path.name} is {KIND_ARTICLES[model.kind]}"
-    if model.onnxruntime_only and engine != "ort":
+    if model.only_engine == "ort" and engine != "ort":
         return f"{model.path.name} uses ONNX Runtime's CPU contrib ops (an onnx-ort export); only engine ort runs it"
+    if model.only_engine == "openvino" and engine != "openvino":
+        return f"{model.path.name} uses OpenVINO's own ops (an onnx-openvino export); only engine openvino runs it"
     native = model.precision
     if precision == native:
         return None

@@ -1,7 +1,8 @@
 """``fatq-export``: a trained fatq checkpoint -> QDQ int8 ONNX (or float ONNX), checked and linted.
 
     fatq-export CKPT --format onnx [-o OUT] [--opset N] [--calib-data DIR] [--check ...]
-    fatq-export CKPT --format onnx-ort ...     (same integers, for ONNX Runtime's CPU kernels)
+    fatq-export CKPT --format onnx-ort ...       (same integers, for ONNX Runtime's CPU kernels)
+    fatq-export CKPT --format onnx-openvino ...  (same integers, for OpenVINO's CPU plugin)
     fatq-export --lint model.onnx
 
 Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
@@ -9,8 +10,8 @@ deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for
 ``.reference.pt``: the checkpoint moved onto the engine's grid (:mod:`export.engine_exact`), i.e. the
 PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. Every file is checked
 against DEPLOY.md's rules before it is written (:mod:`export.graph_check`); nothing is written
-on an error. ``--check`` runs it in ONNX Runtime against the deploy reference and the PyTorch
-model (:mod:`export.parity`) and exits 1 below ``--min-agreement``.
+on an error. ``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files) against
+the deploy reference and the PyTorch model (:mod:`export.parity`) and exits 1 below ``--min-agreement``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import torch
 from fatq.cli_common import run_cli, write_bytes_atomic, write_json_atomic
 from fatq.errors import FatqError
 
-FORMATS = ("onnx", "onnx-ort", "onnx-fp32", "trt")
-INT8_FORMATS = ("onnx", "onnx-ort")
-DEFAULT_SUFFIX = {"onnx": ".onnx", "onnx-ort": ".ort.onnx", "onnx-fp32": ".fp32.onnx"}
-METADATA_FORMAT = {"onnx": "qdq-int8", "onnx-ort": "ort-uint8", "onnx-fp32": "fp32"}
+FORMATS = ("onnx", "onnx-ort", "onnx-openvino", "onnx-fp32", "trt")
+INT8_FORMATS = ("onnx", "onnx-ort", "onnx-openvino")
+DEFAULT_SUFFIX = {"onnx": ".onnx", "onnx-ort": ".ort.onnx", "onnx-openvino": ".ov.onnx", "onnx-fp32": ".fp32.onnx"}
+METADATA_FORMAT = {"onnx": "qdq-int8", "onnx-ort": "ort-uint8", "onnx-openvino": "openvino-fq", "onnx-fp32": "fp32"}
 DEFAULT_CHECK_IMAGES = 2000
 CALIB_BATCH_SIZE = 64
 
@@ -49,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx",
         help="onnx: portable QDQ int8 for TensorRT, OpenVINO and ONNX Runtime (default); onnx-ort: the same "
         "integers as uint8 QOperator ops, faster in ONNX Runtime, for nothing else (export/ort_writer.py); "
-        "onnx-fp32: folded float",
+        "onnx-openvino: the same integers with 4-bit quantizers as OpenVINO FakeQuantize ops, faster in "
+        "OpenVINO, for nothing else (export/openvino_writer.py); onnx-fp32: folded float",
     )
     parser.add_argument(
         "-o",
         "--output",
-        help="output .onnx path (default: beside the checkpoint, <stem>.onnx / .ort.onnx / .fp32.onnx)",
+        help="output .onnx path (default: beside the checkpoint, <stem>.onnx / .ort.onnx / .ov.onnx / .fp32.onnx)",
     )
     parser.add_argument(
         "--opset",
@@ -74,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-method", default="percentile", help="minmax, percentile (default), entropy or mse")
     check = parser.add_argument_group("check")
     check.add_argument(
-        "--check", action="store_true", help="run the file in ONNX Runtime against the reference and the model"
+        "--check",
+        action="store_true",
+        help="run the file in ONNX Runtime (OpenVINO for onnx-openvino) against the reference and the model",
     )
     check.add_argument(
         "--check-images",
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--data-dir", help="dataset for --check (its test split); random inputs without it")
     check.add_argument(
-        "--min-agreement", type=float, default=99.9, help="min top-1 agreement %% ORT vs model (default 99.9)"
+        "--min-agreement", type=float, default=99.9, help="min top-1 agreement %% engine vs model (default 99.9)"
     )
     check.add_argument(
         "--min-int8-identical",
@@ -113,6 +117,7 @@ def lint(path: str) -> int:
     import onnx
 
     from export.graph_check import check_model
+    from export.openvino_writer import is_openvino_model
     from export.ort_writer import uint8_tensors
 
     try:
@@ -130,6 +135,12 @@ def lint(path: str) -> int:
         print(
             f"{path}: written by fatq-export --format onnx-ort for ONNX Runtime's CPU kernels: uint8 and zero "
             "points by design; export --format onnx for TensorRT and OpenVINO.",
+            file=sys.stderr,
+        )
+    elif findings and is_openvino_model(model):
+        print(
+            f"{path}: written by fatq-export --format onnx-openvino for OpenVINO: its FakeQuantize ops by design; "
+            "export --format onnx for TensorRT and ONNX Runtime.",
             file=sys.stderr,
         )
     print(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: clean", file=sys.stderr)
@@ -252,6 +263,7 @@ def export(args, argv: list[str]) -> int:
     from export.fold import dequantized, fold
     from export.graph_check import assert_deployable
     from export.lower import lower
+    from export.openvino_writer import write_openvino
     from export.ort_writer import write_ort
     from export.qdq_writer import write_float, write_qdq
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
@@ -291,9 +303,10 @@ def export(args, argv: list[str]) -> int:
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference_checkpoint_path(out).name, **projection}
-    if args.format == "onnx-ort":
-        # uint8 and zero points by design: DEPLOY.md's rules (TensorRT's) do not apply to this file
-        onnx_model = write_ort(graph, opset=args.opset, metadata=graph.meta)
+    if args.format in ("onnx-ort", "onnx-openvino"):
+        # one engine's own ops by design: DEPLOY.md's rules (TensorRT's) do not apply to these files
+        write = write_ort if args.format == "onnx-ort" else write_openvino
+        onnx_model = write(graph, opset=args.opset, metadata=graph.meta)
     else:
         write = write_qdq if args.format == "onnx" else write_float
         onnx_model = write(graph, opset=args.opset, metadata=graph.meta)
@@ -379,14 +392,15 @@ def _print_check(r: dict) -> None:
         return "n/a" if value is None else f"{value:.2f} %"
 
     print(f"check on {r['images']} images ({r['data']}); model: {r['compared_model']}")
+    engine = r["engine"]
     print(f"  {'pair':<28} {'top-1 agree':>12} {'max |dlogit|':>13} {'mean |dlogit|':>14}")
     rows = (
-        ("onnxruntime vs checkpoint", r),
+        (f"{engine} vs checkpoint", r),
         ("reference vs checkpoint", r["reference_vs_checkpoint"]),
-        ("onnxruntime vs reference", r["onnxruntime_vs_reference"]),
+        (f"{engine} vs reference", r[f"{engine}_vs_reference"]),
     )
-    if "onnxruntime_vs_as_trained" in r:
-        rows += (("onnxruntime vs as trained", r["onnxruntime_vs_as_trained"]),)
+    if f"{engine}_vs_as_trained" in r:
+        rows += ((f"{engine} vs as trained", r[f"{engine}_vs_as_trained"]),)
     for label, row in rows:
         print(
             f"  {label:<28} {row['top1_agreement_pct']:>11.3f}% {row['max_abs_logit_diff']:>13.6f} "
@@ -397,7 +411,11 @@ def _print_check(r: dict) -> None:
     if r["int8_tensors"]:
         worst = min(r["int8_identical_pct"], key=r["int8_identical_pct"].get)
         low = r["int8_identical_pct_min"]
-        print(f"  int8 identical (ORT vs reference): min {low:.4f} % over {r['int8_tensors']} tensors (worst {worst})")
+        unobserved = f", {len(r['unobserved_int8_tensors'])} unobserved" if r["unobserved_int8_tensors"] else ""
+        print(
+            f"  int8 identical ({engine} vs reference): min {low:.4f} % over {r['int8_tensors']} tensors "
+            f"(worst {worst}{unobserved})"
+        )
     print(f"  {'PASSED' if r['passed'] else 'FAILED'} (min agreement {r['min_agreement']} %)")
 
 

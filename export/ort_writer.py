@@ -307,9 +307,7 @@ def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | N
         b = _Builder(opset)
         uint8 = _OrtWriter(graph, b, frozenset(float_adds)).run()
     extra = {METADATA_KEY: uint8, "float_residual_adds": sorted(float_adds)}
-    model = _model(graph, b, {**(metadata or {}), **extra}, _num_classes(graph))
-    model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, MS_OPSET))
-    return model
+    return _model(graph, b, {**(metadata or {}), **extra}, _num_classes(graph), {MS_DOMAIN: MS_OPSET})
 
 
 def inexact_adds(checks: list[_AddCheck]) -> set[str]:

@@ -249,6 +249,11 @@ class _QdqWriter:
         if out_quant is None:
             self.float_name[node.output] = y
             return
+        self.quantized_output(y, node)
+
+    def quantized_output(self, y: str, node: DeployNode) -> None:
+        """Quantize a conv/linear's float output ``y`` with its fused output quantizer."""
+        b, out_quant = self.b, node.attrs["out_quant"]
         q = b.quantize(y, out_quant["scale"], f"{node.name}/out")
         if all(reader.op in FLOAT_READERS for reader in self.readers.get(node.output, [])):
             # Only float ops (a residual Add) read it: the clipped dequantized values are exactly
@@ -349,7 +354,10 @@ def _float_layer(b: _Builder, node: DeployNode, inputs: list[str], output: str |
     return b.node("Gemm", [inputs[0], weight, bias], output, node.name, transB=1)
 
 
-def _model(graph: DeployGraph, b: _Builder, metadata: dict | None, num_classes: int) -> onnx.ModelProto:
+def _model(
+    graph: DeployGraph, b: _Builder, metadata: dict | None, num_classes: int, domains: dict[str, int] | None = None
+) -> onnx.ModelProto:
+    """The ONNX model of ``b``'s nodes; ``domains`` = {custom op domain: its opset version}."""
     c, h, w = graph.input_shape
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_classes])]
@@ -357,10 +365,10 @@ def _model(graph: DeployGraph, b: _Builder, metadata: dict | None, num_classes: 
     opset = [helper.make_opsetid("", b.opset)]
     model = helper.make_model(
         onnx_graph,
-        opset_imports=opset,
+        opset_imports=opset + [helper.make_opsetid(domain, version) for domain, version in (domains or {}).items()],
         producer_name="fatq",
         producer_version=__version__,
-        ir_version=helper.find_min_ir_version_for(opset),
+        ir_version=helper.find_min_ir_version_for(opset),  # custom domains have no IR version to ask for
     )
     set_metadata(model, metadata or {})
     return model

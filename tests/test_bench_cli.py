@@ -195,3 +195,22 @@ def test_onnx_runtime_format_runs_on_ort_only_and_computes_the_reference(tmp_pat
     assert report["agreement"]["ort"]["max_abs_logit_diff"] <= 1e-5
     (skipped,) = report["skipped"]
     assert skipped["engine"] == "openvino" and "only engine ort runs it" in skipped["reason"]
+
+
+def test_openvino_format_runs_on_openvino_only_and_agrees_with_the_reference(tmp_path):
+    pytest.importorskip("openvino")
+    from export.cli import main as export_main
+
+    trained = tmp_path / "w4.pt"
+    save_resnet_checkpoint(trained, bits=4, num_classes=3)
+    targeted = tmp_path / "w4-ov.onnx"
+    assert export_main([str(trained), "--format", "onnx-openvino", "-o", str(targeted), "--quiet"]) == 0
+    out, reference = tmp_path / "r.json", tmp_path / "w4-ov.reference.pt"
+    argv = [str(targeted), "--engine", "ort", "--engine", "openvino", "--batch-sizes", "2", "--limit", "8",
+            "--reference", str(reference), "--min-agreement", "100", "--json", str(out), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [c["label"] for c in report["configs"]] == ["openvino"] and report["configs"][0]["precision"] == "int8"
+    assert report["agreement"]["openvino"]["top1_agreement_pct"] == 100.0
+    (skipped,) = report["skipped"]
+    assert skipped["engine"] == "ort" and "only engine openvino runs it" in skipped["reason"]

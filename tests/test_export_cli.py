@@ -106,6 +106,23 @@ def test_onnx_runtime_format_computes_the_same_model(checkpoint, tmp_path, capsy
     assert "onnx-ort" in capsys.readouterr().err
 
 
+def test_openvino_format_is_checked_in_openvino(checkpoint, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    report = tmp_path / "r.json"
+    args = [str(checkpoint), "--format", "onnx-openvino", "--check", "--check-images", "8", "--json", str(report)]
+    status = main([*args, "--quiet"])
+    written = checkpoint.with_name("r20.ov.onnx")
+    meta = read_metadata(onnx.load(str(written)))
+    assert meta["format"] == "openvino-fq" and json.loads(meta["fake_quantized_tensors"])
+    check = json.loads(report.read_text())["check"]
+    assert check["engine"] == "openvino" and "openvino_version" in check
+    assert set(check["accuracy"]) == {"openvino", "reference", "checkpoint", "checkpoint_as_trained"}
+    assert check["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert status == (0 if check["passed"] else 1) and "unobserved" in capsys.readouterr().out
+    assert main(["--lint", str(written)]) == 1  # OpenVINO's own op: not for TensorRT, and lint says why
+    assert "onnx-openvino" in capsys.readouterr().err
+
+
 def test_fp32_format_and_fp32_checkpoint(checkpoint, tmp_path):
     assert main([str(checkpoint), "--format", "onnx-fp32", "--check", "--check-images", "8", "--quiet"]) == 0
     written = checkpoint.with_name("r20.fp32.onnx")

@@ -1,0 +1,110 @@
+"""Write an integer deploy graph as ONNX for OpenVINO's CPU plugin (``--format onnx-openvino``).
+
+Why a third int8 file: the portable QDQ file (:mod:`export.qdq_writer`) can enforce a b-bit range
+such as [0, 15] only with a float ``Clip`` between int8 Q/DQ pairs. OpenVINO turns every Q → DQ
+pair into a ``FakeQuantize`` with 256 levels and fuses those into its int8 convolutions, but it
+runs each such Clip as a separate f32 pass, and after a conv it fuses a chain of two
+quantizations and a clamp into the conv's epilogue. The clamps of the residual sums and those
+epilogues cost 10–13 % of the int8 run time of a ResNet-20 W4A4 (``benchmarks/engines_resnet20.py``).
+
+OpenVINO's own quantization op says the same thing in one node: ``FakeQuantize(x, lo·s, hi·s,
+lo·s, hi·s, levels = hi − lo + 1)`` is clamp(round((x − lo·s) / s), 0, hi − lo) · s + lo·s, the
+quantizer itself. Its ONNX frontend reads it from the ``org.openvinotoolkit`` domain. This writer
+is the QDQ writer with every quantizer of :data:`FAKE_QUANTIZE_LEVELS` levels written as that one
+node on the quantizer's own grid:
+
+- a conv/linear's output quantizer: ``Conv → FakeQuantize`` instead of ``Conv → Q → DQ → Clip →
+  Q → DQ``. Where :func:`export.lower.lower` widened the integers (stored as j·q at scale s / j
+  so an engine's int32 bias is fine-grained), the FakeQuantize stays on the coarse grid s: the
+  values j·q · s / j = q · s are the same reals, and OpenVINO adds the bias in float after the
+  int8 convolution, so the widening has nothing to do there;
+- a quantizer of a float tensor (a residual sum): ``FakeQuantize`` instead of ``Clip → Q → DQ``.
+
+Every other quantizer is written exactly as in the QDQ file. Measured with openvino 2026.4.1 on a
+16-channel FakeQuantize → int8 Conv (numpy reference): 16 and 256 levels are exact and run the
+conv on u8; 8 and 128 levels make it fall back to an f32 conv; 15 and 255 levels give wrong
+results (it appears to reinterpret the range). Hence only 16 levels — the 4-bit quantizers of
+W4A4 models, the headline configuration — take the new form; 2-, 3- and 8-bit quantizers keep
+their Q/DQ. ``fatq-export --check`` runs every file through OpenVINO and compares every integer
+with the deploy reference, so a different OpenVINO version that broke this would fail the check.
+
+For OpenVINO only: ONNX Runtime and TensorRT do not read ``org.openvinotoolkit`` ops. The
+``fake_quantized_tensors`` metadata entry lists the quantizers written as FakeQuantize.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from export.deploy_graph import DeployGraph, DeployNode
+from export.qdq_writer import DEFAULT_OPSET, _Builder, _clip_bounds, _model, _num_classes, _QdqWriter
+from fatq.errors import FatqError
+
+OPENVINO_DOMAIN = "org.openvinotoolkit"
+OPENVINO_OPSET = 1
+# quantizer sizes OpenVINO 2026.4 runs exactly and on int8 as FakeQuantize (module docstring)
+FAKE_QUANTIZE_LEVELS = frozenset({16})
+METADATA_KEY = "fake_quantized_tensors"
+
+
+def levels(quant: dict) -> int:
+    """Number of integers a quantizer {scale, qmin, qmax} can output."""
+    return int(quant["qmax"]) - int(quant["qmin"]) + 1
+
+
+class _OpenVinoWriter(_QdqWriter):
+    """The QDQ writer, with 16-level quantizers as OpenVINO FakeQuantize nodes."""
+
+    def __init__(self, graph: DeployGraph, builder: _Builder):
+        super().__init__(graph, builder, range_clip="float")
+        self.fake_quantized: dict[str, dict] = {}  # deploy tensor -> {scale, levels} of its FakeQuantize
+
+    def fake_quantize(self, x: str, quant: dict, output: str, name: str) -> None:
+        """``output`` = FakeQuantize of the float tensor ``x`` on the grid of ``quant`` (expand ignored)."""
+        lo, hi = (self.b.constant(bound, np.float32) for bound in _clip_bounds(quant))
+        count = levels(quant)
+        self.b.node("FakeQuantize", [x, lo, hi, lo, hi], output, name, domain=OPENVINO_DOMAIN, levels=count)
+        self.float_name[output] = output
+        self.fake_quantized[output] = {"scale": float(np.float32(quant["scale"])), "levels": count}
+
+    def int8_output(self, x: str, quant: dict, output: str, name: str, already_quantized: bool) -> None:
+        if already_quantized or levels(quant) not in FAKE_QUANTIZE_LEVELS:
+            super().int8_output(x, quant, output, name, already_quantized)
+            return
+        self.fake_quantize(x, quant, output, name)
+
+    def quantized_output(self, y: str, node: DeployNode) -> None:
+        quant = node.attrs["out_quant"]
+        if levels(quant) not in FAKE_QUANTIZE_LEVELS:
+            super().quantized_output(y, node)
+            return
+        self.fake_quantize(y, quant, node.output, node.name)
+
+
+def write_openvino(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:
+    """ONNX for OpenVINO of an integer-dialect graph (:func:`export.lower.lower`).
+
+    Args:
+        graph: the lowered graph.
+        opset: ONNX opset of the default domain (13..21); ``org.openvinotoolkit`` opset 1.
+        metadata: string-valued (or JSON-able) ``metadata_props``; :data:`METADATA_KEY` is added.
+
+    Returns:
+        The model: input "input" float32 [batch, C, H, W], output "logits" float32 [batch, classes];
+        a quantized tensor keeps its deploy-graph name, as the float output of its FakeQuantize or
+        as an int8 tensor (as in the QDQ file).
+    """
+    if graph.dialect != "integer":
+        raise FatqError("write_openvino needs a lowered (integer) graph; call export.lower.lower first.")
+    b = _Builder(opset)
+    writer = _OpenVinoWriter(graph, b)
+    writer.run()
+    extra = {METADATA_KEY: writer.fake_quantized}
+    return _model(graph, b, {**(metadata or {}), **extra}, _num_classes(graph), {OPENVINO_DOMAIN: OPENVINO_OPSET})
+
+
+def is_openvino_model(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is a ``--format onnx-openvino`` file: it imports OpenVINO's op domain (even
+    when no quantizer had 16 levels and the graph is the portable one)."""
+    return any(entry.domain == OPENVINO_DOMAIN for entry in model.opset_import)

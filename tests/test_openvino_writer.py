@@ -1,0 +1,122 @@
+"""The OpenVINO-targeted int8 writer (``--format onnx-openvino``) against the deploy reference and the QDQ file."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import compare_written, input_shape_for, lowered_case, trained_like
+
+from export.deploy_graph import tensor_quant
+from export.engine_exact import make_engine_exact
+from export.fold import fold
+from export.graph_check import check_model
+from export.lower import lower
+from export.openvino_writer import FAKE_QUANTIZE_LEVELS, OPENVINO_DOMAIN, is_openvino_model, levels, write_openvino
+from export.qdq_writer import read_metadata, write_qdq
+from export.reference import DeployReference
+
+ov = pytest.importorskip("openvino")
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, name: str) -> np.ndarray:
+    """Logits of ``model`` in OpenVINO on the CPU, compiled for the static shape of ``x``."""
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    core = ov.Core()
+    read = core.read_model(str(path))
+    read.reshape({"input": list(x.shape)})
+    compiled = core.compile_model(read, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled({"input": x})[0])
+
+
+def _clip_enforced(onnx_model: onnx.ModelProto, graph) -> frozenset:
+    """Quantized tensors written as Q → DQ → Clip for float readers: the check cannot observe them in OpenVINO."""
+    producers = {n.output[0]: n.op_type for n in onnx_model.graph.node}
+    return frozenset(t for t in DeployReference(graph).quant if producers.get(t) == "Clip")
+
+
+@functools.cache
+def _exported(name: str, bits: int):
+    """(model, graph) as fatq-export makes them: biases on the engine grid, rounding ties avoided."""
+    model = trained_like(name, bits)
+    shape = input_shape_for(name)
+    graph, _ = make_engine_exact(model, lambda m: lower(fold(m, shape)))
+    return model, graph
+
+
+def _check(name: str, bits: int, tmp_path) -> tuple[dict, onnx.ModelProto, object]:
+    model, graph = _exported(name, bits)
+    onnx_model = write_openvino(graph)
+    path = tmp_path / "model.ov.onnx"
+    report = compare_written(onnx_model, name, model, graph, path, _clip_enforced(onnx_model, graph))
+    assert report["engine"] == "openvino"
+    return report, onnx_model, graph
+
+
+def test_every_integer_identical_to_the_reference_without_residual_sums(tmp_path):
+    report, onnx_model, _ = _check("vgg_small", 4, tmp_path)
+    assert sum(n.op_type == "FakeQuantize" for n in onnx_model.graph.node) == 5
+    assert report["int8_identical_pct"] and min(report["int8_identical_pct"].values()) == 100.0
+    assert report["openvino_vs_reference"]["max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_residual_models_agree_with_the_reference(name, tmp_path):
+    # OpenVINO computes a residual sum's quantizer with its own float rounding (it folds one input's
+    # scale into the other), so a sum within float error of a rounding boundary can land on the
+    # other side, in this file as in the portable one; everything upstream of the first sum is exact.
+    report, _, graph = _check(name, 4, tmp_path)
+    assert report["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
+    first_sum = next(i for i, node in enumerate(graph.nodes) if node.op == "add")
+    upstream = {node.output for node in graph.nodes[:first_sum]} & set(report["int8_identical_pct"])
+    assert upstream and all(report["int8_identical_pct"][t] == 100.0 for t in upstream)
+
+
+def test_same_logits_as_the_portable_qdq_file_without_residual_sums(tmp_path):
+    _, graph = _exported("vgg_small", 4)
+    x = torch.randn(5, *input_shape_for("vgg_small")).numpy()
+    portable = _run(write_qdq(graph), x, tmp_path, "portable")
+    targeted = _run(write_openvino(graph), x, tmp_path, "targeted")
+    np.testing.assert_array_equal(targeted, portable)
+
+
+def test_4bit_quantizers_are_one_fake_quantize_on_their_own_grid():
+    _, graph = lowered_case("resnet20", 4, "{}")
+    onnx_model = write_openvino(graph)
+    assert is_openvino_model(onnx_model) and not is_openvino_model(write_qdq(graph))
+    fake = {n.output[0]: n for n in onnx_model.graph.node if n.op_type == "FakeQuantize"}
+    assert fake and all(n.domain == OPENVINO_DOMAIN for n in fake.values())
+    bounds = {i.name: float(onnx.numpy_helper.to_array(i)) for i in onnx_model.graph.initializer if not i.dims}
+    quant = {t: graph.quant_of(t) for t in DeployReference(graph).quant}
+    for tensor, q in quant.items():
+        if levels(q) not in FAKE_QUANTIZE_LEVELS:
+            assert tensor not in fake, tensor  # other sizes keep their Q/DQ (module docstring)
+            continue
+        node = fake[tensor]
+        (count,) = (a.i for a in node.attribute if a.name == "levels")
+        scale = np.float32(q["scale"])  # the quantizer's grid, not the widened one the file stores for engines
+        assert count == 16 and scale != np.float32(tensor_quant(q)["scale"]) or q.get("expand", 1) == 1
+        assert bounds[node.input[1]] == np.float32(q["qmin"]) * scale == bounds[node.input[3]]
+        assert bounds[node.input[2]] == np.float32(q["qmax"]) * scale == bounds[node.input[4]]
+    # every 4-bit quantizer of this W4A4 model took the new form; fewer nodes than the portable file
+    assert set(fake) == {t for t, q in quant.items() if levels(q) == 16}
+    assert len(onnx_model.graph.node) < len(write_qdq(graph).graph.node)
+    read = read_metadata(onnx_model)
+    assert set(json.loads(read["fake_quantized_tensors"])) == set(fake)
+    # not portable, and the rules say so
+    assert check_model(onnx_model)
+
+
+def test_other_bit_widths_keep_the_portable_form(tmp_path):
+    _, graph = lowered_case("resnet20", 2, json.dumps({"shortcut": "B"}))
+    onnx_model = write_openvino(graph)
+    assert not any(n.op_type == "FakeQuantize" for n in onnx_model.graph.node)
+    assert [n.op_type for n in onnx_model.graph.node] == [n.op_type for n in write_qdq(graph).graph.node]
+    assert is_openvino_model(onnx_model)  # still checked, and benchmarked, in OpenVINO
+    x = torch.randn(3, *input_shape_for("resnet20")).numpy()
+    np.testing.assert_array_equal(_run(onnx_model, x, tmp_path, "w2"), _run(write_qdq(graph), x, tmp_path, "p"))
