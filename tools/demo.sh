@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: W4A4 FAT ResNet-20 from the public FP32 checkpoint (1 epoch,
-# about 8 minutes on 2 cores), int8 ONNX export with a parity check (the portable QDQ file, and the
-# onnx-ort file for ONNX Runtime), and an ORT/OpenVINO benchmark with the accuracy-parity gate.
+# about 8 minutes on 2 cores), int8 ONNX export with a parity check (the portable QDQ file, the
+# onnx-ort file for ONNX Runtime and the onnx-openvino file for OpenVINO), and an ORT/OpenVINO
+# benchmark with the accuracy-parity gate.
 # Usage: tools/demo.sh [OUT_DIR]   (data and weights default to ../shared beside the checkout;
 #        override with FATQ_DATA_DIR and FATQ_PRETRAINED_DIR)
 set -euo pipefail
@@ -22,16 +23,19 @@ fatq-export "$out/train/best.pt" --format onnx -o "$out/resnet20-w4a4.onnx" \
   --check --check-images 10000 --data-dir "$data" --json "$out/export-check.json"
 # the same integers as uint8 QOperator ops, for ONNX Runtime only (README, Export); same .reference.pt model
 fatq-export "$out/train/best.pt" --format onnx-ort -o "$out/resnet20-w4a4-ort.onnx"
+# the same integers with OpenVINO's FakeQuantize for the 4-bit quantizers, for OpenVINO only
+fatq-export "$out/train/best.pt" --format onnx-openvino -o "$out/resnet20-w4a4-ov.onnx"
 fatq-export "$out/train/best.pt" --format onnx-fp32 -o "$out/resnet20-w4a4.fp32.onnx"
 # speed and accuracy of int8 and fp32 side by side (the fp32 twin has no activation quantization, so
-# only the accuracy bound applies to it; OpenVINO skips the onnx-ort file, with the reason) ...
-fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" "$out/resnet20-w4a4.fp32.onnx" \
+# only the accuracy bound applies to it; each engine skips the other's own file, with the reason) ...
+fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" "$out/resnet20-w4a4-ov.onnx" \
+  "$out/resnet20-w4a4.fp32.onnx" \
   --engine ort --engine openvino \
   --batch-sizes 1,64 --threads 2 --data-dir "$data" --reference "$out/resnet20-w4a4.reference.pt" \
   --max-accuracy-drop 1.0 --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png"
 # ... and the parity gate on the int8 engines
-fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" --engine ort --engine openvino \
-  --batch-sizes 64 --iterations 5 \
+fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" "$out/resnet20-w4a4-ov.onnx" \
+  --engine ort --engine openvino --batch-sizes 64 --iterations 5 \
   --threads 2 --data-dir "$data" --reference "$out/resnet20-w4a4.reference.pt" --min-agreement 99.9 \
   --json "$out/parity.json" --quiet
 echo "demo: artifacts in $out"
