@@ -8,7 +8,7 @@ engine         model kinds                   precisions
 ort            ONNX                          the graph's own (int8 for QDQ or onnx-ort, else fp32)
 ort-cuda       ONNX (onnxruntime-gpu)        the graph's own
 ort-trt        ONNX (onnxruntime-gpu)        the graph's own (TensorRT EP)
-openvino       ONNX                          int8 (QDQ); fp32 (forced f32) or bf16 (float)
+openvino       ONNX                          int8 (QDQ, onnx-openvino); fp32 (forced f32) or bf16 (float)
 trt            ONNX (built here) or a plan   int8 (QDQ); fp32 or fp16 (float); a plan's own
 torch          fatq checkpoint               int8 (quantized, fake-quant) or fp32
 torch-cuda     fatq checkpoint               as torch, plus fp16 for FP32 checkpoints
