@@ -32,6 +32,13 @@ ENGINES = ("ort", "ort-cuda", "ort-trt", "openvino", "trt", "torch", "torch-cuda
 PRECISIONS = ("int8", "fp16", "fp32", "bf16")
 
 
+# the custom ops of an engine-specific ONNX file (ModelFile.only_engine), for skip reasons
+_ENGINE_OPS = {
+    "ort": "ONNX Runtime's CPU contrib ops (an onnx-ort export)",
+    "openvino": "OpenVINO's own ops (an onnx-openvino export)",
+}
+
+
 @dataclass(frozen=True)
 class ModelFile:
     """One MODEL argument: its path, kind and native precision."""
@@ -98,10 +105,9 @@ def _unsupported(model: ModelFile, engine: str, precision: str) -> str | None:
     if model.kind not in kinds:
         wanted = " or ".join(KIND_NAMES[k] for k in kinds)
         return f"{engine} runs {wanted}; {model.path.name} is {KIND_ARTICLES[model.kind]}"
-    if model.only_engine == "ort" and engine != "ort":
-        return f"{model.path.name} uses ONNX Runtime's CPU contrib ops (an onnx-ort export); only engine ort runs it"
-    if model.only_engine == "openvino" and engine != "openvino":
-        return f"{model.path.name} uses OpenVINO's own ops (an onnx-openvino export); only engine openvino runs it"
+    if model.only_engine not in (None, engine):
+        uses = _ENGINE_OPS[model.only_engine]
+        return f"{model.path.name} uses {uses}; only engine {model.only_engine} runs it"
     native = model.precision
     if precision == native:
         return None

@@ -31,6 +31,11 @@ from fatq.errors import FatqError
 FORMATS = ("onnx", "onnx-ort", "onnx-openvino", "onnx-fp32", "trt")
 INT8_FORMATS = ("onnx", "onnx-ort", "onnx-openvino")
 DEFAULT_SUFFIX = {"onnx": ".onnx", "onnx-ort": ".ort.onnx", "onnx-openvino": ".ov.onnx", "onnx-fp32": ".fp32.onnx"}
+# formats for one engine's own ops -> what the lint note says they are for
+ENGINE_SPECIFIC = {
+    "onnx-ort": "ONNX Runtime's CPU kernels (uint8, zero points, com.microsoft ops)",
+    "onnx-openvino": "OpenVINO (its FakeQuantize op)",
+}
 METADATA_FORMAT = {"onnx": "qdq-int8", "onnx-ort": "ort-uint8", "onnx-openvino": "openvino-fq", "onnx-fp32": "fp32"}
 DEFAULT_CHECK_IMAGES = 2000
 CALIB_BATCH_SIZE = 64
@@ -131,16 +136,11 @@ def lint(path: str) -> int:
     findings = check_model(model)
     for finding in findings:
         print(finding)
-    if findings and uint8_tensors(model) is not None:
+    own = "onnx-ort" if uint8_tensors(model) is not None else "onnx-openvino" if is_openvino_model(model) else None
+    if findings and own:
         print(
-            f"{path}: written by fatq-export --format onnx-ort for ONNX Runtime's CPU kernels: uint8 and zero "
-            "points by design; export --format onnx for TensorRT and OpenVINO.",
-            file=sys.stderr,
-        )
-    elif findings and is_openvino_model(model):
-        print(
-            f"{path}: written by fatq-export --format onnx-openvino for OpenVINO: its FakeQuantize ops by design; "
-            "export --format onnx for TensorRT and ONNX Runtime.",
+            f"{path}: written by fatq-export --format {own} for {ENGINE_SPECIFIC[own]} by design; export --format "
+            "onnx for the other engines.",
             file=sys.stderr,
         )
     print(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: clean", file=sys.stderr)
@@ -303,13 +303,9 @@ def export(args, argv: list[str]) -> int:
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference_checkpoint_path(out).name, **projection}
-    if args.format in ("onnx-ort", "onnx-openvino"):
-        # one engine's own ops by design: DEPLOY.md's rules (TensorRT's) do not apply to these files
-        write = write_ort if args.format == "onnx-ort" else write_openvino
-        onnx_model = write(graph, opset=args.opset, metadata=graph.meta)
-    else:
-        write = write_qdq if args.format == "onnx" else write_float
-        onnx_model = write(graph, opset=args.opset, metadata=graph.meta)
+    writers = {"onnx": write_qdq, "onnx-ort": write_ort, "onnx-openvino": write_openvino, "onnx-fp32": write_float}
+    onnx_model = writers[args.format](graph, opset=args.opset, metadata=graph.meta)
+    if args.format not in ENGINE_SPECIFIC:  # those use one engine's own ops by design: TensorRT's rules do not apply
         assert_deployable(onnx_model)
     companions = [deploy_graph_path(out)] + ([reference_checkpoint_path(out)] if projection else [])
     try:

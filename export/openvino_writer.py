@@ -24,10 +24,11 @@ node on the quantizer's own grid:
 Every other quantizer is written exactly as in the QDQ file. Measured with openvino 2026.4.1 on a
 16-channel FakeQuantize → int8 Conv (numpy reference): 16 and 256 levels are exact and run the
 conv on u8; 8 and 128 levels make it fall back to an f32 conv; 15 and 255 levels give wrong
-results (it appears to reinterpret the range). Hence only 16 levels — the 4-bit quantizers of
-W4A4 models, the headline configuration — take the new form; 2-, 3- and 8-bit quantizers keep
-their Q/DQ. ``fatq-export --check`` runs every file through OpenVINO and compares every integer
-with the deploy reference, so a different OpenVINO version that broke this would fail the check.
+results. Hence only 16 levels — the 4-bit quantizers of W4A4 models, the headline configuration —
+take the new form; 2-, 3- and 8-bit quantizers keep their Q/DQ. ``fatq-export --check`` runs the
+file through OpenVINO and compares the logits and every integer it can observe without perturbing
+OpenVINO (:mod:`export.parity`) with the deploy reference, so a different OpenVINO version that
+broke this would fail the check.
 
 For OpenVINO only: ONNX Runtime and TensorRT do not read ``org.openvinotoolkit`` ops. The
 ``fake_quantized_tensors`` metadata entry lists the quantizers written as FakeQuantize.

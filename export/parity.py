@@ -151,38 +151,26 @@ def _ort_session(model: onnx.ModelProto | str, threads: int | None) -> Callable:
 
 
 def _openvino_session(model: onnx.ModelProto | str, threads: int | None) -> Callable:
-    """run(names, feed) -> arrays, on OpenVINO's CPU plugin (float parts forced to f32).
+    """run(names, feed) -> arrays, through :class:`engines.openvino_runner.OpenVinoRunner`.
 
-    Compiled once per input shape, with that shape static: with a dynamic batch, openvino 2026.4.1
-    computed different logits for the portable QDQ ResNet-20 W4A4 (0.8 % of top-1 changed against
-    its static-shape run and against ONNX Runtime, measured), so only static shapes are checked —
-    what :class:`engines.openvino_runner.OpenVinoRunner` runs.
+    That runner compiles each input shape as a static model with the float parts forced to f32:
+    with a dynamic batch, openvino 2026.4.1 computed different logits for the portable QDQ
+    ResNet-20 W4A4 (0.8 % of top-1 changed against its static-shape run and against ONNX Runtime,
+    measured), so only static shapes are checked, as fatq-bench runs them.
     """
-    from engines.openvino_runner import import_openvino
+    from engines.openvino_runner import OpenVinoRunner
 
-    ov = import_openvino()
-    core = ov.Core()
     if isinstance(model, str):
-        read = core.read_model(model)
+        runner = OpenVinoRunner(model, threads=threads).activate()
     else:
-        with tempfile.TemporaryDirectory() as tmp:  # its ONNX reader takes a path
+        with tempfile.TemporaryDirectory() as tmp:  # its ONNX reader takes a path; it reads on activate
             path = Path(tmp) / "debug.onnx"
             onnx.save(model, str(path))
-            read = core.read_model(str(path))
-    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-    compiled: dict[tuple, tuple] = {}
+            runner = OpenVinoRunner(path, threads=threads).activate()
 
     def run(names: list[str], feed: dict) -> list[np.ndarray]:
-        key = tuple((name, value.shape) for name, value in sorted(feed.items()))
-        if key not in compiled:
-            static = read.clone()
-            static.reshape({name: list(shape) for name, shape in key})
-            model = core.compile_model(static, "CPU", config)
-            compiled[key] = (model, model.create_infer_request())
-        model, request = compiled[key]
-        results = request.infer(feed)
-        by_name = {name: np.array(results[port]) for port in model.outputs for name in port.get_names()}
-        return [by_name[name] for name in names]
+        outputs = runner.infer(feed)
+        return [outputs[name] for name in names]
 
     return run
 
