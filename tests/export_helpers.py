@@ -88,7 +88,7 @@ def compare_written(onnx_model, name: str, model: nn.Module, graph, path, unobse
     """
     import onnx
 
-    from export.parity import compare
+    from engines.deploy_check import compare
     from export.reference import DeployReference
 
     onnx.checker.check_model(onnx_model, full_check=True)

@@ -16,14 +16,14 @@ from engine_helpers import (
     tiny_float_cnn,
 )
 
-from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, read_onnx_info
+from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, inspect_model
 from engines.openvino_runner import OpenVinoRunner
 from engines.ort_runner import OrtRunner
-from engines.parity import agreement
 from engines.runner import TensorMeta
 from engines.timing import LatencyStats, time_interleaved
 from engines.torch_runner import TorchRunner
 from fatq.errors import FatqError, MissingExtraError
+from fatq.metrics import agreement
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +190,8 @@ def test_model_kind_detection(tmp_path, float_onnx, qdq_onnx):
     junk.write_text("not a model at all\n")
     with pytest.raises(FatqError, match="neither"):
         detect_model_kind(junk)
-    assert read_onnx_info(qdq_onnx[0]).precision == "int8"
-    info = read_onnx_info(float_onnx[0])
+    assert inspect_model(qdq_onnx[0]).precision == "int8"
+    info = inspect_model(float_onnx[0])
     assert info.precision == "fp32" and info.normalization["mean"][0] == pytest.approx(0.4914)
 
 

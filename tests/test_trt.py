@@ -155,10 +155,10 @@ def _random_inputs(count: int):
 def test_int8_engine_builds_runs_and_agrees_with_the_model(trt_models, tmp_path):
     import numpy as np
 
-    from engines.parity import agreement
     from engines.torch_runner import TorchRunner
     from engines.trt_builder import build_engine
     from engines.trt_runner import TrtRunner
+    from fatq.metrics import agreement
 
     ckpt, int8, _ = trt_models
     plan = tmp_path / "w8.plan"
