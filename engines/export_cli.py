@@ -87,10 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-agreement", type=float, default=99.9, help="min top-1 agreement %% engine vs model (default 99.9)"
     )
     check.add_argument(
-        "--min-int8-identical",
-        type=float,
-        default=99.99,
-        help="min %% of identical int8 values per tensor (default 99.99)",
+        "--min-int8-identical", type=float, default=99.99, help="min %% identical int8s per tensor (default 99.99)"
     )
     parser.add_argument(
         "--as-trained",

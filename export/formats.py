@@ -65,24 +65,17 @@ class OutputFormat:
         return self.writer(graph, opset=opset, metadata=metadata)
 
 
+_INT8_FILES = (DEPLOY_GRAPH, REFERENCE)
+_ORT_KERNELS = "ONNX Runtime's CPU kernels (uint8, zero points, com.microsoft ops)"
+_OPENVINO_OPS = "OpenVINO (its FakeQuantize op)"
+# name, suffix, metadata tag, int8, writer, engines, check engine, purpose, companions, custom op domain
 FORMATS: dict[str, OutputFormat] = {
     f.name: f
     for f in (
+        OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort", None, _INT8_FILES),
         OutputFormat(
-            "onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort", companions=(DEPLOY_GRAPH, REFERENCE)
-        ),
-        OutputFormat(
-            "onnx-ort",
-            ".ort.onnx",
-            "ort-uint8",
-            True,
-            write_ort,
-            ("ort",),
-            "ort",
-            purpose="ONNX Runtime's CPU kernels (uint8, zero points, com.microsoft ops)",
-            companions=(DEPLOY_GRAPH, REFERENCE),
-            domain=MS_DOMAIN,
-        ),
+            "onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, _INT8_FILES, MS_DOMAIN
+        ),  # fmt: skip
         OutputFormat(
             "onnx-openvino",
             ".ov.onnx",
@@ -91,10 +84,10 @@ FORMATS: dict[str, OutputFormat] = {
             write_openvino,
             ("openvino",),
             "openvino",
-            purpose="OpenVINO (its FakeQuantize op)",
-            companions=(DEPLOY_GRAPH, REFERENCE),
-            domain=OPENVINO_DOMAIN,
-        ),
+            _OPENVINO_OPS,
+            _INT8_FILES,
+            OPENVINO_DOMAIN,
+        ),  # fmt: skip
         OutputFormat("onnx-fp32", ".fp32.onnx", "fp32", False, write_float, PORTABLE_ENGINES, "ort"),
     )
 }

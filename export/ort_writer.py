@@ -44,19 +44,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
+from export import onnx_builder
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
-from export.onnx_builder import (
-    DEFAULT_OPSET,
-    INPUT_NAME,
-    INT32_MAX,
-    OUTPUT_NAME,
-    OnnxBuilder,
-    clip_bounds,
-    conv_attrs,
-    emit_float_op,
-    make_model,
-    output_classes,
-)
 from export.qdq_writer import dequantized_weights, weight_initializers
 from fatq.errors import FatqError
 
@@ -92,14 +81,14 @@ class AddCheck:
 class _OrtWriter:
     """Integer deploy graph -> ONNX Runtime QOperator nodes (see the module docstring)."""
 
-    def __init__(self, graph: DeployGraph, builder: OnnxBuilder, float_adds: frozenset[str] = frozenset()):
+    def __init__(self, graph: DeployGraph, builder: onnx_builder.OnnxBuilder, float_adds: frozenset[str] = frozenset()):
         self.graph = graph
         self.b = builder
         self.float_adds = float_adds  # quantizers whose residual Add stays float (see write_ort)
         self.adds: list[AddCheck] = []
         self.producers = graph.producers()
         self.u8: dict[str, Uint8Tensor] = {}  # deploy tensor -> its uint8 ONNX tensor
-        self.float_name: dict[str, str] = {graph.input_name: INPUT_NAME}
+        self.float_name: dict[str, str] = {graph.input_name: onnx_builder.INPUT_NAME}
 
     # --- constants and nodes -----------------------------------------------------------------
 
@@ -151,11 +140,11 @@ class _OrtWriter:
                 name = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[tensor]), None, tensor)
             else:
                 node = self.producers[tensor]
-                output = OUTPUT_NAME if tensor == self.graph.output_name else None
+                output = onnx_builder.OUTPUT_NAME if tensor == self.graph.output_name else None
                 if node.op in ("qconv", "qlinear"):
                     name = self.dequantized_layer(node, output)
                 else:
-                    name = emit_float_op(self.b, node, [self.as_float(t) for t in node.inputs], output)
+                    name = onnx_builder.emit_float_op(self.b, node, [self.as_float(t) for t in node.inputs], output)
             self.float_name[tensor] = name
         return self.float_name[tensor]
 
@@ -171,7 +160,7 @@ class _OrtWriter:
             + [y_zero_point, bias],
             None,
             node.name,
-            **conv_attrs(node.attrs),
+            **onnx_builder.conv_attrs(node.attrs),
         )
         self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
 
@@ -180,7 +169,7 @@ class _OrtWriter:
         x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
         w, bias = dequantized_weights(self.b, node)
         if node.op == "qconv":
-            return self.b.node("Conv", [x, w, bias], output, node.name, **conv_attrs(node.attrs))
+            return self.b.node("Conv", [x, w, bias], output, node.name, **onnx_builder.conv_attrs(node.attrs))
         return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)
 
     def quantized_linear(self, node: DeployNode) -> None:
@@ -196,7 +185,9 @@ class _OrtWriter:
         add, relu, subsample = self.residual_source(node)
         if add is None or node.name in self.float_adds:
             # the image, pooled features, a checked-inexact Add: Clip → Q as in the QDQ file, to uint8
-            clipped = self.b.clip(self.as_float(node.inputs[0]), *clip_bounds(quant), np.float32, f"{node.name}/range")
+            clipped = self.b.clip(
+                self.as_float(node.inputs[0]), *onnx_builder.clip_bounds(quant), np.float32, f"{node.name}/range"
+            )
             zero_point = self.zero_point_for(quant, node.name)
             q_inputs = [clipped, self.scale(quant["scale"]), self.byte(zero_point)]
             self.b.node("QuantizeLinear", q_inputs, node.output, node.name)
@@ -244,7 +235,10 @@ class _OrtWriter:
     def subsample(self, x: Uint8Tensor, name: str) -> Uint8Tensor:
         """x[:, :, ::2, ::2] on uint8."""
         b = self.b
-        starts, ends = b.constant([0, 0], np.int64), b.constant([INT32_MAX, INT32_MAX], np.int64)
+        starts, ends = (
+            b.constant([0, 0], np.int64),
+            b.constant([onnx_builder.INT32_MAX, onnx_builder.INT32_MAX], np.int64),
+        )
         steps = [b.constant([2, 3], np.int64), b.constant([2, 2], np.int64)]
         return replace(x, name=b.node("Slice", [x.name, starts, ends, *steps], None, f"{name}/subsample"))
 
@@ -262,7 +256,7 @@ class _OrtWriter:
             half = self.subsample(x, node.name)
             self.u8[node.output] = self.pad_channels(half, node.attrs["pad"], node.attrs["pad"], node.output, node.name)
         else:  # MaxPool and Flatten read uint8 as they are
-            self.u8[node.output] = replace(x, name=emit_float_op(self.b, node, [x.name], node.output))
+            self.u8[node.output] = replace(x, name=onnx_builder.emit_float_op(self.b, node, [x.name], node.output))
 
     def run(self) -> dict[str, dict]:
         """Write the nodes; returns {deploy tensor: {"scale", "zero_point"}} of the uint8 tensors."""
@@ -280,7 +274,9 @@ class _OrtWriter:
         return {t: {"scale": q.scale, "zero_point": q.zero_point} for t, q in self.u8.items()}
 
 
-def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:
+def write_ort(
+    graph: DeployGraph, opset: int = onnx_builder.DEFAULT_OPSET, metadata: dict | None = None
+) -> onnx.ModelProto:
     """ONNX Runtime–targeted int8 ONNX of an integer-dialect graph (see the module docstring).
 
     Every residual QLinearAdd is first checked against the installed ONNX Runtime
@@ -298,15 +294,17 @@ def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | N
     """
     if graph.dialect != "integer":
         raise FatqError("write_ort needs a lowered (integer) graph; call export.lower.lower first.")
-    b = OnnxBuilder(opset)
+    b = onnx_builder.OnnxBuilder(opset)
     writer = _OrtWriter(graph, b)
     uint8 = writer.run()
     float_adds = inexact_adds(writer.adds)
     if float_adds:
-        b = OnnxBuilder(opset)
+        b = onnx_builder.OnnxBuilder(opset)
         uint8 = _OrtWriter(graph, b, frozenset(float_adds)).run()
     extra = {METADATA_KEY: uint8, "float_residual_adds": sorted(float_adds)}
-    return make_model(graph, b, {**(metadata or {}), **extra}, output_classes(graph), {MS_DOMAIN: MS_OPSET})
+    return onnx_builder.make_model(
+        graph, b, {**(metadata or {}), **extra}, onnx_builder.output_classes(graph), {MS_DOMAIN: MS_OPSET}
+    )
 
 
 def inexact_adds(checks: list[AddCheck]) -> set[str]:
@@ -348,8 +346,8 @@ def inexact_adds(checks: list[AddCheck]) -> set[str]:
         expected[f"y{i}"] = np.clip(np.round(real / np.float32(check.scale)), check.qmin, check.qmax)
     model = helper.make_model(
         helper.make_graph(nodes, "qlinear_add_check", inputs, outputs, initializers),
-        opset_imports=[helper.make_opsetid("", DEFAULT_OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)],
-        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", DEFAULT_OPSET)]),
+        opset_imports=[helper.make_opsetid("", onnx_builder.DEFAULT_OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)],
+        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", onnx_builder.DEFAULT_OPSET)]),
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
