@@ -40,8 +40,6 @@ class OutputFormat:
         check_engine: the engine ``fatq-export --check`` runs it in.
         purpose: None for a portable file (DEPLOY.md's rules apply and are enforced on export);
             for an engine-specific one, what it is for (the lint note: the rules do not apply).
-        companions: the suffixes of the files written beside it (``.reference.pt`` only when
-            the model was moved onto the engine grid, see :mod:`export.engine_exact`).
         domain: the custom op domain the writer imports (recognises files without a tag).
     """
 
@@ -53,7 +51,6 @@ class OutputFormat:
     engines: tuple[str, ...]
     check_engine: str
     purpose: str | None = None
-    companions: tuple[str, ...] = (DEPLOY_GRAPH,)
     domain: str | None = None
 
     @property
@@ -61,21 +58,24 @@ class OutputFormat:
         """The one engine that reads this format's custom ops, or None for a portable format."""
         return self.engines[0] if len(self.engines) == 1 else None
 
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """Suffixes of the files written beside it: the deploy graph, and for an int8 format the
+        ``.reference.pt`` (unless exported as trained, see :mod:`export.engine_exact`)."""
+        return (DEPLOY_GRAPH, REFERENCE) if self.int8 else (DEPLOY_GRAPH,)
+
     def write(self, graph: DeployGraph, opset: int, metadata: dict) -> onnx.ModelProto:
         return self.writer(graph, opset=opset, metadata=metadata)
 
 
-_INT8_FILES = (DEPLOY_GRAPH, REFERENCE)
 _ORT_KERNELS = "ONNX Runtime's CPU kernels (uint8, zero points, com.microsoft ops)"
 _OPENVINO_OPS = "OpenVINO (its FakeQuantize op)"
-# name, suffix, metadata tag, int8, writer, engines, check engine, purpose, companions, custom op domain
+# name, suffix, metadata tag, int8, writer, engines, check engine, purpose, custom op domain
 FORMATS: dict[str, OutputFormat] = {
     f.name: f
     for f in (
-        OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort", None, _INT8_FILES),
-        OutputFormat(
-            "onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, _INT8_FILES, MS_DOMAIN
-        ),  # fmt: skip
+        OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort"),
+        OutputFormat("onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, MS_DOMAIN),
         OutputFormat(
             "onnx-openvino",
             ".ov.onnx",
@@ -85,9 +85,8 @@ FORMATS: dict[str, OutputFormat] = {
             ("openvino",),
             "openvino",
             _OPENVINO_OPS,
-            _INT8_FILES,
             OPENVINO_DOMAIN,
-        ),  # fmt: skip
+        ),
         OutputFormat("onnx-fp32", ".fp32.onnx", "fp32", False, write_float, PORTABLE_ENGINES, "ort"),
     )
 }
