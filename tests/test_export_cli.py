@@ -239,3 +239,17 @@ def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys):
     assert "opset" in _error(capsys)
     assert main([]) == 2
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_pipeline_is_a_keyword_call_whose_files_match_its_result(checkpoint, tmp_path):
+    from export.pipeline import export_checkpoint
+
+    result = export_checkpoint(checkpoint, "onnx-ort", output=tmp_path / "k.onnx", quiet=True)
+    assert result.output.is_file() and result.format.name == "onnx-ort"
+    assert result.reference_path == tmp_path / "k.reference.pt" and result.reference_path.is_file()
+    saved = DeployGraph.load(result.deploy_graph_path)
+    assert [n.name for n in saved.nodes] == [n.name for n in result.graph.nodes]
+    assert onnx.load(str(result.output)).SerializeToString() == result.onnx_model.SerializeToString()
+    meta = read_metadata(result.onnx_model)
+    assert meta["export_command"].startswith("fatq-export ") and "--format onnx-ort" in meta["export_command"]
+    assert result.report()["deploy_graph"] == str(result.deploy_graph_path)

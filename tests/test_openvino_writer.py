@@ -13,12 +13,11 @@ from export_helpers import compare_written, input_shape_for, lowered_case, train
 
 from export.deploy_graph import tensor_quant
 from export.engine_exact import make_engine_exact
-from export.fold import fold
 from export.formats import format_of
 from export.graph_check import check_model
-from export.lower import lower
 from export.onnx_builder import read_metadata
 from export.openvino_writer import FAKE_QUANTIZE_LEVELS, OPENVINO_DOMAIN, levels, write_openvino
+from export.pipeline import deploy_graph
 from export.qdq_writer import write_qdq
 from export.reference import DeployReference
 
@@ -47,7 +46,7 @@ def _exported(name: str, bits: int):
     """(model, graph) as fatq-export makes them: biases on the engine grid, rounding ties avoided."""
     model = trained_like(name, bits)
     shape = input_shape_for(name)
-    graph, _ = make_engine_exact(model, lambda m: lower(fold(m, shape)))
+    graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, shape))
     return model, graph
 
 

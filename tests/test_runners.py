@@ -214,3 +214,23 @@ def test_interleaved_timing_runs_every_iteration(float_onnx):
     for result in results.values():
         assert result.latency.count == 7 and result.source == "wall-clock" and result.transfers == {}
         assert result.throughput_ips == pytest.approx(2 / (result.latency.median / 1000))
+
+
+@pytest.mark.parametrize("runner_cls", [OrtRunner, OpenVinoRunner])
+def test_a_model_in_memory_runs_as_its_file_does(qdq_onnx, runner_cls):
+    """fatq-export --check runs its debug copy from memory: same logits as the file, same facts."""
+    import onnx
+
+    path, _ = qdq_onnx
+    proto = onnx.load(str(path))
+    x = _inputs(3)
+    with runner_cls(path, threads=1) as from_file, runner_cls(proto, threads=1, name="copy") as from_proto:
+        expected = from_file.infer({"input": x})
+        got = from_proto.infer({"input": x})
+        assert from_proto.info().precision == from_file.info().precision == "int8"
+    with runner_cls(proto.SerializeToString(), threads=1) as from_bytes:
+        again = from_bytes.infer({"input": x})
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+        np.testing.assert_array_equal(again[name], value)
+    assert inspect_model(path).precision == "int8" and inspect_model(path).data is None
