@@ -22,7 +22,7 @@ from export.qdq_writer import write_qdq
 
 DEPLOY_GRAPH = ".deploy.npz"  # the folded deploy graph the file was written from (export.deploy_graph)
 REFERENCE = ".reference.pt"  # the PyTorch model an engine-exact int8 file computes (export.engine_exact)
-# the ONNX engines of fatq-bench (engines.run_plan's table) that read a standard ONNX graph
+# the fatq-bench engines (engines.registry; tests/test_formats.py keeps the two in step) that read standard ONNX
 PORTABLE_ENGINES = ("ort", "ort-cuda", "ort-trt", "openvino", "trt")
 
 

@@ -7,7 +7,7 @@ import pytest
 from export_helpers import lowered_case
 
 from export.fold import dequantized, fold
-from export.formats import DEPLOY_GRAPH, FORMATS, REFERENCE, companion_path, format_of
+from export.formats import DEPLOY_GRAPH, FORMATS, PORTABLE_ENGINES, REFERENCE, companion_path, format_of
 from export.onnx_builder import DEFAULT_OPSET
 
 
@@ -29,3 +29,15 @@ def test_companion_paths_and_tags_are_distinct():
     assert companion_path("runs/m.ort.onnx", DEPLOY_GRAPH).as_posix() == "runs/m.ort.deploy.npz"
     assert companion_path("m.onnx", REFERENCE).name == "m.reference.pt"
     assert len({f.suffix for f in FORMATS.values()}) == len({f.metadata_tag for f in FORMATS.values()}) == len(FORMATS)
+
+
+def test_engine_names_match_the_engine_table():
+    """export/ cannot import engines/: the names its table uses are checked against engines.registry here."""
+    from engines.model_files import ONNX
+    from engines.registry import ENGINES
+
+    assert set(PORTABLE_ENGINES) == {e.name for e in ENGINES.values() if ONNX in e.kinds}
+    for fmt in FORMATS.values():
+        assert set(fmt.engines) <= set(ENGINES) and fmt.check_engine in ENGINES
+        if fmt.only_engine:
+            assert ENGINES[fmt.only_engine].custom_ops, fmt.name  # the skip reason other engines give
