@@ -223,7 +223,7 @@ def test_a_model_in_memory_runs_as_its_file_does(qdq_onnx, runner_cls):
 
     path, _ = qdq_onnx
     proto = onnx.load(str(path))
-    x = _inputs(3)
+    x = _inputs(3, shape=(3, 6, 6))
     with runner_cls(path, threads=1) as from_file, runner_cls(proto, threads=1, name="copy") as from_proto:
         expected = from_file.infer({"input": x})
         got = from_proto.infer({"input": x})
