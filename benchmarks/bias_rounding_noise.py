@@ -68,8 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from export.engine_exact import make_engine_exact
-    from export.fold import fold
-    from export.lower import lower
+    from export.pipeline import deploy_graph
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
     from fatq.data import load_split, normalize
 
@@ -81,7 +80,7 @@ def main() -> None:
     labels = split.labels
 
     def lower_model(model):
-        return lower(fold(model, input_size))
+        return deploy_graph(model, input_size)
 
     graph = lower_model(trained)
     exact = copy.deepcopy(trained)

@@ -3,11 +3,12 @@
 Times, for one checkpoint (default: a random ResNet-56 W4A4 saved to a temp dir), the stages of
 ``fatq-export --format onnx`` in this process: load + rebuild the model, fold (which computes the
 FAT transform and integers of every layer), lower, make the model engine-exact
-(:mod:`export.engine_exact`, which folds and lowers again per round), write the QDQ ONNX, lint it, save the file and
-its deploy graph; also the ``--format onnx-ort`` writer (with its QLinearAdd exactness check, one
-ONNX Runtime session). Then the commands themselves as subprocesses, for both int8 formats: the time
-each reports (checkpoint to files written, what the < 5 s target is about) and its wall time including
-interpreter start and imports (torch, onnx). Prints the median of ``--repeats`` runs per line.
+(:mod:`export.engine_exact`, which folds and lowers again after each change), write the QDQ ONNX,
+lint it, save the file and its deploy graph; also the ``--format onnx-ort`` writer (with its
+QLinearAdd exactness check, one ONNX Runtime session). Then the commands themselves as
+subprocesses, for both int8 formats: the time each reports (checkpoint to files written, what the
+< 5 s target is about) and its wall time including interpreter start and imports (torch, onnx).
+Prints the median of ``--repeats`` runs per line.
 
 Usage::
 
@@ -30,12 +31,13 @@ from pathlib import Path
 def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     import onnx
 
-    from export.cli import deploy_graph_path
     from export.engine_exact import make_engine_exact
     from export.fold import fold
+    from export.formats import DEPLOY_GRAPH, companion_path
     from export.graph_check import assert_deployable
     from export.lower import lower
     from export.ort_writer import write_ort
+    from export.pipeline import deploy_graph
     from export.qdq_writer import write_qdq
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 
@@ -52,7 +54,7 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     times["lower to integer ops"] = time.perf_counter() - mark
     mark = time.perf_counter()
     input_size = list(data["input_size"])
-    graph, _ = make_engine_exact(model, lambda m: lower(fold(m, input_size)))
+    graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, input_size), graph=graph)
     times["engine-exact model (ties, biases)"] = time.perf_counter() - mark
     mark = time.perf_counter()
     onnx_model = write_qdq(graph, metadata=graph.meta)
@@ -62,7 +64,7 @@ def _stages(checkpoint: Path, out: Path) -> dict[str, float]:
     times["lint"] = time.perf_counter() - mark
     mark = time.perf_counter()
     onnx.save(onnx_model, str(out))
-    graph.save(deploy_graph_path(out))
+    graph.save(companion_path(out, DEPLOY_GRAPH))
     times["save files"] = time.perf_counter() - mark
     times["total in process"] = time.perf_counter() - start
     mark = time.perf_counter()

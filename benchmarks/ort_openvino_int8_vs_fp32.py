@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -38,19 +37,17 @@ VARIANTS = ("fp32", "int8", "int8-qcdq", "ort-ptq")
 
 
 def _export(checkpoint: Path, work: Path) -> dict[str, Path]:
-    """fp32 and int8 files through the CLI, the QCDQ variant from the saved deploy graph."""
+    """fp32 and int8 files through the export pipeline, the QCDQ variant from the saved deploy graph."""
     import onnx
 
-    from export.cli import deploy_graph_path
-    from export.cli import main as export_main
     from export.deploy_graph import DeployGraph
+    from export.pipeline import export_checkpoint
     from export.qdq_writer import write_qdq
 
     files = {"fp32": work / "fp32.onnx", "int8": work / "int8.onnx", "int8-qcdq": work / "int8-qcdq.onnx"}
     for fmt, key in (("onnx-fp32", "fp32"), ("onnx", "int8")):
-        if export_main([str(checkpoint), "--format", fmt, "-o", str(files[key]), "--quiet"]) != 0:
-            sys.exit(f"fatq-export --format {fmt} failed")
-    graph = DeployGraph.load(deploy_graph_path(files["int8"]))
+        result = export_checkpoint(checkpoint, fmt, output=files[key], quiet=True)
+    graph = DeployGraph.load(result.deploy_graph_path)  # the int8 file's, as written
     onnx.save(write_qdq(graph, range_clip="int8", metadata=graph.meta), str(files["int8-qcdq"]))
     return files
 

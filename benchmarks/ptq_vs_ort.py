@@ -26,8 +26,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import itertools
 import json
 import platform
@@ -151,15 +149,13 @@ def ort_quantize(fp32_onnx: Path, out: Path, batches: NormalizedBatches, method:
 
 def export_ours(checkpoint: Path, onnx_path: Path) -> str | None:
     """Run fatq-export; returns None on success, else the reason ours falls back to PyTorch."""
+    from export.pipeline import export_checkpoint
+    from fatq.errors import FatqError
+
     try:
-        from export.cli import main as export_main
-    except ImportError as exc:
-        return f"fatq-export unavailable ({exc.name or exc})"
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        status = export_main([str(checkpoint), "--format", "onnx", "-o", str(onnx_path), "--quiet"])
-    if status != 0 or not onnx_path.is_file():
-        return f"fatq-export failed: {stderr.getvalue().strip()[:200]}"
+        export_checkpoint(checkpoint, "onnx", output=onnx_path, quiet=True)
+    except FatqError as exc:
+        return f"fatq-export failed: {str(exc)[:200]}"
     return None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from fatq.cli_common import progress
+from fatq.io import progress
 from fatq.layers import QUANTIZED_LAYERS
 
 

@@ -31,16 +31,17 @@ from calibration.ptq import (
     quantize_post_training,
 )
 from fatq.checkpoint import save_checkpoint
-from fatq.cli_common import run_cli, write_json_atomic
+from fatq.cli_common import SentenceParser, run_cli
 from fatq.data import load_split
 from fatq.errors import FatqError
+from fatq.io import write_json_atomic
 from fatq.models import model_info
 from fatq.provenance import __version__, git_commit, sha256_file
 from fatq.quantizers import FLOAT_BITS, check_bits
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SentenceParser(
         prog="fatq-ptq", description="Post-training quantization of an FP32 checkpoint with calibrated ranges."
     )
     parser.add_argument("checkpoint", type=Path, help="FP32 checkpoint: fatq format, or the public one (with --arch)")

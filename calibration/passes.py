@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from calibration.calibrators import Calibrator, make_calibrator
-from fatq.cli_common import progress
 from fatq.errors import FatqError
+from fatq.io import progress
 from fatq.quantizers import ActivationQuantizer
 
 

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from calibration.bias_correction import correct_biases
 from calibration.passes import activation_quantizers, calibrate
 from fatq.checkpoint import init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
-from fatq.cli_common import progress
 from fatq.data import ImageSplit, normalize
 from fatq.errors import FatqError
+from fatq.io import progress
 from fatq.layers import QUANTIZED_LAYERS
+from fatq.metrics import top1_correct
 from fatq.models import create_model
 from fatq.qconfig import QuantSpec
 from fatq.quantizers import PerChannelWeightQuantizer, round_clamp
@@ -195,7 +196,7 @@ def evaluate_top1(
         for start in progress(starts, total=len(starts), desc="evaluating", quiet=quiet):
             images = normalize(split.images[start : start + batch_size], normalization["mean"], normalization["std"])
             logits = model(images.to(device))
-            correct += int((logits.argmax(dim=1).cpu() == split.labels[start : start + batch_size]).sum())
+            correct += top1_correct(logits.cpu(), split.labels[start : start + batch_size])
     return 100.0 * correct / len(split)
 
 

@@ -28,8 +28,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fatq.cli_common import write_bytes_atomic
 from fatq.errors import FatqError
+from fatq.io import write_bytes_atomic
 
 INT8_MAX = 127
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")

@@ -22,16 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from calibration.trt_cache import parse_cache, write_cache
-from fatq.errors import FatqError, MissingExtraError
+from fatq.errors import FatqError
+from fatq.extras import import_extra
 
 SUPPORTED_MAJOR = 10
 
 
 def _import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingExtraError("tensorrt", "trt") from None
+    trt = import_extra("tensorrt")
     major = int(trt.__version__.split(".")[0])
     if major > SUPPORTED_MAJOR or not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise FatqError(
@@ -44,11 +42,9 @@ def _import_tensorrt():
 
 
 def _import_pycuda():
-    try:
-        import pycuda.autoinit  # noqa: F401  (creates the CUDA context the device buffers live in)
-        import pycuda.driver as cuda
-    except ImportError:
-        raise MissingExtraError("pycuda", "trt") from None
+    import_extra("pycuda.autoinit")  # creates the CUDA context the device buffers live in
+    import pycuda.driver as cuda
+
     return cuda
 
 

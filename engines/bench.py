@@ -26,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.gate import evaluate_gate
 from engines.host import cpu_name
-from engines.model_files import CHECKPOINT, ONNX, normalization_from_metadata, read_onnx_info
-from engines.parity import agreement, evaluate_gate, topk_accuracy
-from engines.run_plan import RunnerOptions, RunSpec, inspect_model, make_runner, plan_runs
+from engines.model_files import CHECKPOINT, ONNX, ModelFile, inspect_model, normalization_from_metadata
+from engines.registry import RunnerOptions
+from engines.run_plan import RunSpec, make_runner, plan_runs
 from engines.runner import Runner
 from engines.timing import time_interleaved
-from fatq.cli_common import progress
 from fatq.errors import FatqError
+from fatq.io import progress
+from fatq.metrics import agreement, topk_accuracy
 from fatq.provenance import __version__, git_commit, sha256_file
 
 SCHEMA = "fatq-bench"
@@ -82,7 +84,7 @@ class BenchSettings:
 def model_normalization(spec: RunSpec) -> dict | None:
     """The normalization a model was trained with, as its file records it (None if it does not)."""
     if spec.model.kind == ONNX:
-        return read_onnx_info(spec.model.path).normalization
+        return spec.model.normalization
     if spec.model.kind == CHECKPOINT:
         from fatq.checkpoint import load_fatq_checkpoint
 
@@ -239,7 +241,7 @@ def _note_engine_exact_reference(models: list, settings: BenchSettings) -> None:
     for model in models:
         if model.kind != ONNX:
             continue
-        moved = read_onnx_info(model.path).metadata.get("bias_projection")
+        moved = model.metadata.get("bias_projection")
         if moved is None:
             continue
         computed = Path(model.path).with_name(json.loads(moved)["reference_checkpoint"])
@@ -427,7 +429,7 @@ def _config_entries(specs: list[RunSpec], runners: dict[str, Runner], normalizat
 
 
 def run_benchmark(
-    model_paths: list[str | Path],
+    model_paths: list[str | Path | ModelFile],
     engines: list[str],
     precisions: list[str] | None,
     settings: BenchSettings,
@@ -437,8 +439,9 @@ def run_benchmark(
     """Run the whole benchmark and return the report (``docs/bench_schema.md``).
 
     Args:
-        model_paths: MODEL files (ONNX, TensorRT plans, fatq checkpoints).
-        engines: engine names (:data:`engines.run_plan.ENGINES`).
+        model_paths: MODEL files (ONNX, TensorRT plans, fatq checkpoints), or their
+            :func:`~engines.model_files.inspect_model` records (not inspected again).
+        engines: engine names (:data:`engines.registry.ENGINES`).
         precisions: precisions to run, or None for each model's own.
         settings: what to measure.
         command: the command line, recorded in the report.
@@ -446,7 +449,7 @@ def run_benchmark(
     """
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise FatqError(f"batch sizes must be positive integers, got {list(settings.batch_sizes)}.")
-    models = [inspect_model(p) for p in model_paths]
+    models = [p if isinstance(p, ModelFile) else inspect_model(p) for p in model_paths]
     _note_engine_exact_reference(models, settings)
     specs, skipped = plan_runs(models, engines, precisions)
     batch_sizes = tuple(dict.fromkeys(settings.batch_sizes))

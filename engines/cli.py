@@ -19,22 +19,14 @@ import sys
 from pathlib import Path
 
 from engines.bench import BenchSettings, run_benchmark
-from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind
+from engines.model_files import inspect_model
+from engines.registry import ENGINES, PRECISIONS, RunnerOptions, default_engine
 from engines.report import markdown_report, terminal_report, write_plot
-from engines.run_plan import ENGINES, PRECISIONS, RunnerOptions
 from engines.torch_runner import MODES
 from engines.trt_builder import TYPINGS
-from fatq.cli_common import run_cli, write_json_atomic, write_text_atomic
+from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
-
-DEFAULT_ENGINE = {ONNX: "ort", TRT_PLAN: "trt", CHECKPOINT: "torch"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad usage as a FatqError (one sentence, exit 2, no usage dump)."""
-
-    def error(self, message: str):
-        raise FatqError(f"{message} (see fatq-bench --help).")
+from fatq.io import write_json_atomic, write_text_atomic
 
 
 def _positive_int(text: str) -> int:
@@ -68,7 +60,7 @@ def _percent(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = SentenceParser(
         prog="fatq-bench",
         description="Benchmark models on inference engines: latency per batch size, accuracy on the test split, "
         "agreement with the PyTorch model, and an accuracy-parity gate for CI.",
@@ -83,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine",
         action="append",
-        choices=ENGINES,
+        choices=tuple(ENGINES),
         dest="engines",
         help="engine to run (repeatable); default: ort for ONNX, trt for plans, torch for checkpoints",
     )
@@ -190,7 +182,8 @@ def _run(argv: list[str] | None) -> int:
         raise FatqError("--min-agreement needs --reference (agreement is measured against the reference model).")
     if args.max_accuracy_drop is not None and (args.reference is None or args.data_dir is None):
         raise FatqError("--max-accuracy-drop needs --reference and --data-dir.")
-    engines = args.engines or list(dict.fromkeys(DEFAULT_ENGINE[detect_model_kind(m)] for m in args.models))
+    models = [inspect_model(m) for m in args.models]  # each file is read once, here
+    engines = args.engines or list(dict.fromkeys(default_engine(m) for m in models))
     settings = BenchSettings(
         batch_sizes=args.batch_sizes,
         warmup=args.warmup,
@@ -209,7 +202,7 @@ def _run(argv: list[str] | None) -> int:
         ),
     )
     command = shlex.join(["fatq-bench", *(sys.argv[1:] if argv is None else argv)])
-    report = run_benchmark(args.models, engines, args.precisions, settings, command=command, quiet=args.quiet)
+    report = run_benchmark(models, engines, args.precisions, settings, command=command, quiet=args.quiet)
     if args.json:
         write_json_atomic(args.json, report)
     if args.markdown:

@@ -1,9 +1,12 @@
-"""What kind of model file a path holds, and what an ONNX file says about itself.
+"""What kind of model a MODEL argument holds, and what it says about itself: inspected once.
 
 fatq-bench accepts three kinds of MODEL: an ONNX file (QDQ int8 or float), a TensorRT plan
 (``.plan``/``.engine`` with its JSON sidecar, see :mod:`engines.trt_builder`) and a fatq
 checkpoint (the torch engine). Detection reads the file's bytes, not only its suffix, so a
-mislabelled file gets a clear error instead of an engine's stack trace.
+mislabelled file gets a clear error instead of an engine's stack trace. :func:`inspect_model`
+parses an ONNX file once; the :class:`ModelFile` it returns carries every fact the planner,
+the runners and the report need, so nothing parses it again. :func:`inspect_onnx` does the same
+for a model in memory (``fatq-export --check`` runs its debug copy without a temp file).
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy (non-zip) format starts with a pickle protocol byte
 # ops of an int8 graph: QDQ files, and the QOperator form of ``fatq-export --format onnx-ort``
 INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
-# custom op domains fatq-export writes -> the only engine that reads them (onnx-ort, onnx-openvino files)
-ENGINE_DOMAINS = {"com.microsoft": "ort", "org.openvinotoolkit": "openvino"}
 # ONNX elem_type -> the float precision a graph without Q/DQ computes in
 _FLOAT_PRECISION = {1: "fp32", 10: "fp16", 16: "bf16"}
 
@@ -33,6 +34,14 @@ def detect_model_kind(path: str | Path) -> str:
         path: a file path.
     """
     path = Path(path)
+    kind = _kind_from_bytes(path)
+    if kind is None and _load_onnx(path) is None:
+        raise _not_a_model(path)
+    return kind or ONNX
+
+
+def _kind_from_bytes(path: Path) -> str | None:
+    """CHECKPOINT or TRT_PLAN from the first bytes and the name; None: maybe ONNX (parse to tell)."""
     if not path.is_file():
         raise FatqError(f"model file {path} does not exist.")
     with open(path, "rb") as f:
@@ -41,9 +50,11 @@ def detect_model_kind(path: str | Path) -> str:
         return CHECKPOINT
     if path.suffix.lower() in PLAN_SUFFIXES or plan_sidecar_path(path).is_file():
         return TRT_PLAN
-    if _parses_as_onnx(path):
-        return ONNX
-    raise FatqError(
+    return None
+
+
+def _not_a_model(path: Path) -> FatqError:
+    return FatqError(
         f"{path} is neither an ONNX model, a TensorRT plan (.plan/.engine with its .json sidecar) "
         "nor a fatq checkpoint."
     )
@@ -55,51 +66,62 @@ def plan_sidecar_path(plan: str | Path) -> Path:
     return plan.with_name(plan.name + ".json")
 
 
-def _parses_as_onnx(path: Path) -> bool:
+def _load_onnx(path: Path):
+    """The ONNX model in ``path`` (without external weights), or None when it is not one."""
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError):
-        return False
+        return None
     # Protobuf accepts some arbitrary bytes as an empty message: a real model has a graph.
-    return model.ir_version > 0 and len(model.graph.node) > 0
+    return model if model.ir_version > 0 and len(model.graph.node) > 0 else None
 
 
 @dataclass(frozen=True)
-class OnnxModelInfo:
-    """Facts about an ONNX file that runners and reports need.
+class ModelFile:
+    """One model (a MODEL argument, or an ONNX model in memory) and the facts about it.
 
     Attributes:
-        path: the file.
-        precision: "int8" when the graph holds Q/DQ or QLinearConv/QLinearMatMul nodes, else the
-            float type of its first input ("fp32", "fp16", "bf16").
-        metadata: the model's ``metadata_props`` as a dict of strings.
+        path: the file (for a model in memory: the name it is reported under).
+        kind: "onnx", "trt-plan" or "checkpoint".
+        precision: "int8" when an ONNX graph holds Q/DQ or QLinearConv/QLinearMatMul nodes, else
+            the float type of its first input ("fp32", "fp16", "bf16"); a plan's build precision;
+            "int8" or "fp32" for a quantized or FP32 checkpoint.
+        metadata: an ONNX model's ``metadata_props`` as a dict of strings.
         normalization: {"mean": [...], "std": [...]} from the metadata, or None.
-        opset: the default-domain opset version.
-        only_engine: "ort" when the graph imports ONNX Runtime's contrib ops (``com.microsoft``, as
-            ``fatq-export --format onnx-ort`` files do), "openvino" when it imports OpenVINO's
-            (``org.openvinotoolkit``, ``--format onnx-openvino``): no other engine reads them. None
-            for a standard ONNX graph.
+        opset: the default-domain opset version of an ONNX model.
+        only_engine: the one engine that reads the graph's custom ops (a ``fatq-export --format
+            onnx-ort`` or ``onnx-openvino`` file, see :func:`export.formats.format_of`); None for
+            a standard graph.
+        data: the serialized ONNX model of a model in memory (None: read from ``path``).
     """
 
     path: Path
+    kind: str
     precision: str
     metadata: dict = field(default_factory=dict)
     normalization: dict | None = None
     opset: int | None = None
     only_engine: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stem(self) -> str:
+        return self.path.name.split(".")[0]
+
+    @property
+    def source(self) -> str | bytes:
+        """What an engine loads: the serialized model in memory, else the file path."""
+        return self.data if self.data is not None else str(self.path)
 
 
-def read_onnx_info(path: str | Path) -> OnnxModelInfo:
-    """Read an ONNX file's precision, metadata and normalization (without external weights)."""
-    import onnx
+def inspect_onnx(model, path: str | Path = "model.onnx", data: bytes | None = None) -> ModelFile:
+    """The facts of an ``onnx.ModelProto`` (``path``: the file it was read from, or a name for reports)."""
+    from export.formats import format_of
 
     path = Path(path)
-    if detect_model_kind(path) != ONNX:
-        raise FatqError(f"{path} is not an ONNX model.")
-    model = onnx.load_model(str(path), load_external_data=False)
     ops = {node.op_type for node in model.graph.node}
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -107,9 +129,52 @@ def read_onnx_info(path: str | Path) -> OnnxModelInfo:
     precision = "int8" if ops & INT8_OPS else _FLOAT_PRECISION.get(elem_type, "fp32")
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    only_engine = next((ENGINE_DOMAINS[o.domain] for o in model.opset_import if o.domain in ENGINE_DOMAINS), None)
+    fmt = format_of(model)
     normalization = normalization_from_metadata(metadata, path)
-    return OnnxModelInfo(path, precision, metadata, normalization, opset, only_engine)
+    return ModelFile(path, ONNX, precision, metadata, normalization, opset, fmt.only_engine if fmt else None, data)
+
+
+def in_memory_model(model, name: str = "model.onnx") -> ModelFile:
+    """A ModelFile for an ``onnx.ModelProto`` or its serialized bytes (engines load it from memory)."""
+    import onnx
+
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    proto = onnx.load_model_from_string(data) if isinstance(model, bytes) else model
+    return inspect_onnx(proto, name, data)
+
+
+def inspect_model(path: str | Path) -> ModelFile:
+    """Detect a MODEL file's kind and read its facts (an ONNX file is parsed once, here)."""
+    path = Path(path)
+    kind = _kind_from_bytes(path)
+    if kind == TRT_PLAN:
+        from engines.trt_builder import read_sidecar
+
+        return ModelFile(path, kind, read_sidecar(path)["precision"])
+    if kind == CHECKPOINT:
+        from engines.torch_runner import checkpoint_is_float
+        from fatq.checkpoint import load_fatq_checkpoint
+
+        precision = "fp32" if checkpoint_is_float(load_fatq_checkpoint(path)) else "int8"
+        return ModelFile(path, kind, precision)
+    model = _load_onnx(path)
+    if model is None:
+        raise _not_a_model(path)
+    return inspect_onnx(model, path)
+
+
+def onnx_model_file(model) -> ModelFile:
+    """What an ONNX runner was given -- a path, a :class:`ModelFile`, an ``onnx.ModelProto`` or its
+    bytes -- as a ModelFile of an ONNX model (FatqError for anything else)."""
+    if isinstance(model, ModelFile):
+        found = model
+    elif isinstance(model, (str, Path)):
+        found = inspect_model(model)
+    else:
+        found = in_memory_model(model)
+    if found.kind != ONNX:
+        raise FatqError(f"{found.path} is not an ONNX model.")
+    return found
 
 
 def normalization_from_metadata(metadata: dict, source: str | Path = "model") -> dict | None:

@@ -19,27 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from engines.host import cpu_device
-from engines.model_files import read_onnx_info
+from engines.model_files import ModelFile, onnx_model_file
 from engines.runner import Runner, RunnerInfo, TensorMeta
-from fatq.errors import FatqError, MissingExtraError
+from fatq.errors import FatqError
+from fatq.extras import import_extra
 
 PRECISION_HINTS = {"f32": "fp32", "bf16": "bf16"}
 
 
-def import_openvino():
-    """``import openvino``, or MissingExtraError naming the ``openvino`` extra."""
-    try:
-        import openvino
-    except ImportError:
-        raise MissingExtraError("openvino", "openvino") from None
-    return openvino
-
-
 class OpenVinoRunner(Runner):
-    """An ONNX file compiled by OpenVINO for the CPU.
+    """An ONNX model compiled by OpenVINO for the CPU.
 
     Args:
-        path: ONNX file (QDQ int8 or float).
+        model: ONNX file (QDQ int8 or float), its :class:`~engines.model_files.ModelFile`, or
+            an ``onnx.ModelProto`` / its bytes (read from memory).
         threads: ``INFERENCE_NUM_THREADS``; None lets OpenVINO choose.
         precision_hint: "f32" (default) or "bf16" for the float parts of the model; "bf16" is
             refused for QDQ graphs (their label would not say what ran).
@@ -47,19 +40,23 @@ class OpenVinoRunner(Runner):
     """
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, precision_hint: str = "f32", name: str | None = None
+        self,
+        model: str | Path | ModelFile | bytes,
+        threads: int | None = None,
+        precision_hint: str = "f32",
+        name: str | None = None,
     ):
-        super().__init__(name or Path(path).name)
+        model_file = onnx_model_file(model)
+        super().__init__(name or model_file.path.name)
         if precision_hint not in PRECISION_HINTS:
             raise FatqError(
                 f"OpenVINO precision hint must be one of {sorted(PRECISION_HINTS)}, got {precision_hint!r}."
             )
         if threads is not None and threads < 1:
             raise FatqError(f"threads must be at least 1, got {threads}.")
-        self.path = Path(path)
-        self.model_info = read_onnx_info(self.path)
-        if precision_hint == "bf16" and self.model_info.precision == "int8":
-            raise FatqError(f"{self.path.name} is a QDQ int8 graph; the bf16 mode applies to float models only.")
+        self.model_file = model_file
+        if precision_hint == "bf16" and model_file.precision == "int8":
+            raise FatqError(f"{model_file.path.name} is a QDQ int8 graph; the bf16 mode applies to float models only.")
         self.threads = threads
         self.precision_hint = precision_hint
         self._ov = None
@@ -68,12 +65,12 @@ class OpenVinoRunner(Runner):
         self._compiled: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
 
     def _activate(self) -> None:
-        ov = import_openvino()
+        ov = import_extra("openvino")
         self._core = ov.Core()
         try:
-            self._model = self._core.read_model(str(self.path))
+            self._model = self._core.read_model(self.model_file.source)
         except RuntimeError as exc:
-            raise FatqError(f"OpenVINO cannot read {self.path.name}: {str(exc).splitlines()[0]}") from None
+            raise FatqError(f"OpenVINO cannot read {self.model_file.path.name}: {str(exc).splitlines()[0]}") from None
         self._ov = ov
 
     def _config(self) -> dict:
@@ -123,12 +120,12 @@ class OpenVinoRunner(Runner):
 
     def cpu_has_native_bf16(self) -> bool:
         """Whether the CPU plugin lists BF16 among its optimization capabilities."""
-        core = self._core or import_openvino().Core()
+        core = self._core or import_extra("openvino").Core()
         return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
     def info(self) -> RunnerInfo:
-        ov = self._ov or import_openvino()
-        model_precision = self.model_info.precision
+        ov = self._ov or import_extra("openvino")
+        model_precision = self.model_file.precision
         label = "int8" if model_precision == "int8" else PRECISION_HINTS[self.precision_hint]
         return RunnerInfo(
             engine="openvino",

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from engines.host import cpu_device, gpu_info
-from engines.model_files import read_onnx_info
+from engines.model_files import ModelFile, onnx_model_file
 from engines.runner import Runner, RunnerInfo, TensorMeta
-from fatq.data import cache_dir
 from fatq.errors import FatqError, MissingExtraError
+from fatq.extras import import_extra
+from fatq.io import cache_dir
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -40,20 +41,12 @@ _ORT_DTYPES = {
 }
 
 
-def import_onnxruntime():
-    """``import onnxruntime`` (a core dependency), or one clear FatqError."""
-    try:
-        import onnxruntime
-    except ImportError:  # a core dependency: only a broken install lacks it
-        raise FatqError("onnxruntime is not installed; reinstall fatq (`pip install fatq`).") from None
-    return onnxruntime
-
-
 class OrtRunner(Runner):
-    """An ONNX file in an ONNX Runtime InferenceSession.
+    """An ONNX model in an ONNX Runtime InferenceSession.
 
     Args:
-        path: ONNX file (QDQ int8 or float).
+        model: ONNX file (QDQ int8 or float), its :class:`~engines.model_files.ModelFile`, or
+            an ``onnx.ModelProto`` / its bytes (loaded from memory).
         threads: intra-op threads (CPU provider); None lets ORT choose (all cores).
         provider: "cpu", "cuda" or "trt" (the TensorRT EP; the last two need onnxruntime-gpu and a GPU).
         name: label used in errors and reports (default: the file name).
@@ -63,19 +56,19 @@ class OrtRunner(Runner):
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | ModelFile | bytes,
         threads: int | None = None,
         provider: str = "cpu",
         name: str | None = None,
         trt_cache_dir: str | Path | None = None,
     ):
-        super().__init__(name or Path(path).name)
+        model_file = onnx_model_file(model)
+        super().__init__(name or model_file.path.name)
         if provider not in PROVIDERS:
             raise FatqError(f"unknown ONNX Runtime provider {provider!r}; use one of {sorted(PROVIDERS)}.")
         if threads is not None and threads < 1:
             raise FatqError(f"threads must be at least 1, got {threads}.")
-        self.path = Path(path)
-        self.model_info = read_onnx_info(self.path)
+        self.model_file = model_file
         self.threads = threads
         self.provider = provider
         self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else None
@@ -97,8 +90,8 @@ class OrtRunner(Runner):
         cache.mkdir(parents=True, exist_ok=True)
         # A QDQ graph carries its own scales, so INT8 needs no calibration table (DEPLOY.md).
         trt_options = {
-            "trt_int8_enable": self.model_info.precision == "int8",
-            "trt_fp16_enable": self.model_info.precision == "fp16",
+            "trt_int8_enable": self.model_file.precision == "int8",
+            "trt_fp16_enable": self.model_file.precision == "fp16",
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,
@@ -107,7 +100,7 @@ class OrtRunner(Runner):
         return [("TensorrtExecutionProvider", trt_options), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
-        ort = import_onnxruntime()
+        ort = import_extra("onnxruntime")
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
@@ -116,9 +109,11 @@ class OrtRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
         try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=self._provider_list(ort))
+            self._session = ort.InferenceSession(self.model_file.source, options, providers=self._provider_list(ort))
         except (RuntimeError, ValueError) as exc:  # ORT's Fail/InvalidGraph errors subclass RuntimeError
-            raise FatqError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from None
+            raise FatqError(
+                f"ONNX Runtime cannot load {self.model_file.path.name}: {str(exc).splitlines()[0]}"
+            ) from None
         self._ort = ort
 
     def _input_metadata(self) -> dict[str, TensorMeta]:
@@ -136,7 +131,7 @@ class OrtRunner(Runner):
         self._session = None
 
     def info(self) -> RunnerInfo:
-        version = self._ort.__version__ if self._ort else import_onnxruntime().__version__
+        version = self._ort.__version__ if self._ort else import_extra("onnxruntime").__version__
         if self.provider == "cpu":
             device = cpu_device()
         else:
@@ -147,7 +142,7 @@ class OrtRunner(Runner):
             engine="ort" if self.provider == "cpu" else f"ort-{self.provider}",
             engine_version=version,
             device=device,
-            precision=self.model_info.precision,
+            precision=self.model_file.precision,
             threads=self.threads,
             options={"providers": providers, "graph_optimization_level": "ORT_ENABLE_ALL", "inter_op_threads": 1},
         )

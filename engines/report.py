@@ -6,11 +6,11 @@ All functions take the report dict of :func:`engines.bench.run_benchmark` (schem
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from fatq.errors import FatqError, MissingExtraError
+from fatq.errors import FatqError
+from fatq.extras import import_extra
+from fatq.io import atomic_path
 
 
 def format_table(headers: list[str], rows: list[list], markdown: bool = False) -> str:
@@ -185,13 +185,8 @@ def write_plot(report: dict, path: str | Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtraError("matplotlib", "plot") from None
+    import_extra("matplotlib").use("Agg")
+    import matplotlib.pyplot as plt
 
     labels = [c["label"] for c in report["configs"]]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
@@ -226,13 +221,8 @@ def write_plot(report: dict, path: str | Path) -> None:
     axes[2].set_ylabel(ylabel)
     fig.suptitle(f"fatq-bench: {report['settings']['eval_inputs']}", fontsize="medium")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)

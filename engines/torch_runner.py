@@ -40,12 +40,10 @@ def build_checkpoint_module(data: dict, mode: str) -> nn.Module:
     if mode == "eval":
         return model
     # The export stage owns the engine semantics: fold, lower to integer ops, replay.
-    from export.fold import fold
-    from export.lower import lower
+    from export.pipeline import deploy_graph
     from export.reference import DeployReference
 
-    graph = fold(model, list(data["input_size"]))
-    return DeployReference(lower(graph) if graph.quantized else graph).eval()
+    return DeployReference(deploy_graph(model, list(data["input_size"]))).eval()
 
 
 class TorchRunner(Runner):

@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.host import GpuInfo, gpu_info
-from engines.model_files import ONNX, detect_model_kind, plan_sidecar_path, read_onnx_info
-from fatq.cli_common import write_bytes_atomic
-from fatq.data import cache_dir
-from fatq.errors import FatqError, MissingExtraError
+from engines.model_files import ONNX, inspect_model, plan_sidecar_path
+from fatq.errors import FatqError
+from fatq.extras import import_extra
+from fatq.io import cache_dir, write_bytes_atomic
 from fatq.provenance import __version__, git_commit, sha256_file
 
 SIDECAR_FORMAT = "fatq-trt-plan"
@@ -52,21 +52,9 @@ TYPINGS = ("auto", "strong", "weak")
 BUILD_PRECISIONS = ("int8", "fp16", "fp32")
 
 
-def import_tensorrt():
-    """``import tensorrt``, or MissingExtraError naming the ``trt`` extra."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise MissingExtraError("tensorrt", "trt") from None
-    return tensorrt
-
-
 def require_gpu() -> GpuInfo:
     """The first CUDA device, or a clear error when there is none (or no cuda-python)."""
-    try:
-        import cuda.bindings.runtime  # noqa: F401
-    except ImportError:
-        raise MissingExtraError("cuda-python", "trt") from None
+    import_extra("cuda.bindings.runtime")
     gpu = gpu_info(0)
     if gpu is None:
         raise FatqError("TensorRT needs a CUDA GPU, and none is visible here (no driver or no device).")
@@ -194,12 +182,12 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
         The sidecar dict (also written next to the plan).
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    if detect_model_kind(onnx_path) != ONNX:
+    onnx_info = inspect_model(onnx_path)
+    if onnx_info.kind != ONNX:
         raise FatqError(f"{onnx_path} is not an ONNX model; TensorRT engines are built from ONNX files.")
     if not plan_path.parent.is_dir():
         raise FatqError(f"directory {plan_path.parent} does not exist (for {plan_path.name}).")
-    onnx_info = read_onnx_info(onnx_path)
-    trt = import_tensorrt()
+    trt = import_extra("tensorrt")
     gpu = require_gpu()
     calibrated = int8_calibrator is not None
     typing = choose_typing(trt.__version__, settings.precision, onnx_info.precision, settings.typing, calibrated)
@@ -348,7 +336,7 @@ def build_engine_cached(onnx_path: str | Path, settings: BuildSettings) -> Path:
     Returns:
         The plan path (its sidecar beside it).
     """
-    trt = import_tensorrt()
+    trt = import_extra("tensorrt")
     gpu = require_gpu()
     onnx_path = Path(onnx_path)
     key = "-".join(

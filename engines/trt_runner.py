@@ -22,20 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from engines.runner import Runner, RunnerInfo, TensorMeta
-from engines.trt_builder import check_plan, import_tensorrt, require_gpu
-from fatq.errors import FatqError, MissingExtraError
-
-
-def import_cudart():
-    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise MissingExtraError("cuda-python", "trt") from None
-    return cudart
+from engines.trt_builder import check_plan, require_gpu
+from fatq.errors import FatqError
+from fatq.extras import import_cudart, import_extra
 
 
 def _check(cudart, result, what: str):
@@ -74,7 +63,7 @@ class TrtRunner(Runner):
         self._gpu = None
 
     def _activate(self) -> None:
-        trt = import_tensorrt()
+        trt = import_extra("tensorrt")
         cudart = import_cudart()
         gpu = require_gpu()
         self.sidecar = check_plan(self.plan_path, trt.__version__, gpu)
@@ -196,7 +185,7 @@ class TrtRunner(Runner):
 
     def info(self) -> RunnerInfo:
         sidecar = self.sidecar or {}
-        trt = self._trt or import_tensorrt()
+        trt = self._trt or import_extra("tensorrt")
         device = self._gpu
         return RunnerInfo(
             engine="trt",

@@ -29,8 +29,6 @@ it loads with ``numpy.load(path)`` without pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from fatq.errors import FatqError
+from fatq.io import atomic_path
 
 GRAPH_FORMAT = "fatq-deploy-graph"
 GRAPH_FORMAT_VERSION = 1
@@ -196,14 +195,8 @@ class DeployGraph:
         if not path.parent.is_dir():
             raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
         arrays = self.to_arrays()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez(path) would add .npz
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> DeployGraph:

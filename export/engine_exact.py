@@ -182,19 +182,20 @@ def _gamma_change(lattices: list[_Lattice], channel: int) -> float | None:
     return None
 
 
-def avoid_ties(model: nn.Module, lower_model) -> tuple[DeployGraph, dict]:
+def avoid_ties(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
     """Scale γ of channels with a near-tie (see the module docstring) until none is left.
 
     Args:
         model: the model (changed in place).
         lower_model: ``model -> integer DeployGraph`` (fold + lower).
+        graph: ``lower_model(model)`` when the caller has it already (it is not lowered again).
 
     Returns:
         (the graph of the final model, {"channels_moved", "max_gamma_change", "unresolved": [layer]}).
     """
     modules = dict(model.named_modules())
     moved: dict[tuple[str, int], float] = {}
-    graph = lower_model(model)
+    graph = lower_model(model) if graph is None else graph
     for _ in range(_MAX_ROUNDS):
         changes = []
         for path, lattices in _lattices(graph).items():
@@ -220,9 +221,13 @@ def avoid_ties(model: nn.Module, lower_model) -> tuple[DeployGraph, dict]:
     return graph, report
 
 
-def make_engine_exact(model: nn.Module, lower_model) -> tuple[DeployGraph, dict]:
-    """:func:`avoid_ties`, then :func:`project_biases`, verified; returns (final graph, report)."""
-    graph, ties = avoid_ties(model, lower_model)
+def make_engine_exact(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
+    """:func:`avoid_ties` (``graph``: see there), then :func:`project_biases`, verified.
+
+    Returns:
+        (the final graph, the report).
+    """
+    graph, ties = avoid_ties(model, lower_model, graph)
     report = project_biases(model, graph)
     final = lower_model(model)
     verify_projection(graph, final)

@@ -27,7 +27,7 @@ conv on u8; 8 and 128 levels make it fall back to an f32 conv; 15 and 255 levels
 results. Hence only 16 levels — the 4-bit quantizers of W4A4 models, the headline configuration —
 take the new form; 2-, 3- and 8-bit quantizers keep their Q/DQ. ``fatq-export --check`` runs the
 file through OpenVINO and compares the logits and every integer it can observe without perturbing
-OpenVINO (:mod:`export.parity`) with the deploy reference, so a different OpenVINO version that
+OpenVINO (:mod:`engines.deploy_check`) with the deploy reference, so a different OpenVINO version that
 broke this would fail the check.
 
 For OpenVINO only: ONNX Runtime and TensorRT do not read ``org.openvinotoolkit`` ops. The
@@ -40,7 +40,8 @@ import numpy as np
 import onnx
 
 from export.deploy_graph import DeployGraph, DeployNode
-from export.qdq_writer import DEFAULT_OPSET, _Builder, _clip_bounds, _model, _num_classes, _QdqWriter
+from export.onnx_builder import DEFAULT_OPSET, OnnxBuilder, clip_bounds, make_model, output_classes
+from export.qdq_writer import QdqWriter
 from fatq.errors import FatqError
 
 OPENVINO_DOMAIN = "org.openvinotoolkit"
@@ -55,16 +56,16 @@ def levels(quant: dict) -> int:
     return int(quant["qmax"]) - int(quant["qmin"]) + 1
 
 
-class _OpenVinoWriter(_QdqWriter):
+class _OpenVinoWriter(QdqWriter):
     """The QDQ writer, with 16-level quantizers as OpenVINO FakeQuantize nodes."""
 
-    def __init__(self, graph: DeployGraph, builder: _Builder):
+    def __init__(self, graph: DeployGraph, builder: OnnxBuilder):
         super().__init__(graph, builder, range_clip="float")
         self.fake_quantized: dict[str, dict] = {}  # deploy tensor -> {scale, levels} of its FakeQuantize
 
     def fake_quantize(self, x: str, quant: dict, output: str, name: str) -> None:
         """``output`` = FakeQuantize of the float tensor ``x`` on the grid of ``quant`` (expand ignored)."""
-        lo, hi = (self.b.constant(bound, np.float32) for bound in _clip_bounds(quant))
+        lo, hi = (self.b.constant(bound, np.float32) for bound in clip_bounds(quant))
         count = levels(quant)
         self.b.node("FakeQuantize", [x, lo, hi, lo, hi], output, name, domain=OPENVINO_DOMAIN, levels=count)
         self.float_name[output] = output
@@ -99,14 +100,8 @@ def write_openvino(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dic
     """
     if graph.dialect != "integer":
         raise FatqError("write_openvino needs a lowered (integer) graph; call export.lower.lower first.")
-    b = _Builder(opset)
+    b = OnnxBuilder(opset)
     writer = _OpenVinoWriter(graph, b)
     writer.run()
     extra = {METADATA_KEY: writer.fake_quantized}
-    return _model(graph, b, {**(metadata or {}), **extra}, _num_classes(graph), {OPENVINO_DOMAIN: OPENVINO_OPSET})
-
-
-def is_openvino_model(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` is a ``--format onnx-openvino`` file: it imports OpenVINO's op domain (even
-    when no quantizer had 16 levels and the graph is the portable one)."""
-    return any(entry.domain == OPENVINO_DOMAIN for entry in model.opset_import)
+    return make_model(graph, b, {**(metadata or {}), **extra}, output_classes(graph), {OPENVINO_DOMAIN: OPENVINO_OPSET})

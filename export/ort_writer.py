@@ -44,21 +44,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
+from export import onnx_builder
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
-from export.qdq_writer import (
-    DEFAULT_OPSET,
-    INPUT_NAME,
-    INT32_MAX,
-    OUTPUT_NAME,
-    _Builder,
-    _clip_bounds,
-    _conv_attrs,
-    _emit_float_op,
-    _model,
-    _num_classes,
-    dequantized_weights,
-    weight_initializers,
-)
+from export.qdq_writer import dequantized_weights, weight_initializers
 from fatq.errors import FatqError
 
 MS_DOMAIN = "com.microsoft"
@@ -67,7 +55,7 @@ METADATA_KEY = "uint8_tensors"  # {deploy tensor: {"scale", "zero_point"}}: valu
 
 
 @dataclass(frozen=True)
-class _U8:
+class Uint8Tensor:
     """A quantized deploy tensor held as uint8: value = (byte − zero_point) · scale, integers in [qmin, qmax]."""
 
     name: str
@@ -78,12 +66,12 @@ class _U8:
 
 
 @dataclass(frozen=True)
-class _AddCheck:
+class AddCheck:
     """A QLinearAdd as written: its quantizer's name, inputs and output quantization (for :func:`inexact_adds`)."""
 
     quantizer: str
-    a: _U8
-    c: _U8
+    a: Uint8Tensor
+    c: Uint8Tensor
     scale: float
     zero_point: int
     qmin: int
@@ -93,14 +81,14 @@ class _AddCheck:
 class _OrtWriter:
     """Integer deploy graph -> ONNX Runtime QOperator nodes (see the module docstring)."""
 
-    def __init__(self, graph: DeployGraph, builder: _Builder, float_adds: frozenset[str] = frozenset()):
+    def __init__(self, graph: DeployGraph, builder: onnx_builder.OnnxBuilder, float_adds: frozenset[str] = frozenset()):
         self.graph = graph
         self.b = builder
         self.float_adds = float_adds  # quantizers whose residual Add stays float (see write_ort)
-        self.adds: list[_AddCheck] = []
+        self.adds: list[AddCheck] = []
         self.producers = graph.producers()
-        self.u8: dict[str, _U8] = {}  # deploy tensor -> its uint8 ONNX tensor
-        self.float_name: dict[str, str] = {graph.input_name: INPUT_NAME}
+        self.u8: dict[str, Uint8Tensor] = {}  # deploy tensor -> its uint8 ONNX tensor
+        self.float_name: dict[str, str] = {graph.input_name: onnx_builder.INPUT_NAME}
 
     # --- constants and nodes -----------------------------------------------------------------
 
@@ -110,7 +98,7 @@ class _OrtWriter:
     def byte(self, value: int) -> str:
         return self.b.constant(np.uint8(value), np.uint8)
 
-    def quant_inputs(self, x: _U8) -> list[str]:
+    def quant_inputs(self, x: Uint8Tensor) -> list[str]:
         return [x.name, self.scale(x.scale), self.byte(x.zero_point)]
 
     def ms_node(self, op: str, inputs: list[str], name: str) -> str:
@@ -130,7 +118,7 @@ class _OrtWriter:
             )
         return -quant["qmin"]
 
-    def clamp(self, x: str, quant: dict, output: str, name: str) -> _U8:
+    def clamp(self, x: str, quant: dict, output: str, name: str) -> Uint8Tensor:
         """Bytes k − qmin (from a kernel saturating at 0) -> min(k, qmax), times j where widened.
 
         A uint8 Clip at qmax − qmin, then a uint8 Mul by j = ``expand`` (the stored integers are j
@@ -143,7 +131,7 @@ class _OrtWriter:
         if expand > 1:
             self.b.node("Mul", [clipped, self.byte(expand)], output, f"{name}/expand")
         stored = tensor_quant(quant)
-        return _U8(output, stored["scale"], zero_point * expand, stored["qmin"], stored["qmax"])
+        return Uint8Tensor(output, stored["scale"], zero_point * expand, stored["qmin"], stored["qmax"])
 
     def as_float(self, tensor: str) -> str:
         """The float ONNX tensor of a deploy tensor: a DequantizeLinear of its uint8 form, or its float op."""
@@ -152,11 +140,11 @@ class _OrtWriter:
                 name = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[tensor]), None, tensor)
             else:
                 node = self.producers[tensor]
-                output = OUTPUT_NAME if tensor == self.graph.output_name else None
+                output = onnx_builder.OUTPUT_NAME if tensor == self.graph.output_name else None
                 if node.op in ("qconv", "qlinear"):
                     name = self.dequantized_layer(node, output)
                 else:
-                    name = _emit_float_op(self.b, node, [self.as_float(t) for t in node.inputs], output)
+                    name = onnx_builder.emit_float_op(self.b, node, [self.as_float(t) for t in node.inputs], output)
             self.float_name[tensor] = name
         return self.float_name[tensor]
 
@@ -172,7 +160,7 @@ class _OrtWriter:
             + [y_zero_point, bias],
             None,
             node.name,
-            **_conv_attrs(node.attrs),
+            **onnx_builder.conv_attrs(node.attrs),
         )
         self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
 
@@ -181,7 +169,7 @@ class _OrtWriter:
         x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
         w, bias = dequantized_weights(self.b, node)
         if node.op == "qconv":
-            return self.b.node("Conv", [x, w, bias], output, node.name, **_conv_attrs(node.attrs))
+            return self.b.node("Conv", [x, w, bias], output, node.name, **onnx_builder.conv_attrs(node.attrs))
         return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)
 
     def quantized_linear(self, node: DeployNode) -> None:
@@ -197,11 +185,13 @@ class _OrtWriter:
         add, relu, subsample = self.residual_source(node)
         if add is None or node.name in self.float_adds:
             # the image, pooled features, a checked-inexact Add: Clip → Q as in the QDQ file, to uint8
-            clipped = self.b.clip(self.as_float(node.inputs[0]), *_clip_bounds(quant), np.float32, f"{node.name}/range")
+            clipped = self.b.clip(
+                self.as_float(node.inputs[0]), *onnx_builder.clip_bounds(quant), np.float32, f"{node.name}/range"
+            )
             zero_point = self.zero_point_for(quant, node.name)
             q_inputs = [clipped, self.scale(quant["scale"]), self.byte(zero_point)]
             self.b.node("QuantizeLinear", q_inputs, node.output, node.name)
-            self.u8[node.output] = _U8(node.output, quant["scale"], zero_point, quant["qmin"], quant["qmax"])
+            self.u8[node.output] = Uint8Tensor(node.output, quant["scale"], zero_point, quant["qmin"], quant["qmax"])
             return
         # quantize(pad(subsample(relu(a + c)))) = pad_0(quantize'(subsample(a) + subsample(c))):
         # subsampling and zero padding commute with the monotone elementwise quantizer, whose
@@ -212,7 +202,7 @@ class _OrtWriter:
         if subsample is not None:
             a, c = (self.subsample(t, f"{subsample.name}>{node.name}") for t in (a, c))
         zero_point = self.zero_point_for(quant, node.name)
-        self.adds.append(_AddCheck(node.name, a, c, quant["scale"], zero_point, quant["qmin"], quant["qmax"]))
+        self.adds.append(AddCheck(node.name, a, c, quant["scale"], zero_point, quant["qmin"], quant["qmax"]))
         y = self.ms_node(
             "QLinearAdd",
             [*self.quant_inputs(a), *self.quant_inputs(c), self.scale(quant["scale"]), self.byte(zero_point)],
@@ -242,14 +232,17 @@ class _OrtWriter:
             tensor = producer.inputs[0]
         return None, False, None
 
-    def subsample(self, x: _U8, name: str) -> _U8:
+    def subsample(self, x: Uint8Tensor, name: str) -> Uint8Tensor:
         """x[:, :, ::2, ::2] on uint8."""
         b = self.b
-        starts, ends = b.constant([0, 0], np.int64), b.constant([INT32_MAX, INT32_MAX], np.int64)
+        starts, ends = (
+            b.constant([0, 0], np.int64),
+            b.constant([onnx_builder.INT32_MAX, onnx_builder.INT32_MAX], np.int64),
+        )
         steps = [b.constant([2, 3], np.int64), b.constant([2, 2], np.int64)]
         return replace(x, name=b.node("Slice", [x.name, starts, ends, *steps], None, f"{name}/subsample"))
 
-    def pad_channels(self, x: _U8, before: int, after: int, output: str, name: str) -> _U8:
+    def pad_channels(self, x: Uint8Tensor, before: int, after: int, output: str, name: str) -> Uint8Tensor:
         """Zero channels on uint8: the pad byte is the zero point, the integer 0."""
         pads = self.b.constant([0, before, 0, 0, 0, after, 0, 0], np.int64)
         return replace(x, name=self.b.node("Pad", [x.name, pads, self.byte(x.zero_point)], output, name))
@@ -263,7 +256,7 @@ class _OrtWriter:
             half = self.subsample(x, node.name)
             self.u8[node.output] = self.pad_channels(half, node.attrs["pad"], node.attrs["pad"], node.output, node.name)
         else:  # MaxPool and Flatten read uint8 as they are
-            self.u8[node.output] = replace(x, name=_emit_float_op(self.b, node, [x.name], node.output))
+            self.u8[node.output] = replace(x, name=onnx_builder.emit_float_op(self.b, node, [x.name], node.output))
 
     def run(self) -> dict[str, dict]:
         """Write the nodes; returns {deploy tensor: {"scale", "zero_point"}} of the uint8 tensors."""
@@ -281,7 +274,9 @@ class _OrtWriter:
         return {t: {"scale": q.scale, "zero_point": q.zero_point} for t, q in self.u8.items()}
 
 
-def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:
+def write_ort(
+    graph: DeployGraph, opset: int = onnx_builder.DEFAULT_OPSET, metadata: dict | None = None
+) -> onnx.ModelProto:
     """ONNX Runtime–targeted int8 ONNX of an integer-dialect graph (see the module docstring).
 
     Every residual QLinearAdd is first checked against the installed ONNX Runtime
@@ -299,18 +294,20 @@ def write_ort(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | N
     """
     if graph.dialect != "integer":
         raise FatqError("write_ort needs a lowered (integer) graph; call export.lower.lower first.")
-    b = _Builder(opset)
+    b = onnx_builder.OnnxBuilder(opset)
     writer = _OrtWriter(graph, b)
     uint8 = writer.run()
     float_adds = inexact_adds(writer.adds)
     if float_adds:
-        b = _Builder(opset)
+        b = onnx_builder.OnnxBuilder(opset)
         uint8 = _OrtWriter(graph, b, frozenset(float_adds)).run()
     extra = {METADATA_KEY: uint8, "float_residual_adds": sorted(float_adds)}
-    return _model(graph, b, {**(metadata or {}), **extra}, _num_classes(graph), {MS_DOMAIN: MS_OPSET})
+    return onnx_builder.make_model(
+        graph, b, {**(metadata or {}), **extra}, onnx_builder.output_classes(graph), {MS_DOMAIN: MS_OPSET}
+    )
 
 
-def inexact_adds(checks: list[_AddCheck]) -> set[str]:
+def inexact_adds(checks: list[AddCheck]) -> set[str]:
     """Quantizers whose QLinearAdd, in the installed ONNX Runtime, differs from the reference anywhere.
 
     Every pair of input bytes the two tensors can hold (at most 256 x 256) goes through ONNX
@@ -349,8 +346,8 @@ def inexact_adds(checks: list[_AddCheck]) -> set[str]:
         expected[f"y{i}"] = np.clip(np.round(real / np.float32(check.scale)), check.qmin, check.qmax)
     model = helper.make_model(
         helper.make_graph(nodes, "qlinear_add_check", inputs, outputs, initializers),
-        opset_imports=[helper.make_opsetid("", DEFAULT_OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)],
-        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", DEFAULT_OPSET)]),
+        opset_imports=[helper.make_opsetid("", onnx_builder.DEFAULT_OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)],
+        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", onnx_builder.DEFAULT_OPSET)]),
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3

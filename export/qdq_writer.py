@@ -1,4 +1,4 @@
-"""Write deploy graphs as ONNX: QDQ int8 (``write_qdq``) or float (``write_float``), with ``onnx.helper``.
+"""Write lowered deploy graphs as QDQ int8 ONNX (``write_qdq``; float files: :mod:`export.float_writer`).
 
 Written directly from the graph rather than through ``torch.onnx``: its fake-quant export is
 broken for narrow ranges and under dynamo (DEPLOY.md), and direct writing places every Q/DQ
@@ -44,103 +44,32 @@ opsets 9–22 (onnx-tensorrt docs; 10.0 added INT4 Q/DQ, an opset-21 type). 13 i
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
+from export.onnx_builder import (
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxBuilder,
+    clip_bounds,
+    conv_attrs,
+    emit_float_op,
+    make_model,
+    output_classes,
+    scalar_or_vector,
+)
 from fatq.errors import FatqError
-from fatq.provenance import __version__
 
-DEFAULT_OPSET = 21
-MIN_OPSET = 13
-MAX_OPSET = 21
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-INT32_MAX = 2**31 - 1
 # Deploy ops that read their inputs as float: a quantized tensor read only by these needs no int8 form.
 FLOAT_READERS = frozenset({"add", "relu", "clip", "global_avgpool"})
 
 
-def _scalar_or_vector(values: np.ndarray) -> np.ndarray:
-    """A per-channel array collapses to a scalar when all channels agree (per-tensor)."""
-    values = np.asarray(values, dtype=np.float32).reshape(-1)
-    return np.float32(values[0]) if np.all(values == values[0]) else values
-
-
-class _Builder:
-    """Accumulates nodes and initializers with unique names."""
-
-    def __init__(self, opset: int):
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise FatqError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}.")
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.names: set[str] = set()
-        self.constants: dict[tuple, str] = {}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
-
-    def initializer(self, base: str, value: np.ndarray) -> str:
-        name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def constant(self, value, dtype) -> str:
-        """A shared scalar/vector initializer (zero points, clip bounds, slice parameters)."""
-        array = np.asarray(value, dtype=dtype)
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self.constants:
-            self.constants[key] = self.initializer("const", array)
-        return self.constants[key]
-
-    def node(self, op: str, inputs: list[str], output: str | None, name: str, **attrs) -> str:
-        # generated names contain "/", deploy-graph tensor names never do: no collisions
-        output = output if output is not None else self.fresh(f"{name}/{op}")
-        self.names.add(output)
-        self.nodes.append(helper.make_node(op, inputs, [output], name=self.fresh(f"{name}/{op}"), **attrs))
-        return output
-
-    # --- Q/DQ helpers ----------------------------------------------------------------------
-
-    def quantize(self, x: str, scale: float, name: str, output: str | None = None) -> str:
-        scale_name = self.constant(np.float32(scale), np.float32)
-        return self.node("QuantizeLinear", [x, scale_name, self.constant(0, np.int8)], output, name)
-
-    def dequantize(self, q: str, scale: float, name: str) -> str:
-        scale_name = self.constant(np.float32(scale), np.float32)
-        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], None, name)
-
-    def clip(self, x: str, lo, hi, dtype, name: str, output: str | None = None) -> str:
-        return self.node("Clip", [x, self.constant(lo, dtype), self.constant(hi, dtype)], output, name)
-
-
-def _clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
-    """Float bounds [lo·s, hi·s] in float32 (the products the model's rounding maps back to lo, hi).
-
-    ``nudge`` widens them by that many float32 ulps: still exact (a value within a few ulps of
-    hi·s rounds to hi), and distinct constants keep ONNX Runtime's common-subexpression
-    elimination from merging the Clip → Q copies a tensor with several readers needs.
-    """
-    scale = np.float32(quant["scale"])
-    lo, hi = np.float32(quant["qmin"]) * scale, np.float32(quant["qmax"]) * scale
-    for _ in range(nudge):
-        lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))
-    return lo, hi
-
-
-def weight_initializers(b: _Builder, node: DeployNode) -> tuple[str, str, str, str]:
+def weight_initializers(b: OnnxBuilder, node: DeployNode) -> tuple[str, str, str, str]:
     """(int8 weight, weight scale, int8 zero points, int32 bias) initializers of a qconv/qlinear node."""
     params = node.params
-    w_scale = _scalar_or_vector(params["weight_scale"])
+    w_scale = scalar_or_vector(params["weight_scale"])
     return (
         b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8)),
         b.initializer(f"{node.name}.weight_scale", w_scale),
@@ -149,14 +78,14 @@ def weight_initializers(b: _Builder, node: DeployNode) -> tuple[str, str, str, s
     )
 
 
-def dequantized_weights(b: _Builder, node: DeployNode) -> tuple[str, str]:
+def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
     """DequantizeLinear of a qconv/qlinear node's weight (per channel, axis 0) and of its int32 bias
     (scale s_x · s_w,c, what ONNX Runtime needs to fuse the layer into an integer kernel)."""
     weight, w_scale, w_zero, bias = weight_initializers(b, node)
-    per_channel = {"axis": 0} if np.ndim(_scalar_or_vector(node.params["weight_scale"])) else {}
+    per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
     w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
     bias_scale = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-    bias_scale = _scalar_or_vector(bias_scale)
+    bias_scale = scalar_or_vector(bias_scale)
     bias_inputs = [bias, b.initializer(f"{node.name}.bias_scale", bias_scale)]
     bias_inputs.append(b.constant(np.zeros_like(bias_scale), np.int32))
     axis = {"axis": 0} if np.ndim(bias_scale) else {}
@@ -164,10 +93,10 @@ def dequantized_weights(b: _Builder, node: DeployNode) -> tuple[str, str]:
     return w, dq_bias
 
 
-class _QdqWriter:
+class QdqWriter:
     """Lowered (integer) graph -> QDQ ONNX nodes."""
 
-    def __init__(self, graph: DeployGraph, builder: _Builder, range_clip: str):
+    def __init__(self, graph: DeployGraph, builder: OnnxBuilder, range_clip: str):
         if range_clip not in ("float", "int8"):
             raise FatqError(f"range_clip must be 'float' or 'int8', got {range_clip!r}.")
         self.graph = graph
@@ -191,7 +120,7 @@ class _QdqWriter:
         ORT converts an int8 Q → DQ pair to its uint8 kernels (which the fused integer convs
         need on x86) only where the Q feeds a single DequantizeLinear, and it merges identical
         nodes (common-subexpression elimination). So a tensor with several readers gets one
-        Q per reader, each behind a Clip whose bounds differ by an ulp (:func:`_clip_bounds`),
+        Q per reader, each behind a Clip whose bounds differ by an ulp (:func:`clip_bounds`),
         all fed by one clipped float tensor; the first Q carries the tensor's name.
         """
         b, scale = self.b, quant["scale"]
@@ -211,12 +140,12 @@ class _QdqWriter:
             key = (x, stored["scale"], quant["qmin"], quant["qmax"])
             first = self.nudges.get(key, 0)  # an identical quantizer of the same tensor exists
             self.nudges[key] = first + readers
-            clipped = b.clip(x, *_clip_bounds(quant, nudge=first), np.float32, f"{name}/range")
+            clipped = b.clip(x, *clip_bounds(quant, nudge=first), np.float32, f"{name}/range")
             for copy, out in enumerate(names):
                 source = (
                     clipped
                     if copy == 0
-                    else b.clip(clipped, *_clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
+                    else b.clip(clipped, *clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
                 )
                 b.quantize(source, stored["scale"], name, out)
         self.quant[output] = stored
@@ -243,7 +172,7 @@ class _QdqWriter:
         out_quant = attrs["out_quant"]
         y_name = None if out_quant is not None else self.float_output(node)
         if node.op == "qconv":
-            y = b.node("Conv", [x, w, bias], y_name, node.name, **_conv_attrs(attrs))
+            y = b.node("Conv", [x, w, bias], y_name, node.name, **conv_attrs(attrs))
         else:
             y = b.node("Gemm", [x, w, bias], y_name, node.name, transB=1)
         if out_quant is None:
@@ -258,7 +187,7 @@ class _QdqWriter:
         if all(reader.op in FLOAT_READERS for reader in self.readers.get(node.output, [])):
             # Only float ops (a residual Add) read it: the clipped dequantized values are exactly
             # integers · s already, and a second Q → DQ round trip would add two passes for nothing.
-            lo, hi = _clip_bounds(out_quant)
+            lo, hi = clip_bounds(out_quant)
             dq = b.dequantize(q, out_quant["scale"], node.name)
             self.float_name[node.output] = b.clip(dq, lo, hi, np.float32, f"{node.name}/range", node.output)
             return
@@ -276,7 +205,7 @@ class _QdqWriter:
                 self.int8_output(x, node.attrs["out_quant"], node.output, node.name, already_quantized=False)
             elif node.op in INTEGER_PRESERVING_OPS and node.attrs.get("out_quant") is not None:
                 x = self.as_float(node.inputs[0], node.name)
-                y = _emit_float_op(self.b, node, [x], None)
+                y = emit_float_op(self.b, node, [x], None)
                 self.requantize(y, node.attrs["out_quant"], node.output, f"{node.name}/requant")
             elif node.op in ("conv", "linear"):
                 raise FatqError(
@@ -284,99 +213,9 @@ class _QdqWriter:
                 )
             else:
                 inputs = [self.as_float(t, node.name) for t in node.inputs]
-                self.float_name[node.output] = _emit_float_op(self.b, node, inputs, self.float_output(node))
+                self.float_name[node.output] = emit_float_op(self.b, node, inputs, self.float_output(node))
         if self.graph.output_name in self.copies:
             raise FatqError("the graph output is quantized; expected float logits.")
-
-
-def _conv_attrs(attrs: dict) -> dict:
-    ph, pw = attrs["padding"]
-    return {
-        "kernel_shape": list(attrs["kernel"]),
-        "strides": list(attrs["stride"]),
-        "pads": [ph, pw, ph, pw],
-        "dilations": list(attrs["dilation"]),
-        "group": int(attrs["groups"]),
-    }
-
-
-def _emit_float_op(b: _Builder, node: DeployNode, inputs: list[str], output: str | None) -> str:
-    """Float ops shared by both writers."""
-    op, attrs = node.op, node.attrs
-    if op == "relu":
-        return b.node("Relu", inputs, output, node.name)
-    if op == "clip":
-        return b.clip(inputs[0], attrs["min"], attrs["max"], np.float32, node.name, output)
-    if op == "add":
-        return b.node("Add", inputs, output, node.name)
-    if op == "global_avgpool":
-        return b.node("GlobalAveragePool", inputs, output, node.name)
-    if op == "flatten":
-        return b.node("Flatten", inputs, output, node.name, axis=1)
-    if op == "maxpool":
-        ph, pw = attrs["padding"]
-        return b.node(
-            "MaxPool",
-            inputs,
-            output,
-            node.name,
-            kernel_shape=list(attrs["kernel"]),
-            strides=list(attrs["stride"]),
-            pads=[ph, pw, ph, pw],
-            dilations=list(attrs["dilation"]),
-            ceil_mode=int(attrs["ceil_mode"]),
-        )
-    if op == "subsample_pad":
-        every_other = b.node(
-            "Slice",
-            [
-                inputs[0],
-                b.constant([0, 0], np.int64),
-                b.constant([INT32_MAX, INT32_MAX], np.int64),
-                b.constant([2, 3], np.int64),
-                b.constant([2, 2], np.int64),
-            ],
-            None,
-            f"{node.name}/subsample",
-        )
-        pad = attrs["pad"]
-        return b.node("Pad", [every_other, b.constant([0, pad, 0, 0, 0, pad, 0, 0], np.int64)], output, node.name)
-    if op == "pad_channels":
-        return b.node("Pad", [inputs[0], b.constant([0, 0, 0, 0, 0, attrs["pad"], 0, 0], np.int64)], output, node.name)
-    raise FatqError(f"the ONNX writer cannot write op {op!r} (node {node.name!r}).")
-
-
-def _float_layer(b: _Builder, node: DeployNode, inputs: list[str], output: str | None) -> str:
-    weight = b.initializer(f"{node.name}.weight", node.params["weight"].astype(np.float32))
-    bias = b.initializer(f"{node.name}.bias", node.params["bias"].astype(np.float32))
-    if node.op == "conv":
-        return b.node("Conv", [inputs[0], weight, bias], output, node.name, **_conv_attrs(node.attrs))
-    return b.node("Gemm", [inputs[0], weight, bias], output, node.name, transB=1)
-
-
-def _model(
-    graph: DeployGraph, b: _Builder, metadata: dict | None, num_classes: int, domains: dict[str, int] | None = None
-) -> onnx.ModelProto:
-    """The ONNX model of ``b``'s nodes; ``domains`` = {custom op domain: its opset version}."""
-    c, h, w = graph.input_shape
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_classes])]
-    onnx_graph = helper.make_graph(b.nodes, graph.meta.get("arch", "fatq_model"), inputs, outputs, b.initializers)
-    opset = [helper.make_opsetid("", b.opset)]
-    model = helper.make_model(
-        onnx_graph,
-        opset_imports=opset + [helper.make_opsetid(domain, version) for domain, version in (domains or {}).items()],
-        producer_name="fatq",
-        producer_version=__version__,
-        ir_version=helper.find_min_ir_version_for(opset),  # custom domains have no IR version to ask for
-    )
-    set_metadata(model, metadata or {})
-    return model
-
-
-def _num_classes(graph: DeployGraph) -> int:
-    last = graph.producers()[graph.output_name]
-    return int(last.params["weight"].shape[0]) if "weight" in last.params else int(graph.meta.get("num_classes", 0))
 
 
 def write_qdq(
@@ -396,36 +235,6 @@ def write_qdq(
     """
     if graph.dialect != "integer":
         raise FatqError("write_qdq needs a lowered (integer) graph; call export.lower.lower first.")
-    b = _Builder(opset)
-    _QdqWriter(graph, b, range_clip).run()
-    return _model(graph, b, metadata, _num_classes(graph))
-
-
-def write_float(graph: DeployGraph, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> onnx.ModelProto:
-    """Float ONNX of a folded float graph (an FP32 model, or :func:`export.fold.dequantized`)."""
-    if graph.dialect != "folded" or graph.quantized:
-        raise FatqError("write_float needs a folded float graph (use export.fold.dequantized for a quantized model).")
-    b = _Builder(opset)
-    names = {graph.input_name: INPUT_NAME}
-    for node in graph.nodes:
-        inputs = [names[t] for t in node.inputs]
-        output = OUTPUT_NAME if node.output == graph.output_name else None
-        if node.op in ("conv", "linear"):
-            names[node.output] = _float_layer(b, node, inputs, output)
-        else:
-            names[node.output] = _emit_float_op(b, node, inputs, output)
-    return _model(graph, b, metadata, _num_classes(graph))
-
-
-def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
-    """Replace ``model.metadata_props`` with ``metadata`` (non-strings JSON-encoded)."""
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key = str(key)
-        entry.value = value if isinstance(value, str) else json.dumps(value)
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    """``metadata_props`` as a dict of strings."""
-    return {entry.key: entry.value for entry in model.metadata_props}
+    b = OnnxBuilder(opset)
+    QdqWriter(graph, b, range_clip).run()
+    return make_model(graph, b, metadata, output_classes(graph))

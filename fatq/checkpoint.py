@@ -13,9 +13,7 @@ The public format of ``../shared/pretrained`` is ``{"best_prec1", "state_dict"}`
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from fatq.errors import CheckpointError
+from fatq.io import atomic_path
 from fatq.models import create_model, model_info
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import QuantSpec
@@ -188,14 +187,8 @@ def atomic_save(obj: dict, path: str | Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"directory {path.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

@@ -32,9 +32,10 @@ from fatq.checkpoint import (
     model_from_checkpoint,
     read_checkpoint_file,
 )
-from fatq.cli_common import run_cli, write_json_atomic
+from fatq.cli_common import SentenceParser, run_cli
 from fatq.data import channel_statistics, load_split
 from fatq.errors import FatqError
+from fatq.io import write_json_atomic
 from fatq.models import create_model, list_models, model_info
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import QuantSpec
@@ -56,17 +57,10 @@ DATASETS = ("cifar10", "imagefolder")
 RESUME_OVERRIDABLE = ("data_dir",)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one-line :class:`FatqError`s (exit 2 via run_cli)."""
-
-    def error(self, message: str):
-        raise FatqError(f"{message}.")
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Config flags default to SUPPRESS: absent flags are absent from the namespace, so a resumed
     # run can tell "not given" from "given with the default value".
-    p = _Parser(
+    p = SentenceParser(
         prog="fatq-train",
         description="FAT quantization-aware training (and evaluation) of a CNN.",
         argument_default=argparse.SUPPRESS,

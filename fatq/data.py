@@ -10,7 +10,6 @@ on first use. Normalization constants are not chosen here: they belong to the ch
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import torch
 from torch import Tensor
 
 from fatq.augment import batch_generator, random_crop_flip
-from fatq.cli_common import progress
 from fatq.errors import FatqError
+from fatq.io import cache_dir, progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 EVAL_SPLIT_NAMES = ("test", "val")
@@ -44,13 +43,6 @@ class ImageSplit:
 
     def __len__(self) -> int:
         return int(self.labels.numel())
-
-
-def cache_dir() -> Path:
-    """Where extracted archives and decoded tensors live (created on demand)."""
-    root = Path(os.environ.get("FATQ_CACHE_DIR", Path.home() / ".cache" / "fatq"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _fingerprint(path: Path) -> str:

@@ -14,9 +14,15 @@ class CheckpointError(FatqError):
 
 
 class MissingExtraError(FatqError):
-    """An optional dependency is not installed; the message names the pip extra."""
+    """An optional dependency is not installed; the message names the pip extra (see :mod:`fatq.extras`).
 
-    def __init__(self, package: str, extra: str):
-        super().__init__(f"{package} is not installed; install it with `pip install 'fatq[{extra}]'`.")
+    ``extra`` None: a core dependency, which only a broken install lacks.
+    """
+
+    def __init__(self, package: str, extra: str | None):
+        if extra is None:
+            super().__init__(f"{package} is not installed; reinstall fatq (`pip install fatq`).")
+        else:
+            super().__init__(f"{package} is not installed; install it with `pip install 'fatq[{extra}]'`.")
         self.package = package
         self.extra = extra

@@ -43,7 +43,7 @@ class QuantSpec:
         transform: apply the FAT transform (False: plain uniform quantizer, for ablations).
         power_of_two: logarithmic weight levels instead of uniform.
         per_channel_weights: one clipping threshold per output channel for every weight
-            quantizer, first/last included (PTQ models; ranges come from calibration).
+            quantizer, first/last included (PTQ models; their ranges are calibrated).
         act_alpha_init: initial alpha_a of body activation quantizers (5.0 CIFAR, 8.0 ImageNet).
         weight_alpha_init: initial alpha_w (3.0).
     """

@@ -270,7 +270,7 @@ class ActivationQuantizer(nn.Module):
         return (self.alpha / self.levels).detach()
 
     def set_range(self, alpha: float) -> None:
-        """Set alpha (e.g. from calibration), mark the range as set and enable the quantizer."""
+        """Set alpha (e.g. a calibrated one), mark the range as set and enable the quantizer."""
         with torch.no_grad():
             self.alpha.fill_(max(float(alpha), 1e-8))
         self.initialized = True

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fatq.checkpoint import load_state_strict, save_checkpoint
-from fatq.cli_common import progress
 from fatq.data import ImageSplit, TrainBatches, eval_batches
 from fatq.distributed import DistContext, all_reduce_sum, gather_objects
 from fatq.errors import FatqError
+from fatq.io import progress
+from fatq.metrics import topk_correct
 from fatq.models import create_model, model_info
 from fatq.qconfig import QuantSpec
 from fatq.quantizers import FLOAT_BITS, ActivationQuantizer
@@ -249,12 +250,6 @@ def parameter_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
-    """Number of samples whose label is among the top-``k`` logits (0-dim int64)."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
 
 
 def autocast_context(device: torch.device, enabled: bool):

@@ -190,8 +190,8 @@ def scale_initializer(onnx_path: Path, target: Path, name: str, factor: float, i
 
 def export_fp32_twin(model: nn.Module, path: Path, normalization: dict = NORMALIZATION) -> Path:
     """The onnx-fp32 twin of a quantized model (folded float weights, no activation quantization)."""
+    from export.float_writer import write_float
     from export.fold import dequantized, fold
-    from export.qdq_writer import write_float
 
     onnx.save(write_float(dequantized(fold(model.eval())), metadata={"normalization": normalization}), str(path))
     return path

@@ -73,11 +73,10 @@ WRITER_CASES = [
 @functools.cache
 def lowered_case(name: str, bits: int, options: str):
     """(trained-like model, its lowered deploy graph); ``options`` is JSON so the result can be cached."""
-    from export.fold import fold
-    from export.lower import lower
+    from export.pipeline import deploy_graph
 
     model = trained_like(name, bits, **json.loads(options))
-    return model, lower(fold(model, input_shape_for(name)))
+    return model, deploy_graph(model, input_shape_for(name))
 
 
 def compare_written(onnx_model, name: str, model: nn.Module, graph, path, unobserved: frozenset = frozenset()) -> dict:
@@ -88,7 +87,7 @@ def compare_written(onnx_model, name: str, model: nn.Module, graph, path, unobse
     """
     import onnx
 
-    from export.parity import compare
+    from engines.deploy_check import compare
     from export.reference import DeployReference
 
     onnx.checker.check_model(onnx_model, full_check=True)

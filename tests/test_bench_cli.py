@@ -157,8 +157,8 @@ def test_bad_input_exits_2_with_one_sentence(resnet_pair, tiny_image_folder, tmp
 
 
 def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_path, capsys):
-    from export.cli import main as export_main
-    from export.cli import reference_checkpoint_path
+    from engines.export_cli import main as export_main
+    from export.formats import REFERENCE, companion_path
 
     trained = tmp_path / "w4.pt"
     save_resnet_checkpoint(trained, bits=4, num_classes=3)
@@ -167,14 +167,14 @@ def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_pat
     base = [str(onnx_path), "--engine", "ort", "--batch-sizes", "2", "--limit", "8", *FAST]
     assert main([*base, "--reference", str(trained)]) == 0
     assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().err
-    assert main([*base, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
+    assert main([*base, "--reference", str(companion_path(onnx_path, REFERENCE))]) == 0
     assert "note:" not in capsys.readouterr().err
     # the onnx-ort export of the same checkpoint computes the same model: no note either
     targeted = tmp_path / "w4-ort.onnx"
     assert export_main([str(trained), "--format", "onnx-ort", "-o", str(targeted), "--quiet"]) == 0
     capsys.readouterr()
     argv = [str(targeted), "--engine", "ort", "--batch-sizes", "2", "--limit", "8", *FAST]
-    assert main([*argv, "--reference", str(reference_checkpoint_path(onnx_path))]) == 0
+    assert main([*argv, "--reference", str(companion_path(onnx_path, REFERENCE))]) == 0
     assert "note:" not in capsys.readouterr().err
 
 
@@ -188,7 +188,7 @@ def test_engine_specific_format_runs_on_its_engine_only_and_agrees_with_the_refe
 ):
     if engine == "openvino":
         pytest.importorskip("openvino")
-    from export.cli import main as export_main
+    from engines.export_cli import main as export_main
 
     trained = tmp_path / "w4.pt"
     save_resnet_checkpoint(trained, bits=4, num_classes=3)

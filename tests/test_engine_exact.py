@@ -20,7 +20,7 @@ from export.engine_exact import (
     verify_projection,
 )
 from export.fold import fold
-from export.lower import lower
+from export.pipeline import deploy_graph
 from export.reference import DeployReference
 from fatq.errors import FatqError
 
@@ -28,7 +28,7 @@ CASES = [("resnet20", 4), ("resnet20", 2), ("mobilenetv2", 4), ("vgg_small", 3)]
 
 
 def _lowered(model):
-    return lower(fold(model, input_shape_for(model.arch)))
+    return deploy_graph(model, input_shape_for(model.arch))
 
 
 def _bias_gap_in_steps(graph) -> float:

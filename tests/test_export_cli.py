@@ -12,9 +12,10 @@ import torch
 from conftest import make_image_folder
 from export_helpers import trained_like
 
-from export.cli import deploy_graph_path, main, reference_checkpoint_path
+from engines.export_cli import main
 from export.deploy_graph import DeployGraph
-from export.qdq_writer import read_metadata
+from export.formats import DEPLOY_GRAPH, REFERENCE, companion_path
+from export.onnx_builder import read_metadata
 from fatq.checkpoint import CIFAR_NORMALIZATION, load_fatq_checkpoint, save_checkpoint
 from fatq.models import create_model
 from fatq.qconfig import QuantSpec
@@ -45,7 +46,7 @@ def test_export_writes_onnx_deploy_graph_and_metadata(checkpoint, tmp_path, caps
     assert meta["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert meta["calibration"] == "none" and "fatq-export" in meta["export_command"]
     assert {"fatq_version", "git_commit", "opset"} <= set(meta)
-    graph = DeployGraph.load(deploy_graph_path(out))
+    graph = DeployGraph.load(companion_path(out, DEPLOY_GRAPH))
     assert graph.dialect == "integer" and graph.meta["arch"] == "resnet20"
 
 
@@ -68,7 +69,7 @@ def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
 def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
     assert main([str(checkpoint), "-o", str(out), "--quiet"]) == 0
-    saved = load_fatq_checkpoint(reference_checkpoint_path(out))
+    saved = load_fatq_checkpoint(companion_path(out, REFERENCE))
     assert saved["derived_from"]["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert 0 < saved["bias_projection"]["max_shift_levels"] < 0.5
     original = load_fatq_checkpoint(checkpoint)["state_dict"]
@@ -80,7 +81,7 @@ def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_pat
     assert meta["reference_checkpoint"] == "m.reference.pt"
     kept = tmp_path / "kept.onnx"
     assert main([str(checkpoint), "-o", str(kept), "--as-trained", "--quiet"]) == 0
-    assert not reference_checkpoint_path(kept).exists()
+    assert not companion_path(kept, REFERENCE).exists()
     assert "bias_projection" not in read_metadata(onnx.load(str(kept)))
 
 
@@ -91,15 +92,15 @@ def test_onnx_runtime_format_computes_the_same_model(checkpoint, tmp_path, capsy
     written = checkpoint.with_name("r20.ort.onnx")
     meta = read_metadata(onnx.load(str(written)))
     assert meta["format"] == "ort-uint8" and "uint8_tensors" in meta
-    assert reference_checkpoint_path(written).exists() and deploy_graph_path(written).exists()
+    assert companion_path(written, REFERENCE).exists() and companion_path(written, DEPLOY_GRAPH).exists()
     check = json.loads(report.read_text())["check"]
     assert check["passed"] and check["int8_identical_pct_min"] == 100.0
     assert check["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= 1e-5
     # the portable file of the same checkpoint moves the model the same way: one reference for both
     portable = tmp_path / "p.onnx"
     assert main([str(checkpoint), "-o", str(portable), "--quiet"]) == 0
-    targeted = load_fatq_checkpoint(reference_checkpoint_path(written))["state_dict"]
-    for key, value in load_fatq_checkpoint(reference_checkpoint_path(portable))["state_dict"].items():
+    targeted = load_fatq_checkpoint(companion_path(written, REFERENCE))["state_dict"]
+    for key, value in load_fatq_checkpoint(companion_path(portable, REFERENCE))["state_dict"].items():
         assert torch.equal(value, targeted[key]) if isinstance(value, torch.Tensor) else value == targeted[key], key
     capsys.readouterr()
     assert main(["--lint", str(written)]) == 1  # uint8 and zero points: not for TensorRT, and lint says why
@@ -238,3 +239,17 @@ def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys):
     assert "opset" in _error(capsys)
     assert main([]) == 2
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_pipeline_is_a_keyword_call_whose_files_match_its_result(checkpoint, tmp_path):
+    from export.pipeline import export_checkpoint
+
+    result = export_checkpoint(checkpoint, "onnx-ort", output=tmp_path / "k.onnx", quiet=True)
+    assert result.output.is_file() and result.format.name == "onnx-ort"
+    assert result.reference_path == tmp_path / "k.reference.pt" and result.reference_path.is_file()
+    saved = DeployGraph.load(result.deploy_graph_path)
+    assert [n.name for n in saved.nodes] == [n.name for n in result.graph.nodes]
+    assert onnx.load(str(result.output)).SerializeToString() == result.onnx_model.SerializeToString()
+    meta = read_metadata(result.onnx_model)
+    assert meta["export_command"].startswith("fatq-export ") and "--format onnx-ort" in meta["export_command"]
+    assert result.report()["deploy_graph"] == str(result.deploy_graph_path)

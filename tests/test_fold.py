@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from export_helpers import input_shape_for, trained_like
 from torch import nn
 
+from engines.deploy_check import float_baseline
 from export.deploy_graph import DeployGraph
 from export.fold import dequantized, fold
 from export.lower import lower
-from export.parity import float_baseline
 from export.reference import DeployReference, requant_multiplier
 from fatq.errors import FatqError
 from fatq.layers import QuantConv2d, QuantLinear

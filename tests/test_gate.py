@@ -9,8 +9,9 @@ import pytest
 from engine_helpers import export_float_onnx, export_qdq_onnx, save_resnet_checkpoint, scale_initializer
 
 from engines.cli import main
-from engines.parity import Agreement, agreement, evaluate_gate, topk_accuracy
+from engines.gate import evaluate_gate
 from fatq.errors import FatqError
+from fatq.metrics import Agreement, agreement, topk_accuracy
 
 
 def test_topk_accuracy_closed_form():

@@ -8,10 +8,11 @@ import pytest
 from export_helpers import trained_like
 from onnx import TensorProto, helper, numpy_helper
 
+from export.float_writer import write_float
 from export.fold import dequantized, fold
 from export.graph_check import assert_deployable, check_model
 from export.lower import lower
-from export.qdq_writer import write_float, write_qdq
+from export.qdq_writer import write_qdq
 from fatq.errors import FatqError
 
 C = 4

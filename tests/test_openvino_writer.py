@@ -13,11 +13,12 @@ from export_helpers import compare_written, input_shape_for, lowered_case, train
 
 from export.deploy_graph import tensor_quant
 from export.engine_exact import make_engine_exact
-from export.fold import fold
+from export.formats import format_of
 from export.graph_check import check_model
-from export.lower import lower
-from export.openvino_writer import FAKE_QUANTIZE_LEVELS, OPENVINO_DOMAIN, is_openvino_model, levels, write_openvino
-from export.qdq_writer import read_metadata, write_qdq
+from export.onnx_builder import read_metadata
+from export.openvino_writer import FAKE_QUANTIZE_LEVELS, OPENVINO_DOMAIN, levels, write_openvino
+from export.pipeline import deploy_graph
+from export.qdq_writer import write_qdq
 from export.reference import DeployReference
 
 ov = pytest.importorskip("openvino")
@@ -45,7 +46,7 @@ def _exported(name: str, bits: int):
     """(model, graph) as fatq-export makes them: biases on the engine grid, rounding ties avoided."""
     model = trained_like(name, bits)
     shape = input_shape_for(name)
-    graph, _ = make_engine_exact(model, lambda m: lower(fold(m, shape)))
+    graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, shape))
     return model, graph
 
 
@@ -88,7 +89,7 @@ def test_same_logits_as_the_portable_qdq_file_without_residual_sums(tmp_path):
 def test_4bit_quantizers_are_one_fake_quantize_on_their_own_grid():
     _, graph = lowered_case("resnet20", 4, "{}")
     onnx_model = write_openvino(graph)
-    assert is_openvino_model(onnx_model) and not is_openvino_model(write_qdq(graph))
+    assert format_of(onnx_model).name == "onnx-openvino" and format_of(write_qdq(graph)) is None
     fake = {n.output[0]: n for n in onnx_model.graph.node if n.op_type == "FakeQuantize"}
     assert fake and all(n.domain == OPENVINO_DOMAIN for n in fake.values())
     bounds = {i.name: float(onnx.numpy_helper.to_array(i)) for i in onnx_model.graph.initializer if not i.dims}
@@ -117,6 +118,6 @@ def test_other_bit_widths_keep_the_portable_form(tmp_path):
     onnx_model = write_openvino(graph)
     assert not any(n.op_type == "FakeQuantize" for n in onnx_model.graph.node)
     assert [n.op_type for n in onnx_model.graph.node] == [n.op_type for n in write_qdq(graph).graph.node]
-    assert is_openvino_model(onnx_model)  # still checked, and benchmarked, in OpenVINO
+    assert format_of(onnx_model).name == "onnx-openvino"  # still checked, and benchmarked, in OpenVINO
     x = torch.randn(3, *input_shape_for("resnet20")).numpy()
     np.testing.assert_array_equal(_run(onnx_model, x, tmp_path, "w2"), _run(write_qdq(graph), x, tmp_path, "p"))

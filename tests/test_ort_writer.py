@@ -14,8 +14,9 @@ from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from export.fold import fold
 from export.graph_check import check_model
 from export.lower import lower
-from export.ort_writer import _U8, _AddCheck, inexact_adds, uint8_tensors, write_ort
-from export.qdq_writer import read_metadata, write_qdq
+from export.onnx_builder import read_metadata
+from export.ort_writer import AddCheck, Uint8Tensor, inexact_adds, uint8_tensors, write_ort
+from export.qdq_writer import write_qdq
 from export.reference import DeployReference
 from fatq.errors import FatqError
 
@@ -74,9 +75,9 @@ def test_metadata_names_the_format_and_keeps_the_callers_entries():
 
 
 def _check(scale_a, scale_c, scale_out, qmin=0, qmax=127):
-    a = _U8("a", scale_a, 127, -127, 127)
-    c = _U8("c", scale_c, 0, 0, 127)
-    return _AddCheck("q", a, c, scale_out, -qmin, qmin, qmax)
+    a = Uint8Tensor("a", scale_a, 127, -127, 127)
+    c = Uint8Tensor("c", scale_c, 0, 0, 127)
+    return AddCheck("q", a, c, scale_out, -qmin, qmin, qmax)
 
 
 def test_inexact_add_detection_against_a_float64_tie_analysis():

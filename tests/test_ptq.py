@@ -145,7 +145,7 @@ def test_ptq_checkpoint_exports_and_runs_in_onnxruntime(tmp_path, tiny_image_fol
     """fatq-export takes the PTQ checkpoint like any other; ORT's logits follow PyTorch's."""
     import onnxruntime as ort
 
-    from export.cli import main as export_main
+    from engines.export_cli import main as export_main
 
     source, _ = fp32_checkpoint
     out = tmp_path / "ptq8.pt"

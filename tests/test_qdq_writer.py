@@ -10,9 +10,11 @@ import pytest
 import torch
 from export_helpers import WRITER_CASES, compare_written, lowered_case, trained_like
 
+from export.float_writer import write_float
 from export.fold import fold
 from export.graph_check import check_model
-from export.qdq_writer import DEFAULT_OPSET, read_metadata, write_float, write_qdq
+from export.onnx_builder import DEFAULT_OPSET, read_metadata
+from export.qdq_writer import write_qdq
 from export.reference import DeployReference
 from fatq.errors import FatqError
 

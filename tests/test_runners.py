@@ -16,14 +16,14 @@ from engine_helpers import (
     tiny_float_cnn,
 )
 
-from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, read_onnx_info
+from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, detect_model_kind, inspect_model
 from engines.openvino_runner import OpenVinoRunner
 from engines.ort_runner import OrtRunner
-from engines.parity import agreement
 from engines.runner import TensorMeta
 from engines.timing import LatencyStats, time_interleaved
 from engines.torch_runner import TorchRunner
 from fatq.errors import FatqError, MissingExtraError
+from fatq.metrics import agreement
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +190,8 @@ def test_model_kind_detection(tmp_path, float_onnx, qdq_onnx):
     junk.write_text("not a model at all\n")
     with pytest.raises(FatqError, match="neither"):
         detect_model_kind(junk)
-    assert read_onnx_info(qdq_onnx[0]).precision == "int8"
-    info = read_onnx_info(float_onnx[0])
+    assert inspect_model(qdq_onnx[0]).precision == "int8"
+    info = inspect_model(float_onnx[0])
     assert info.precision == "fp32" and info.normalization["mean"][0] == pytest.approx(0.4914)
 
 
@@ -214,3 +214,23 @@ def test_interleaved_timing_runs_every_iteration(float_onnx):
     for result in results.values():
         assert result.latency.count == 7 and result.source == "wall-clock" and result.transfers == {}
         assert result.throughput_ips == pytest.approx(2 / (result.latency.median / 1000))
+
+
+@pytest.mark.parametrize("runner_cls", [OrtRunner, OpenVinoRunner])
+def test_a_model_in_memory_runs_as_its_file_does(qdq_onnx, runner_cls):
+    """fatq-export --check runs its debug copy from memory: same logits as the file, same facts."""
+    import onnx
+
+    path, _ = qdq_onnx
+    proto = onnx.load(str(path))
+    x = _inputs(3, shape=(3, 6, 6))
+    with runner_cls(path, threads=1) as from_file, runner_cls(proto, threads=1, name="copy") as from_proto:
+        expected = from_file.infer({"input": x})
+        got = from_proto.infer({"input": x})
+        assert from_proto.info().precision == from_file.info().precision == "int8"
+    with runner_cls(proto.SerializeToString(), threads=1) as from_bytes:
+        again = from_bytes.infer({"input": x})
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+        np.testing.assert_array_equal(again[name], value)
+    assert inspect_model(path).precision == "int8" and inspect_model(path).data is None

@@ -151,14 +151,15 @@ def _random_inputs(count: int):
     return np.random.default_rng(0).normal(size=(count, 3, 32, 32)).astype(np.float32)
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 def test_int8_engine_builds_runs_and_agrees_with_the_model(trt_models, tmp_path):
     import numpy as np
 
-    from engines.parity import agreement
     from engines.torch_runner import TorchRunner
     from engines.trt_builder import build_engine
     from engines.trt_runner import TrtRunner
+    from fatq.metrics import agreement
 
     ckpt, int8, _ = trt_models
     plan = tmp_path / "w8.plan"
@@ -176,6 +177,7 @@ def test_int8_engine_builds_runs_and_agrees_with_the_model(trt_models, tmp_path)
     assert agreement(logits, expected).top1_agreement_pct >= 99.9
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 def test_int8_engine_is_faster_than_fp16_at_batch_64(trt_models, tmp_path):
     import tensorrt
@@ -198,6 +200,7 @@ def test_int8_engine_is_faster_than_fp16_at_batch_64(trt_models, tmp_path):
     assert results["int8"].latency.median < results["fp16"].latency.median
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 def test_plan_from_another_tensorrt_is_refused(trt_models, tmp_path):
     from engines.trt_builder import build_engine
@@ -213,6 +216,7 @@ def test_plan_from_another_tensorrt_is_refused(trt_models, tmp_path):
         TrtRunner(plan).activate()
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 def test_parser_errors_name_the_node(tmp_path):
     _require_tensorrt()
@@ -235,6 +239,7 @@ def test_parser_errors_name_the_node(tmp_path):
     assert not (tmp_path / "bad.plan").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 def test_fatq_bench_on_tensorrt_reports_engine_time_and_transfers(trt_models, tmp_path):
     from engines.cli import main

@@ -51,6 +51,7 @@ def _build(onnx_path, calibrator):
     return plan
 
 
+@pytest.mark.gpu
 @pytest.mark.trt
 @needs_trt
 def test_entropy_calibrator_writes_a_cache_we_can_read(tmp_path):

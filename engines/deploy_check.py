@@ -1,7 +1,9 @@
-"""``fatq-export --check``: run the exported file in ONNX Runtime and compare it with the deploy
+"""``fatq-export --check``: run an exported file in its engine and compare it with the deploy
 reference and with the checkpoint's model.
 
-Three runs see the same images: ONNX Runtime on the file as written, the
+The engine is the format's ``check_engine`` (:mod:`export.formats`): ONNX Runtime, or OpenVINO
+for ``onnx-openvino`` files, through the runners fatq-bench uses (:mod:`engines.registry`).
+Three runs see the same images: the engine on the file as written, the
 :class:`~export.reference.DeployReference` of its deploy graph, and the PyTorch model in eval
 mode. Reported: top-1 agreement and logit differences for each pair, accuracy of each (with
 labels), and per quantized tensor the percentage of integers identical between ONNX Runtime
@@ -24,8 +26,7 @@ change OpenVINO's fusions but not the values, which the logits comparison of the
 from __future__ import annotations
 
 import hashlib
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,20 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from engines.model_files import in_memory_model, inspect_onnx
+from engines.registry import ENGINES, RunnerOptions
+from engines.runner import Runner
 from export.deploy_graph import DeployGraph
-from export.openvino_writer import is_openvino_model
+from export.formats import REFERENCE, companion_path, format_of
+from export.onnx_builder import INPUT_NAME, OUTPUT_NAME
 from export.ort_writer import uint8_tensors
-from export.qdq_writer import INPUT_NAME, OUTPUT_NAME
+from export.pipeline import ExportResult, image_size, normalized
 from export.reference import DeployReference
-from fatq.cli_common import progress
-from fatq.errors import MissingExtraError
+from fatq.errors import FatqError
+from fatq.io import progress
+from fatq.metrics import RunningAgreement, model_accuracy, top1_correct
+
+DEFAULT_CHECK_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,11 @@ def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[s
     Returns:
         {deploy tensor: :class:`Observed`}.
     """
-    uint8 = uint8_tensors(model)
-    if uint8 is not None:  # QOperator ops: exposing an output does not change any fusion
+    fmt = format_of(model)
+    if fmt is not None and fmt.name == "onnx-ort":  # QOperator ops: exposing an output does not change any fusion
+        uint8 = uint8_tensors(model)
         return {t: Observed(t, TensorProto.UINT8, zero_point=uint8[t]["zero_point"]) for t in quant if t in uint8}
-    if is_openvino_model(model):
+    if fmt is not None and fmt.name == "onnx-openvino":
         return _openvino_observable(model, quant)
     producers = {out: node for node in model.graph.node for out in node.output}
     int8_constants = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT8}
@@ -137,80 +146,17 @@ def with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelPro
     return copy
 
 
-def _ort_session(model: onnx.ModelProto | str, threads: int | None) -> Callable:
-    """run(names, feed) -> arrays, on ONNX Runtime's CPU provider."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingExtraError("onnxruntime", "dev") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run
+def _check_runner(engine: str, model, threads: int | None, name: str) -> Runner:
+    """The active runner of ``engine`` (an :data:`engines.registry.ENGINES` name) on ``model``
+    (a ModelFile: the file, or the debug copy in memory).
 
-
-def _openvino_session(model: onnx.ModelProto | str, threads: int | None) -> Callable:
-    """run(names, feed) -> arrays, through :class:`engines.openvino_runner.OpenVinoRunner`.
-
-    That runner compiles each input shape as a static model with the float parts forced to f32:
-    with a dynamic batch, openvino 2026.4.1 computed different logits for the portable QDQ
-    ResNet-20 W4A4 (0.8 % of top-1 changed against its static-shape run and against ONNX Runtime,
-    measured), so only static shapes are checked, as fatq-bench runs them.
+    For OpenVINO that runner compiles each input shape as a static model with the float parts
+    forced to f32: with a dynamic batch, openvino 2026.4.1 computed different logits for the
+    portable QDQ ResNet-20 W4A4 (0.8 % of top-1 changed against its static-shape run and against
+    ONNX Runtime, measured), so only static shapes are checked, as fatq-bench runs them.
     """
-    from engines.openvino_runner import OpenVinoRunner
-
-    if isinstance(model, str):
-        runner = OpenVinoRunner(model, threads=threads).activate()
-    else:
-        with tempfile.TemporaryDirectory() as tmp:  # its ONNX reader takes a path; it reads on activate
-            path = Path(tmp) / "debug.onnx"
-            onnx.save(model, str(path))
-            runner = OpenVinoRunner(path, threads=threads).activate()
-
-    def run(names: list[str], feed: dict) -> list[np.ndarray]:
-        outputs = runner.infer(feed)
-        return [outputs[name] for name in names]
-
-    return run
-
-
-def _engine(model: onnx.ModelProto) -> tuple[str, Callable, str]:
-    """(report name, session factory, version) of the engine that checks ``model``."""
-    if is_openvino_model(model):
-        from engines.openvino_runner import import_openvino
-
-        return "openvino", _openvino_session, import_openvino().get_version()
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingExtraError("onnxruntime", "dev") from None
-    return "onnxruntime", _ort_session, ort.__version__
-
-
-class _Pair:
-    """Running comparison of two logit streams."""
-
-    def __init__(self):
-        self.agree = self.count = 0
-        self.max_diff = 0.0
-        self.sum_diff = 0.0
-        self.elements = 0
-
-    def update(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.agree += int((a.argmax(1) == b.argmax(1)).sum())
-        self.count += a.shape[0]
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        self.max_diff = max(self.max_diff, float(diff.max(initial=0)))
-        self.sum_diff += float(diff.sum())
-        self.elements += diff.size
-
-    def result(self) -> dict:
-        return {
-            "top1_agreement_pct": 100.0 * self.agree / max(self.count, 1),
-            "max_abs_logit_diff": self.max_diff,
-            "mean_abs_logit_diff": self.sum_diff / max(self.elements, 1),
-        }
+    spec = ENGINES[engine]
+    return spec.factory(model, model.precision, RunnerOptions(threads=threads), name).activate()
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> Iterator:
@@ -230,8 +176,8 @@ def compare(
     quiet: bool = False,
     as_trained: nn.Module | None = None,
 ) -> dict:
-    """Compare the engine (ONNX Runtime, or OpenVINO for an onnx-openvino file), the deploy
-    reference and the PyTorch model on ``images``.
+    """Compare the file's check engine (:mod:`export.formats`), the deploy reference and the
+    PyTorch model on ``images``.
 
     Args:
         onnx_path: the exported file.
@@ -249,15 +195,19 @@ def compare(
     Returns:
         The report (see ``fatq-export --help``; keys documented in the README).
     """
+    onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
     reference = DeployReference(graph)
     quant = reference.quant
     exposed = observable_tensors(onnx_model, quant)
-    engine, session, engine_version = _engine(onnx_model)
-    production = session(str(onnx_path), threads)
-    debug = session(with_outputs(onnx_model, {o.name: o.dtype for o in exposed.values()}), threads)
-    debug_names = [OUTPUT_NAME, *(o.name for o in exposed.values())]
-    pairs = {"engine_model": _Pair(), "ref_model": _Pair(), "engine_ref": _Pair(), "engine_trained": _Pair()}
+    fmt = format_of(onnx_model)
+    check_engine = fmt.check_engine if fmt is not None else "ort"
+    engine = ENGINES[check_engine].package  # the report's name: "onnxruntime", "openvino"
+    production = _check_runner(check_engine, inspect_onnx(onnx_model, onnx_path), threads, onnx_path.name)
+    debug_copy = with_outputs(onnx_model, {o.name: o.dtype for o in exposed.values()})
+    debug = _check_runner(check_engine, in_memory_model(debug_copy, f"{onnx_path.stem}.debug.onnx"), threads, "debug")
+    engine_version = production.info().engine_version
+    pairs = {k: RunningAgreement() for k in ("engine_model", "ref_model", "engine_ref", "engine_trained")}
     correct = {engine: 0, "reference": 0, "checkpoint": 0, "checkpoint_as_trained": 0}
     same = dict.fromkeys(exposed, 0)
     total = dict.fromkeys(exposed, 0)
@@ -269,8 +219,8 @@ def compare(
     for x, y in progress(_batches(images, labels, batch_size), total=steps, desc="checking", quiet=quiet):
         x = x.float().contiguous()
         feed = {INPUT_NAME: x.numpy()}
-        engine_logits = production([OUTPUT_NAME], feed)[0]
-        debug_out = dict(zip(debug_names, debug(debug_names, feed), strict=True))
+        engine_logits = production.infer(feed)[OUTPUT_NAME]
+        debug_out = debug.infer(feed)
         debug_identical &= bool(np.array_equal(debug_out[OUTPUT_NAME], engine_logits))
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
@@ -288,11 +238,13 @@ def compare(
             if trained_logits is not None:
                 runs.append(("checkpoint_as_trained", trained_logits))
             for key, logits in runs:
-                correct[key] += int((logits.argmax(1) == truth).sum())
+                correct[key] += top1_correct(logits, truth)
         for tensor, observed in exposed.items():
             value = observed.integers(debug_out[observed.name])
             same[tensor] += int((value.astype(np.float32) == integers[tensor].numpy()).sum())
             total[tensor] += value.size
+    production.close()
+    debug.close()
     count = images.shape[0]
     identical = {t: 100.0 * same[t] / max(total[t], 1) for t in exposed}
     report = {
@@ -315,6 +267,77 @@ def compare(
         **({f"{engine}_vs_as_trained": pairs["engine_trained"].result()} if as_trained is not None else {}),
         "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(),
     }
+    return report
+
+
+def check_images(checkpoint: dict, data_dir, count: int | None, shape: list[int]) -> tuple:
+    """(normalized images, labels or None, what they are) for a check.
+
+    Args:
+        checkpoint: the checkpoint dict (normalization, input size).
+        data_dir: dataset whose test split is used (``count`` images, default
+            :data:`DEFAULT_CHECK_IMAGES`, chosen with seed 0), or None for 256 (or ``count``)
+            random normal inputs.
+        count: images to check.
+        shape: [C, H, W] of the graph input.
+    """
+    if data_dir:
+        from fatq.data import load_split
+
+        split = load_split(data_dir, "test", image_size=image_size(checkpoint))
+        count = min(len(split), count or DEFAULT_CHECK_IMAGES)
+        if count < 1:
+            raise FatqError("--check-images must be at least 1.")
+        chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]
+        return normalized(split.images[chosen], checkpoint), split.labels[chosen], f"test split of {data_dir}"
+    count = count or 256
+    if count < 1:
+        raise FatqError("--check-images must be at least 1.")
+    images = torch.randn(count, *shape, generator=torch.Generator().manual_seed(0))
+    return images, None, "random normal inputs (no --data-dir)"
+
+
+def check_export(
+    result: ExportResult,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    source: str,
+    min_agreement: float,
+    min_int8_identical: float,
+    quiet: bool = False,
+) -> dict:
+    """``fatq-export --check`` of what :func:`export.pipeline.export_checkpoint` wrote.
+
+    Args:
+        result: the export (its file, deploy graph, model, and the models before calibration
+            and before the engine-exact moves, when kept).
+        images, labels: from :func:`check_images`; ``source`` says what they are.
+        min_agreement: top-1 agreement % engine vs model needed to pass.
+        min_int8_identical: % of identical integers per observed tensor needed to pass.
+        quiet: no progress bar.
+
+    Returns:
+        The check report (:func:`compare`'s, plus ``data``, ``compared_model``, the bounds and ``passed``).
+    """
+    graph, model = result.graph, result.model
+    if graph.quantized:
+        label = "checkpoint, eval mode" + (" (calibrated)" if result.uncalibrated is not None else "")
+        if "bias_projection" in graph.meta:
+            label += f", on the engine grid ({companion_path(result.output, REFERENCE).name})"
+        compared = model
+    elif graph.meta.get("dequantized_from_quantized_model"):
+        compared = float_baseline(model)
+        label = "checkpoint, eval mode, activation quantizers disabled (the float baseline this file is)"
+    else:
+        compared, label = model, "checkpoint, eval mode"
+    report = compare(result.output, graph, compared, images, labels, quiet=quiet, as_trained=result.as_trained)
+    report.update(data=source, compared_model=label)
+    if result.uncalibrated is not None and labels is not None:
+        # the accuracy effect of calibrating the quantizers the model kept float
+        report["accuracy"]["checkpoint_uncalibrated"] = model_accuracy(result.uncalibrated, images, labels)
+    minimum = report["int8_identical_pct_min"]
+    passed = report["top1_agreement_pct"] >= min_agreement and (minimum is None or minimum >= min_int8_identical)
+    report.update(min_agreement=min_agreement, min_int8_identical=min_int8_identical, passed=passed)
     return report
 
 

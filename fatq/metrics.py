@@ -1,7 +1,10 @@
-"""Accuracy, agreement with a reference model, and the CI accuracy-parity gate.
+"""Accuracy and agreement: the numbers every fatq stage reports about logits.
 
-All functions take logits as numpy arrays [N, num_classes] (float32/float64) and labels as
-integer arrays [N]; they are pure, so tests check them against closed forms.
+Used by training (:mod:`fatq.train`), PTQ (:mod:`calibration.ptq`), the deploy check
+(:mod:`engines.deploy_check`) and fatq-bench (:mod:`engines.bench`, :mod:`engines.gate`).
+Logits are [N, num_classes], labels integer [N]. The numpy functions are pure, so tests check
+them against closed forms; :func:`topk_correct` stays in torch (it runs on the training device
+and its counts are summed across DDP ranks).
 """
 
 from __future__ import annotations
@@ -9,8 +12,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
 from fatq.errors import FatqError
+
+
+def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Number of samples whose label is among the top-``k`` logits (0-dim int64)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+
+def top1_correct(logits, labels) -> int:
+    """Number of samples whose largest logit is the label (numpy arrays or torch tensors on one device)."""
+    return int((logits.argmax(1) == labels).sum())
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -25,6 +41,16 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     k = min(k, logits.shape[1])
     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return float(100.0 * np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def model_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 250) -> float:
+    """Top-1 accuracy (%) of ``model`` (eval mode, no gradients) on normalized ``images`` [N, C, H, W]."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+            correct += top1_correct(model(x), y)
+    return 100.0 * correct / len(labels)
 
 
 @dataclass(frozen=True)
@@ -72,57 +98,28 @@ def agreement(logits: np.ndarray, reference: np.ndarray) -> Agreement:
     )
 
 
-@dataclass(frozen=True)
-class GateResult:
-    """Outcome of the parity gate: ``passed`` and one sentence per violated bound."""
+class RunningAgreement:
+    """Top-1 agreement and logit differences of two logit streams, batch by batch (no logits kept)."""
 
-    passed: bool
-    reasons: list[str]
-    min_agreement_pct: float | None
-    max_accuracy_drop_pts: float | None
+    def __init__(self):
+        self.agree = self.count = 0
+        self.max_diff = 0.0
+        self.sum_diff = 0.0
+        self.elements = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add one batch: ``a`` and ``b`` [B, C]."""
+        self.agree += top1_correct(a, b.argmax(1))
+        self.count += a.shape[0]
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        self.max_diff = max(self.max_diff, float(diff.max(initial=0)))
+        self.sum_diff += float(diff.sum())
+        self.elements += diff.size
 
-
-def evaluate_gate(
-    agreements: dict[str, Agreement],
-    accuracies: dict[str, dict],
-    reference_top1: float | None,
-    min_agreement_pct: float | None = None,
-    max_accuracy_drop_pts: float | None = None,
-) -> GateResult:
-    """Check every run against the gate's bounds.
-
-    Args:
-        agreements: {run label: Agreement with the reference}.
-        accuracies: {run label: {"top1": %, "top5": %}}.
-        reference_top1: the reference model's top-1 % on the same data (for the drop bound).
-        min_agreement_pct: each run's top-1 agreement must be >= this; None: not checked.
-        max_accuracy_drop_pts: each run's top-1 must be >= reference_top1 - this; None: not checked.
-
-    Returns:
-        GateResult; ``reasons`` name the run and by how much it missed.
-    """
-    reasons = []
-    if min_agreement_pct is not None:
-        if not agreements:
-            raise FatqError("--min-agreement needs --reference (agreement is measured against the reference model).")
-        for label, result in agreements.items():
-            if result.top1_agreement_pct < min_agreement_pct:
-                short = min_agreement_pct - result.top1_agreement_pct
-                reasons.append(
-                    f"{label}: top-1 agreement {result.top1_agreement_pct:.2f} % is below {min_agreement_pct:.2f} % "
-                    f"(short by {short:.2f} points)"
-                )
-    if max_accuracy_drop_pts is not None:
-        if reference_top1 is None or not accuracies:
-            raise FatqError("--max-accuracy-drop needs --data-dir and --reference (the drop is against the reference).")
-        for label, result in accuracies.items():
-            drop = reference_top1 - result["top1"]
-            if drop > max_accuracy_drop_pts:
-                reasons.append(
-                    f"{label}: top-1 {result['top1']:.2f} % is {drop:.2f} points below the reference's "
-                    f"{reference_top1:.2f} % (allowed {max_accuracy_drop_pts:.2f})"
-                )
-    return GateResult(not reasons, reasons, min_agreement_pct, max_accuracy_drop_pts)
+    def result(self) -> dict:
+        """{"top1_agreement_pct", "max_abs_logit_diff", "mean_abs_logit_diff"} so far."""
+        return {
+            "top1_agreement_pct": 100.0 * self.agree / max(self.count, 1),
+            "max_abs_logit_diff": self.max_diff,
+            "mean_abs_logit_diff": self.sum_diff / max(self.elements, 1),
+        }

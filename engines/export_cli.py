@@ -1,0 +1,224 @@
+"""``fatq-export``: a trained fatq checkpoint -> QDQ int8 ONNX (or float ONNX), checked and linted.
+
+    fatq-export CKPT --format onnx [-o OUT] [--opset N] [--calib-data DIR] [--check ...]
+    fatq-export CKPT --format onnx-ort ...       (same integers, for ONNX Runtime's CPU kernels)
+    fatq-export CKPT --format onnx-openvino ...  (same integers, for OpenVINO's CPU plugin)
+    fatq-export --lint model.onnx
+
+Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
+deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for int8 files, OUT's
+``.reference.pt``: the checkpoint moved onto the engine's grid (:mod:`export.engine_exact`), i.e. the
+PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. Every file is checked
+against DEPLOY.md's rules before it is written (:mod:`export.graph_check`); nothing is written
+on an error. ``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files) against
+the deploy reference and the PyTorch model (:mod:`engines.deploy_check`) and exits 1 below ``--min-agreement``.
+
+This module only parses, calls :func:`export.pipeline.export_checkpoint` (and
+:func:`engines.deploy_check.check_export`) and prints. It lives in ``engines`` rather than
+``export`` because ``--check`` runs engines: the dependency rule is one-way (``engines`` may
+import ``export``, never the reverse; docs/architecture.md), so the command that uses both sits
+in the upper package, like fatq-bench (:mod:`engines.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from engines.deploy_check import DEFAULT_CHECK_IMAGES, check_export, check_images
+from export.formats import FORMATS, NOT_WRITTEN
+from export.onnx_builder import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from export.pipeline import CALIB_BATCH_SIZE, CalibrationSettings, export_checkpoint
+from fatq.cli_common import SentenceParser, run_cli
+from fatq.errors import FatqError
+from fatq.io import write_json_atomic
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = SentenceParser(
+        prog="fatq-export",
+        description="Export a fatq checkpoint to QDQ int8 ONNX (or float ONNX) for integer inference engines.",
+    )
+    parser.add_argument("checkpoint", nargs="?", help="fatq checkpoint (.pt) to export")
+    parser.add_argument(
+        "--format",
+        choices=(*FORMATS, *NOT_WRITTEN),
+        default="onnx",
+        help="onnx: portable QDQ int8 for TensorRT, OpenVINO and ONNX Runtime (default); onnx-ort: the same "
+        "integers as uint8 QOperator ops, faster in ONNX Runtime, for nothing else (export/ort_writer.py); "
+        "onnx-openvino: the same integers with 4-bit quantizers as OpenVINO FakeQuantize ops, faster in "
+        "OpenVINO, for nothing else (export/openvino_writer.py); onnx-fp32: folded float",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        help="output .onnx path (default: beside the checkpoint, <stem>.onnx / .ort.onnx / .ov.onnx / .fp32.onnx)",
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})",
+    )
+    calib = parser.add_argument_group(
+        "calibration (for quantizers the model keeps float: edge_inputs/residual_inputs float)"
+    )
+    calib.add_argument(
+        "--calib-data", help="dataset directory or .tar.gz; its train split calibrates disabled quantizers"
+    )
+    calib.add_argument(
+        "--calib-batches", type=int, default=16, help=f"calibration batches of {CALIB_BATCH_SIZE} images (default 16)"
+    )
+    calib.add_argument("--calib-method", default="percentile", help="minmax, percentile (default), entropy or mse")
+    check = parser.add_argument_group("check")
+    check.add_argument(
+        "--check",
+        action="store_true",
+        help="run the file in ONNX Runtime (OpenVINO for onnx-openvino) against the reference and the model",
+    )
+    check.add_argument(
+        "--check-images",
+        type=int,
+        help=f"images to check (default {DEFAULT_CHECK_IMAGES} with --data-dir, else 256 random)",
+    )
+    check.add_argument("--data-dir", help="dataset for --check (its test split); random inputs without it")
+    check.add_argument(
+        "--min-agreement", type=float, default=99.9, help="min top-1 agreement %% engine vs model (default 99.9)"
+    )
+    check.add_argument(
+        "--min-int8-identical", type=float, default=99.99, help="min %% identical int8s per tensor (default 99.99)"
+    )
+    parser.add_argument(
+        "--as-trained",
+        action="store_true",
+        help="export the model exactly as trained: do not move its biases onto the engine's int32 grid "
+        "nor its BN scales off rounding ties (export/engine_exact.py); no .reference.pt is written and "
+        "--check compares with the model as trained",
+    )
+    parser.add_argument("--json", help="write the export (and check) report as JSON here")
+    parser.add_argument(
+        "--lint", metavar="FILE", help="only check FILE against the deployment rules (exit 1 on findings)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+# --- lint -----------------------------------------------------------------------------------
+
+
+def lint(path: str) -> int:
+    import onnx
+
+    from export.formats import format_of
+    from export.graph_check import check_model
+
+    try:
+        model = onnx.load(path)
+    except (OSError, ValueError) as exc:
+        raise FatqError(f"cannot read {path} as ONNX ({type(exc).__name__}).") from None
+    except Exception as exc:  # protobuf's DecodeError has no stable import path
+        raise FatqError(f"{path} is not an ONNX model ({type(exc).__name__}).") from None
+    if not model.graph.node:
+        raise FatqError(f"{path} is not an ONNX model (no graph).")
+    findings = check_model(model)
+    for finding in findings:
+        print(finding)
+    own = format_of(model)
+    if findings and own is not None and own.purpose is not None:
+        print(
+            f"{path}: written by fatq-export --format {own.name} for {own.purpose} by design; export --format "
+            "onnx for the other engines.",
+            file=sys.stderr,
+        )
+    print(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: clean", file=sys.stderr)
+    return 1 if findings else 0
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def export(args, argv: list[str]) -> int:
+    """Run the export (and ``--check``) the parsed flags ask for; returns the exit status."""
+    result = export_checkpoint(
+        args.checkpoint,
+        args.format,
+        output=args.output,
+        opset=args.opset,
+        calibration=CalibrationSettings(args.calib_data, args.calib_batches, args.calib_method),
+        engine_exact=not args.as_trained,
+        keep_as_trained=args.check and not args.as_trained,  # --check compares with it
+        command=" ".join(shlex.quote(a) for a in ["fatq-export", *argv]),
+        quiet=args.quiet,
+    )
+    out, nodes = result.output, len(result.onnx_model.graph.node)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {nodes} nodes) in {result.seconds:.2f} s")
+    report = result.report()
+    status = 0
+    if args.check:
+        images, labels, source = check_images(
+            result.checkpoint, args.data_dir, args.check_images, result.graph.input_shape
+        )
+        report["check"] = check_export(
+            result, images, labels, source, args.min_agreement, args.min_int8_identical, quiet=args.quiet
+        )
+        _print_check(report["check"])
+        status = 0 if report["check"]["passed"] else 1
+    if args.json:
+        write_json_atomic(args.json, report)
+    return status
+
+
+def _print_check(r: dict) -> None:
+    acc = r["accuracy"]
+
+    def pct(value):
+        return "n/a" if value is None else f"{value:.2f} %"
+
+    print(f"check on {r['images']} images ({r['data']}); model: {r['compared_model']}")
+    engine = r["engine"]
+    print(f"  {'pair':<28} {'top-1 agree':>12} {'max |dlogit|':>13} {'mean |dlogit|':>14}")
+    rows = (
+        (f"{engine} vs checkpoint", r),
+        ("reference vs checkpoint", r["reference_vs_checkpoint"]),
+        (f"{engine} vs reference", r[f"{engine}_vs_reference"]),
+    )
+    if f"{engine}_vs_as_trained" in r:
+        rows += ((f"{engine} vs as trained", r[f"{engine}_vs_as_trained"]),)
+    for label, row in rows:
+        print(
+            f"  {label:<28} {row['top1_agreement_pct']:>11.3f}% {row['max_abs_logit_diff']:>13.6f} "
+            f"{row['mean_abs_logit_diff']:>14.6f}"
+        )
+    accuracies = ", ".join(f"{k} {pct(v)}" for k, v in acc.items())
+    print(f"  accuracy: {accuracies}")
+    if r["int8_tensors"]:
+        worst = min(r["int8_identical_pct"], key=r["int8_identical_pct"].get)
+        low = r["int8_identical_pct_min"]
+        unobserved = f", {len(r['unobserved_int8_tensors'])} unobserved" if r["unobserved_int8_tensors"] else ""
+        print(
+            f"  int8 identical ({engine} vs reference): min {low:.4f} % over {r['int8_tensors']} tensors "
+            f"(worst {worst}{unobserved})"
+        )
+    print(f"  {'PASSED' if r['passed'] else 'FAILED'} (min agreement {r['min_agreement']} %)")
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.lint:
+        if args.checkpoint:
+            raise FatqError("--lint takes only the ONNX file; drop the checkpoint argument.")
+        return lint(args.lint)
+    if not args.checkpoint:
+        raise FatqError("give a checkpoint to export (or --lint FILE).")
+    return export(args, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: exit 0 on success, 1 when a check fails, 2 on bad input."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
