@@ -108,14 +108,14 @@ TRT_SUPPORTED_OPS = {
     "Constant": "Y; sparse_value and string values unsupported",
     "Conv": "Y, FP32/FP16/BF16",
     "DequantizeLinear": "Y, INT8/FP8/INT4 (10.15: also FP4); x_zero_point must be zero",
-    "Flatten": "Y",
+    "Flatten": "Y, FP32/FP16/BF16/INT32/INT64/BOOL",
     "Gemm": "Y, FP32/FP16/BF16",
     "GlobalAveragePool": "Y, FP32/FP16/BF16",
     "MaxPool": "Y, 2D or 3D pooling only, no Indices output, dilations empty or all ones",
-    "Pad": "Y",
+    "Pad": "Y, FP32/FP16/BF16/INT32/INT64; `axes` must be an initializer",
     "QuantizeLinear": "Y, FP32/FP16/BF16 input; y_zero_point must be 0",
-    "Relu": "Y",
-    "Slice": "Y",
+    "Relu": "Y, FP32/FP16/BF16/INT32/INT64",
+    "Slice": "Y, FP32/FP16/BF16/INT32/INT64/BOOL; `axes` must be an initializer",
 }
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -616,6 +616,11 @@ def _check_trt_ops(g: Graph) -> list[Finding]:
                     "on it.",
                 )
             )
+        elif node.op_type in ("Pad", "Slice") and any(name and name not in g.constants for name in node.input[1:]):
+            # the rows require `axes` to be an initializer; fatq writes pads/starts/ends/steps as constants too
+            findings.append(
+                g.finding("trt-op-supported", i, f"{node.op_type} takes its shape inputs from initializers.")
+            )
         elif node.op_type == "MaxPool" and (
             len(_attr(node, "kernel_shape", [])) not in (2, 3) or any(d != 1 for d in _attr(node, "dilations", []))
         ):
@@ -794,7 +799,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "trt-op-supported",
         TRT,
-        "every op is one fatq writes and onnx-tensorrt supports (default domain; MaxPool 2D/3D, unit dilations)",
+        "every op is one fatq writes and onnx-tensorrt supports, within its row's restrictions (MaxPool 2D/3D, unit "
+        "dilations; Pad/Slice shape inputs constant)",
         f"{OPERATORS_MD}, Operator Support Matrix rows of {', '.join(TRT_SUPPORTED_OPS)} (10.0/10.1 and 10.15)",
         _check_trt_ops,
     ),

@@ -53,7 +53,8 @@ def _graph(
     gemm_trans_b=1,
     input_dtype=TensorProto.FLOAT,
     q_input="clip",
-    extra_node=None,
+    extra_nodes=(),
+    extra_inits=(),
     opset=20,
 ) -> onnx.ModelProto:
     """A one-layer QDQ graph; each argument switches one part to another form (defaults: TensorRT-clean).
@@ -118,10 +119,9 @@ def _graph(
         nodes.append(helper.make_node("Gemm", weighted, ["y"], name="gemm", transB=gemm_trans_b, beta=gemm_beta))
     nodes.append(helper.make_node("Relu", ["y"], ["output"], name="relu"))
     opsets = [helper.make_opsetid("", opset)]
-    if extra_node is not None:
-        nodes.append(extra_node)
-        if extra_node.domain:
-            opsets.append(helper.make_opsetid(extra_node.domain, 1))
+    nodes += extra_nodes
+    inits += [numpy_helper.from_array(value, name) for name, value in extra_inits]
+    opsets += [helper.make_opsetid(domain, 1) for domain in sorted({n.domain for n in extra_nodes} - {""})]
     graph = helper.make_graph(
         nodes,
         "g",
@@ -188,22 +188,34 @@ VIOLATIONS = [
     ({"x_zp": np.uint8(0)}, "ort", "no-uint8", "x_zp"),
     ({"q_has_zp": False}, "openvino", "no-uint8", "q"),  # ONNX's default Q output type is uint8
     ({"opset": 21}, "trt", "trt-opset", "opset_import"),
-    ({"extra_node": helper.make_node("Sigmoid", ["output"], ["s"], name="sig")}, "trt", "trt-op-supported", "sig"),
+    ({"extra_nodes": [helper.make_node("Sigmoid", ["output"], ["s"], name="sig")]}, "trt", "trt-op-supported", "sig"),
     (
-        {"extra_node": helper.make_node("QLinearAdd", ["output"], ["s"], name="qadd", domain="com.microsoft")},
+        {"extra_nodes": [helper.make_node("QLinearAdd", ["output"], ["s"], name="qadd", domain="com.microsoft")]},
         "trt",
         "trt-op-supported",
         "qadd",
     ),
     (
         {
-            "extra_node": helper.make_node(
-                "MaxPool", ["output"], ["s"], name="pool", kernel_shape=[2, 2], dilations=[2, 2]
-            )
+            "extra_nodes": [
+                helper.make_node("MaxPool", ["output"], ["s"], name="pool", kernel_shape=[2, 2], dilations=[2, 2])
+            ]
         },
         "trt",
         "trt-op-supported",
         "pool",
+    ),
+    (
+        {
+            "extra_nodes": [
+                helper.make_node("Shape", ["output"], ["rank_axes"], name="shape", start=1, end=2),
+                helper.make_node("Slice", ["output", "starts", "ends", "rank_axes"], ["s"], name="slice"),
+            ],
+            "extra_inits": [("starts", np.array([0], np.int64)), ("ends", np.array([2], np.int64))],
+        },
+        "trt",
+        "trt-op-supported",
+        "slice",
     ),
     ({"op": "Gemm", "gemm_beta": 0.5}, "ort", "ort-gemm-beta", "gemm"),
 ]
