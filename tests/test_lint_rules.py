@@ -356,3 +356,12 @@ def test_main_lint_bad_input_is_one_sentence(tmp_path):
         main_lint(good, "coreml")
     with pytest.raises(FatqError, match="TensorRT 9.0"):
         main_lint(good, "trt", trt_version="9.0")
+
+
+def test_docs_table_lists_every_rule_with_its_targets_and_source():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "tensorrt-rules.md").read_text()
+    for rule in RULES:
+        targets = ", ".join(t for t in TARGETS if t in rule.targets)
+        assert f"| `{rule.id}` | {targets} | {rule.severity} | {rule.description} | {rule.source} |" in text, rule.id
