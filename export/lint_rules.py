@@ -836,6 +836,20 @@ def lint(model: onnx.ModelProto, target: str, trt_version: str = DEFAULT_TRT_VER
     return [finding for rule in rules for finding in rule.check(g)]
 
 
+def assert_clean(model: onnx.ModelProto, target: str, trt_version: str = DEFAULT_TRT_VERSION) -> list[Finding]:
+    """Raise :class:`FatqError` naming the first error findings; return the warnings (for an exporter).
+
+    An exporter calls this before writing its file, so a file that breaks a rule is never written.
+    """
+    findings = lint(model, target, trt_version)
+    errors = [f for f in findings if RULES_BY_ID[f.rule].severity == "error"]
+    if errors:
+        shown = "; ".join(f"[{f.rule}] {f}" for f in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise FatqError(f"refusing a graph that breaks the {TARGET_NAMES[target]} rules: {shown}{more}.")
+    return findings
+
+
 def load_model(path: str | Path) -> onnx.ModelProto:
     """``onnx.load`` with one-sentence errors."""
     try:

@@ -21,6 +21,7 @@ from export.lint_rules import (
     RULES,
     RULES_BY_ID,
     TARGETS,
+    assert_clean,
     lint,
     main_lint,
     rules_for,
@@ -365,3 +366,11 @@ def test_docs_table_lists_every_rule_with_its_targets_and_source():
     for rule in RULES:
         targets = ", ".join(t for t in TARGETS if t in rule.targets)
         assert f"| `{rule.id}` | {targets} | {rule.severity} | {rule.description} | {rule.source} |" in text, rule.id
+
+
+def test_assert_clean_refuses_errors_and_returns_warnings():
+    with pytest.raises(FatqError, match=r"refusing a graph that breaks the TensorRT rules: \[trt-dq-input-int8\] node"):
+        assert_clean(_graph(bias="int32"), "trt")
+    (warning,) = assert_clean(_graph(opset=21), "trt")
+    assert warning.rule == "trt-opset"
+    assert assert_clean(_graph(bias="int32"), "ort") == []

@@ -393,7 +393,7 @@ def test_build_plan_from_onnx_lints_before_building(tmp_path):
     from engine_helpers import export_qdq_onnx, save_resnet_checkpoint
 
     todays = export_qdq_onnx(save_resnet_checkpoint(tmp_path / "w8.pt", bits=8, seed=0), tmp_path / "w8.onnx")
-    with pytest.raises(FatqError, match=r"TensorRT lint error\(s\), the first \[trt-dq-input-int8\]"):
+    with pytest.raises(FatqError, match=r"breaks the TensorRT rules: \[trt-dq-input-int8\]"):
         build_plan_from_onnx(todays, tmp_path / "w8.plan", BuildSettings("int8", opt_batch=4, max_batch=4))
     assert not (tmp_path / "w8.plan").exists()
     tiny = _float_bias_qdq_onnx(tmp_path / "tiny.onnx")
