@@ -243,7 +243,8 @@ def _check_trt_dq_input(g: Graph) -> list[Finding]:
             why = "TensorRT reads it, but fatq writes and accepts int8 only"
         else:
             why = "TensorRT's IDequantizeLayer takes only " + "/".join(g.trt.dq_types) + " inputs"
-        findings.append(g.finding("trt-dq-input-int8", i, f"input {node.input[0]!r} is {name}; {why}."))
+        what = f"is {name}" if dtype else "has a type the linter cannot infer"
+        findings.append(g.finding("trt-dq-input-int8", i, f"input {node.input[0]!r} {what}; {why}."))
     return findings
 
 
