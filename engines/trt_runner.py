@@ -9,6 +9,9 @@ where ``tensorrt``, ``cuda-python`` and a GPU are present (``tests/test_trt.py``
 Before deserializing, the plan's sidecar is checked against the running TensorRT version and
 GPU (:func:`engines.trt_builder.check_plan`): a mismatch is refused with the reason.
 
+Every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` result is checked (each
+returns False on failure rather than raising).
+
 Timing: four CUDA events per call split it into host->device copies, engine execution and
 device->host copies; :meth:`TrtRunner.last_timing` reports the three in milliseconds, so
 benchmarks quote engine-only latency and transfers separately (as trtexec does). Host arrays
@@ -115,6 +118,15 @@ class TrtRunner(Runner):
             self._buffers[name] = (pointer, nbytes)
         return pointer
 
+    def _bind(self, name: str, nbytes: int) -> None:
+        """Give tensor ``name`` a device buffer of at least ``nbytes``; TensorRT's False is an error.
+
+        ``IExecutionContext::setTensorAddress`` returns false for an unknown name or a misaligned
+        pointer (TensorRT C++ API); ignoring it would run the engine on a stale address.
+        """
+        if not self._context.set_tensor_address(name, self._device_buffer(name, nbytes)):
+            raise FatqError(f"{self.name}: TensorRT refused the device address of tensor {name!r}.")
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart, context, stream = self._cudart, self._context, self._stream
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -124,11 +136,11 @@ class TrtRunner(Runner):
             if not context.set_input_shape(name, array.shape):
                 raise FatqError(f"{self.name}: input {name} shape {array.shape} is outside the engine's profile.")
             hosts[name] = array
-            context.set_tensor_address(name, self._device_buffer(name, array.nbytes))
+            self._bind(name, array.nbytes)
         for name in self._outputs:
             array = np.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtype(name))
             hosts[name] = array
-            context.set_tensor_address(name, self._device_buffer(name, array.nbytes))
+            self._bind(name, array.nbytes)
         start, copied_in, executed, copied_out = self._events
         _check(cudart, cudart.cudaEventRecord(start, stream), "cudaEventRecord")
         for name in self._inputs:

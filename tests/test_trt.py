@@ -13,12 +13,18 @@ import pytest
 from engines.host import GpuInfo
 from engines.trt_builder import (
     BuildSettings,
+    build_plan_from_onnx,
     builder_flags,
     choose_typing,
     read_sidecar,
+    read_timing_cache,
     sidecar_mismatches,
+    timing_cache_path,
+    timing_cache_record_path,
+    typing_warning,
+    write_timing_cache,
 )
-from fatq.errors import FatqError
+from fatq.errors import FatqError, MissingExtraError
 
 H200 = GpuInfo(0, "NVIDIA H200", "9.0")
 
@@ -119,6 +125,68 @@ def test_read_sidecar_errors(tmp_path):
         read_sidecar(plan)
     (tmp_path / "m.plan.json").write_text(json.dumps(_sidecar()))
     assert read_sidecar(plan)["compute_capability"] == "9.0"
+
+
+def test_weak_typing_warns_and_strong_typing_does_not():
+    assert typing_warning("10.14.1", "strong", "int8") is None
+    qdq = typing_warning("10.14.1", "weak", "int8")
+    assert "Q/DQ graph" in qdq and "deprecated since TensorRT 10.12 and removed in 11" in qdq
+    assert "--trt-typing strong" in qdq
+    assert "AutoCast" in typing_warning("10.14.1", "weak", "fp32")
+    assert "deprecated since 10.1" in typing_warning("10.14.1", "weak", "fp32", calibrated=True)
+
+
+def test_timing_cache_file_is_keyed_by_tensorrt_version_and_compute_capability(tmp_path):
+    path = timing_cache_path("10.14.1.48", "9.0", tmp_path)
+    assert path == tmp_path / "timing-trt10.14.1.48-sm90.cache"
+    others = {timing_cache_path(v, cc, tmp_path) for v, cc in [("10.14.1.48", "8.9"), ("10.15.1", "9.0")]}
+    assert path not in others and len(others) == 2
+
+
+def test_timing_cache_round_trip_and_every_reason_to_start_fresh(tmp_path):
+    path = tmp_path / "timing.cache"
+    assert (
+        read_timing_cache(path, "10.14.1", "9.0").data == b"" and read_timing_cache(path, "10.14.1", "9.0").note is None
+    )
+    write_timing_cache(path, b"\x01cache-bytes", "10.14.1", "9.0")
+    assert read_timing_cache(path, "10.14.1", "9.0").data == b"\x01cache-bytes"
+    assert read_timing_cache(path, "10.14.1", "9.0").note is None
+    other_version = read_timing_cache(path, "10.15.1", "9.0")
+    assert other_version.data == b""
+    assert other_version.note == (
+        "timing.cache was written by TensorRT 10.14.1 for compute capability 9.0, this is TensorRT 10.15.1 on 9.0; "
+        "starting a fresh timing cache"
+    )
+    other_gpu = read_timing_cache(path, "10.14.1", "8.0")
+    assert other_gpu.data == b"" and "compute capability 9.0" in other_gpu.note and "on 8.0" in other_gpu.note
+    record = timing_cache_record_path(path)
+    record.write_text("{broken")
+    assert read_timing_cache(path, "10.14.1", "9.0").data == b""
+    assert "not readable JSON" in read_timing_cache(path, "10.14.1", "9.0").note
+    record.write_text(json.dumps({"format": "other"}))
+    assert "not a fatq timing-cache record" in read_timing_cache(path, "10.14.1", "9.0").note
+    record.unlink()  # a cache from before the records existed (or copied without one)
+    assert read_timing_cache(path, "10.14.1", "9.0").data == b""
+    assert "has no timing.cache.json" in read_timing_cache(path, "10.14.1", "9.0").note
+
+
+def test_build_plan_from_onnx_refusals_without_tensorrt(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"not read before the checks below")
+    with pytest.raises(FatqError, match="must end in .plan or .engine, got m.onnx"):
+        build_plan_from_onnx(onnx_path, tmp_path / "m.onnx", BuildSettings("int8"))
+    with pytest.raises(FatqError, match="directory .*missing does not exist"):
+        build_plan_from_onnx(onnx_path, tmp_path / "missing" / "m.plan", BuildSettings("int8"))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            MissingExtraError, match=r"tensorrt is not installed; install it with `pip install 'fatq\[trt\]'`"
+        ):
+            build_plan_from_onnx(onnx_path, tmp_path / "m.plan", BuildSettings("int8"))
+        assert not (tmp_path / "m.plan").exists() and not (tmp_path / "m.plan.json").exists()
+    else:
+        pytest.skip("tensorrt is installed here; the refusal without it is not reachable")
 
 
 # ----------------------------------------------------------------------------- TensorRT and a GPU (marker trt)
@@ -255,3 +323,85 @@ def test_fatq_bench_on_tensorrt_reports_engine_time_and_transfers(trt_models, tm
     assert [r["batch_size"] for r in trt_runs] == [1, 64]
     assert all(r["latency_source"] == "cuda-events" and set(r["transfer_ms"]) == {"h2d", "d2h"} for r in trt_runs)
     assert report["configs"][0]["options"]["typing"] == "strong"
+
+
+def _float_bias_qdq_onnx(path):
+    """A one-conv Q/DQ graph in the TensorRT form (int8 Q/DQ, float32 bias, opset 20, dynamic batch)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 8
+    inits = [
+        numpy_helper.from_array(np.float32(0.05), "s"),
+        numpy_helper.from_array(np.int8(0), "z"),
+        numpy_helper.from_array(np.random.default_rng(0).integers(-7, 8, (c, 3, 3, 3)).astype(np.int8), "w"),
+        numpy_helper.from_array(np.full(c, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(c, np.int8), "wz"),
+        numpy_helper.from_array(np.linspace(-1, 1, c).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["x"], name="dq"),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dq_w", axis=0),
+        helper.make_node("Conv", ["x", "wd", "b"], ["logits"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c, 8, 8])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), str(path))
+    return path
+
+
+@pytest.mark.trt
+def test_stale_or_foreign_timing_cache_is_replaced_by_a_fresh_one(tmp_path):
+    tensorrt = _require_tensorrt()
+    from engines.host import gpu_info
+    from engines.trt_builder import build_engine
+
+    onnx_path = _float_bias_qdq_onnx(tmp_path / "tiny.onnx")
+    gpu = gpu_info()
+    cache = tmp_path / "timing.cache"
+    settings = BuildSettings("int8", opt_batch=4, max_batch=4, timing_cache=str(cache))
+    write_timing_cache(cache, b"\x00garbage, not a timing cache", tensorrt.__version__, gpu.compute_capability)
+    build_engine(onnx_path, tmp_path / "a.plan", settings)  # bytes TensorRT cannot use: the build still succeeds
+    assert read_timing_cache(cache, tensorrt.__version__, gpu.compute_capability).data  # and leaves a real cache
+    write_timing_cache(cache, cache.read_bytes(), "9.9.9", gpu.compute_capability)  # recorded as another version
+    sidecar = build_engine(onnx_path, tmp_path / "b.plan", settings)
+    assert any("written by TensorRT 9.9.9" in note for note in sidecar["notes"])
+    assert json.loads(timing_cache_record_path(cache).read_text())["tensorrt_version"] == tensorrt.__version__
+    sidecar = build_engine(onnx_path, tmp_path / "c.plan", settings)  # now its own cache: used, no note
+    assert sidecar["notes"] == []
+
+
+@pytest.mark.trt
+def test_weak_typing_of_a_qdq_graph_warns_in_the_sidecar(tmp_path):
+    tensorrt = _require_tensorrt()
+    from engines.trt_builder import build_engine, major_version
+
+    if major_version(tensorrt.__version__) >= 11:
+        pytest.skip(f"TensorRT {tensorrt.__version__} has no weak typing")
+    onnx_path = _float_bias_qdq_onnx(tmp_path / "tiny.onnx")
+    settings = BuildSettings("int8", opt_batch=4, max_batch=4, typing="weak", timing_cache=str(tmp_path / "t.cache"))
+    sidecar = build_engine(onnx_path, tmp_path / "w.plan", settings)
+    assert sidecar["typing"] == "weak" and sidecar["builder_flags"] == ["INT8", "FP16"]
+    assert any("deprecated since TensorRT 10.12" in note for note in sidecar["notes"])
+
+
+@pytest.mark.trt
+def test_build_plan_from_onnx_lints_before_building(tmp_path):
+    _require_tensorrt()
+    from engine_helpers import export_qdq_onnx, save_resnet_checkpoint
+
+    todays = export_qdq_onnx(save_resnet_checkpoint(tmp_path / "w8.pt", bits=8, seed=0), tmp_path / "w8.onnx")
+    with pytest.raises(FatqError, match=r"breaks the TensorRT rules: \[trt-dq-input-int8\]"):
+        build_plan_from_onnx(todays, tmp_path / "w8.plan", BuildSettings("int8", opt_batch=4, max_batch=4))
+    assert not (tmp_path / "w8.plan").exists()
+    tiny = _float_bias_qdq_onnx(tmp_path / "tiny.onnx")
+    settings = BuildSettings("int8", opt_batch=4, max_batch=4, timing_cache=str(tmp_path / "t.cache"))
+    sidecar = build_plan_from_onnx(tiny, tmp_path / "tiny.plan", settings)
+    assert sidecar["typing"] == "strong" and (tmp_path / "tiny.plan").is_file()
