@@ -285,6 +285,11 @@ def export(args, argv: list[str]) -> int:
         uncalibrated = copy.deepcopy(model)
         calibration = _calibrate(model, data, args)
         uncalibrated = uncalibrated if calibration else None
+    from export.edge_weights import describe, fit_edge_weights_to_int8  # imported reference models only
+
+    edge_requantized = fit_edge_weights_to_int8(model) if int8 else []
+    if edge_requantized:
+        print(describe(edge_requantized))
     # the float file drops activation quantization anyway: quantizers the model keeps float are fine
     folded = fold(model, list(data["input_size"]), disabled_quantizers="error" if int8 else "skip")
     as_trained, projection = None, None
@@ -301,6 +306,7 @@ def export(args, argv: list[str]) -> int:
     else:
         graph = dequantized(folded)
     graph.meta.update(_metadata(data, checkpoint, graph, args, calibration, argv))
+    graph.meta["edge_weight_requantization"] = edge_requantized or "none"
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference_checkpoint_path(out).name, **projection}
     writers = {"onnx": write_qdq, "onnx-ort": write_ort, "onnx-openvino": write_openvino, "onnx-fp32": write_float}

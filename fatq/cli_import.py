@@ -37,9 +37,11 @@ def _main(argv: list[str] | None) -> int:
         raise FatqError("--output must differ from the input checkpoint.")
     model, report = import_reference(args.checkpoint, args.arch, args.bits, args.shortcut)
     save_imported(model, report, output)
-    print(f"imported {report.source} (sha256 {report.sha256[:12]}…, epoch {report.epoch}) as {args.arch} w{args.bits}a{args.bits}")
+    bits = f"w{args.bits}a{args.bits}"
+    print(f"imported {report.source} (sha256 {report.sha256[:12]}…, epoch {report.epoch}) as {args.arch} {bits}")
     if report.dropped_keys:
-        print(f"  dropped {len(report.dropped_keys)} unused key(s) (stem/classifier transforms): {', '.join(report.dropped_keys)}")
+        dropped = ", ".join(report.dropped_keys)
+        print(f"  dropped {len(report.dropped_keys)} unused key(s) (stem/classifier transforms): {dropped}")
     for name, (lo, hi) in report.edge_integer_ranges.items():
         note = "  (below -127: export re-quantizes it, see docs/import.md)" if name in report.beyond_int8 else ""
         print(f"  {name}: signed-max 8-bit weight integers [{lo}, {hi}]{note}")

@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fatq.checkpoint import (
@@ -45,7 +44,17 @@ from fatq.transform import FATTransform
 
 SOURCE_FORMAT = "fat-reference"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-SUPPORTED = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg_small", "vgg16_bn", "resnet18", "resnet34")
+SUPPORTED = (
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "vgg_small",
+    "vgg16_bn",
+    "resnet18",
+    "resnet34",
+)
 # fatq module path piece -> the reference code's (CIFAR ResNets' option-B shortcut)
 _RENAMES = ((".shortcut.0.", ".downsample.0."), (".shortcut.1.", ".downsample.1."))
 _IMAGENET_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
@@ -195,7 +204,9 @@ def import_reference(path: str | Path, arch: str, bits: int, shortcut: str = "B"
         )
     own = model.state_dict()
     incoming = {key: (state[ref] if ref is not None else own[key]) for key, ref in mapping.items()}
-    incoming = {k: v.reshape(own[k].shape) if k.endswith(".alpha") and v.numel() == 1 else v for k, v in incoming.items()}
+    incoming = {
+        k: v.reshape(own[k].shape) if k.endswith(".alpha") and v.numel() == 1 else v for k, v in incoming.items()
+    }
     _check_shapes(own, incoming, str(path), arch)
     model.load_state_dict(incoming)
     report = ImportReport(

@@ -14,7 +14,8 @@ documented operation order and runs the network in float fake-quant, as the refe
 - residual Adds float; option-B shortcut = quantized 1×1 conv + BN; BN in eval mode (ε = 1e-5).
 
 It computes in the dtype of the state dict's tensors (float32 as the reference does; float64 to
-check the function without float32 rounding noise). Supported: CIFAR ResNets (any depth, option B) and VGG (``features.{i}`` / ``classifier.{i}`` paths).
+check the function without float32 rounding noise). Supported: CIFAR ResNets (any depth, option B)
+and VGG (``features.{i}`` / ``classifier.{i}`` paths).
 """
 
 from __future__ import annotations
