@@ -285,8 +285,10 @@ def export(args, argv: list[str]) -> int:
         uncalibrated = copy.deepcopy(model)
         calibration = _calibrate(model, data, args)
         uncalibrated = uncalibrated if calibration else None
-    from export.edge_weights import describe, fit_edge_weights_to_int8  # imported reference models only
+    from export.edge_weights import describe, fit_edge_weights_to_int8, refuse_wide_activations  # imported models
 
+    if int8:
+        refuse_wide_activations(model)
     edge_requantized = fit_edge_weights_to_int8(model) if int8 else []
     if edge_requantized:
         print(describe(edge_requantized))

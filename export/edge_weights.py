@@ -7,6 +7,9 @@ exactly those layers to fatq's max|W| rule (scale max|W| / 127, integers in [−
 one record per changed layer, which fatq-export stores in the file's metadata
 (``edge_weight_requantization``) and its JSON report. Layers whose integers fit keep the
 reference's integers bit for bit.
+
+:func:`refuse_wide_activations` stops the export of 8-bit imported models, whose activations have the
+reference's 255 levels (2^8 − 1) where int8 with zero point 0 holds 127, with one sentence.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fatq.errors import FatqError
 from fatq.layers import QUANTIZED_LAYERS
-from fatq.quantizers import SignedMaxWeightQuantizer
+from fatq.quantizers import SignedMaxWeightQuantizer, TopClampActivationQuantizer
 
 INT8_MIN = -127
 
@@ -65,3 +69,13 @@ def describe(records: list[dict]) -> str:
         f"{r['new_integer_range']} ({r['new_rule']}), weights moved by {100 * r['relative_weight_change']:.2f} % (L2)"
         for r in records
     )
+
+
+def refuse_wide_activations(model: nn.Module) -> None:
+    """FatqError if a reference-semantics activation quantizer has more than 127 levels (8-bit imports)."""
+    wide = [n for n, q in model.named_modules() if isinstance(q, TopClampActivationQuantizer) and q.levels > 127]
+    if wide:
+        raise FatqError(
+            f"{wide[0]} ({len(wide)} in all) has the reference's {2**8 - 1} activation levels (8 bits), beyond int8's "
+            "127 with zero point 0; this imported model cannot be exported to an int8 engine."
+        )

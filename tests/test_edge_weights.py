@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_reference_import import reference_state, save_reference
 
-from export.edge_weights import describe, fit_edge_weights_to_int8
+from export.edge_weights import describe, fit_edge_weights_to_int8, refuse_wide_activations
 from export.fold import fold
 from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 from fatq.errors import FatqError
@@ -52,3 +52,10 @@ def test_layers_that_fit_keep_the_reference_integers(tmp_path):
     before = model.conv1.weight_integers()[0].clone()
     assert report.beyond_int8 == [] and fit_edge_weights_to_int8(model) == []
     assert torch.equal(model.conv1.weight_integers()[0], before)
+
+
+def test_eight_bit_imports_are_refused_for_int8_engines(tmp_path):
+    model, _ = import_reference(save_reference(tmp_path, reference_state("resnet20", 8)), "resnet20", 8)
+    with pytest.raises(FatqError, match="255 activation levels"):
+        refuse_wide_activations(model)
+    refuse_wide_activations(imported(tmp_path, negative_stem=False)[0])  # 4 bits: 15 levels, fine
