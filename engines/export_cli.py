@@ -27,6 +27,7 @@ import shlex
 import sys
 
 from engines.deploy_check import DEFAULT_CHECK_IMAGES, check_export, check_images
+from export.edge_weights import describe
 from export.formats import FORMATS, NOT_WRITTEN
 from export.onnx_builder import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from export.pipeline import CALIB_BATCH_SIZE, CalibrationSettings, export_checkpoint
@@ -152,6 +153,8 @@ def export(args, argv: list[str]) -> int:
         quiet=args.quiet,
     )
     out, nodes = result.output, len(result.onnx_model.graph.node)
+    if result.graph.meta.get("edge_weight_requantization", "none") != "none":
+        print(describe(result.graph.meta["edge_weight_requantization"]))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {nodes} nodes) in {result.seconds:.2f} s")
     report = result.report()
     status = 0

@@ -170,6 +170,7 @@ def export_checkpoint(
     Returns:
         :class:`ExportResult`. FatqError on bad input; nothing is written then.
     """
+    from export.edge_weights import fit_edge_weights_to_int8, refuse_wide_activations
     from export.engine_exact import make_engine_exact
     from export.fold import dequantized, fold
     from export.graph_check import assert_deployable
@@ -193,6 +194,10 @@ def export_checkpoint(
         uncalibrated = copy.deepcopy(model)
         calibrated = _calibrate(model, data, calibration, quiet)
         uncalibrated = uncalibrated if calibrated else None
+    edge_requantized = []
+    if spec.int8:  # models imported from the FAT reference code (export.edge_weights): stated, never silent
+        refuse_wide_activations(model)
+        edge_requantized = fit_edge_weights_to_int8(model)
     # the float file drops activation quantization anyway: quantizers the model keeps float are fine
     folded = fold(model, list(data["input_size"]), disabled_quantizers="error" if spec.int8 else "skip")
     as_trained, projection = None, None
@@ -209,6 +214,7 @@ def export_checkpoint(
     if command is None:
         command = _equivalent_command(checkpoint, fmt, output, opset, calibration, engine_exact)
     graph.meta.update(_metadata(data, checkpoint, graph, spec, opset, calibrated, command))
+    graph.meta["edge_weight_requantization"] = edge_requantized or "none"
     reference = companion_path(out, REFERENCE)
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference.name, **projection}

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, help="resize imagefolder images to this square size")
     t = p.add_argument_group("training")
     t.add_argument("--pretrained", help="initialise from an FP32, higher-bit fatq, or public checkpoint")
+    t.add_argument(
+        "--paper-start",
+        dest="warm_start",
+        action="store_false",
+        help="with --pretrained, skip the warm start (BN statistics and activation ranges re-estimated on "
+        "4 training batches of 128) and start as the paper does (near chance for the first ~50 steps)",
+    )
     t.add_argument("--epochs", type=int, help="epochs (default 400)")
     t.add_argument("--batch-size", type=int, help="global batch size, split across processes (default 256)")
     t.add_argument("--lr", type=float, help="base lr of the weights (default 0.04; 0.1 for --bits 32)")
@@ -301,6 +308,11 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
         meta = init_from_pretrained(model, cfg.pretrained)
         normalization = meta["normalization"]
         _check_classes(model.num_classes, meta["class_names"], train.class_names, cfg.pretrained)
+        if cfg.warm_start and not model.spec.is_float:
+            from fatq.warm_start import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, training_batches, warm_start
+
+            batches = training_batches(train.images, normalization, DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, cfg.seed)
+            warm_start(model, batches)
     elif cfg.dataset == "cifar10":
         normalization = CIFAR_NORMALIZATION
     else:

@@ -38,7 +38,9 @@ class _QuantizedWeightMixin:
 
     def _cache_key(self) -> tuple:
         params = [self.weight, *self.weight_transform.parameters(), *self.weight_quantizer.parameters()]
-        return tuple((p.data_ptr(), p._version, p.device) for p in params)
+        # a rule switch without parameters (SignedMaxWeightQuantizer.int8_fallback) also changes the integers
+        rule = getattr(self.weight_quantizer, "int8_fallback", None)
+        return (rule, *((p.data_ptr(), p._version, p.device) for p in params))
 
     def transformed_weight(self) -> Tensor:
         """The weight after the FAT transform (what the quantizer sees), float32, shape of ``weight``."""

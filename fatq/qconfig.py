@@ -20,12 +20,18 @@ from fatq.quantizers import (
     MaxAbsWeightQuantizer,
     PerChannelWeightQuantizer,
     PowerOfTwoWeightQuantizer,
+    ReferenceOrderWeightQuantizer,
+    SignedMaxWeightQuantizer,
+    TopClampActivationQuantizer,
     UniformWeightQuantizer,
     check_bits,
 )
 
 QSPEC_VERSION = 1
 EDGE_MODES = ("int8", "float")
+EDGE_WEIGHT_RULES = ("max_abs", "signed_max")
+ACT_CLAMPS = ("both", "top")
+WEIGHT_ROUNDINGS = ("scale", "reference")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,12 @@ class QuantSpec:
             quantizer, first/last included (PTQ models; their ranges are calibrated).
         act_alpha_init: initial alpha_a of body activation quantizers (5.0 CIFAR, 8.0 ImageNet).
         weight_alpha_init: initial alpha_w (3.0).
+        edge_weights: first/last-layer weight rule: "max_abs" (METHOD.md §3 project rule) or
+            "signed_max" (the reference code's max(W) scale without clamp; imported checkpoints).
+        act_clamp: body activation clamp: "both" (project rule, [0, m] with m capped at 127) or
+            "top" (the reference code: clamp(x/α, max=1), m = 2^b − 1; post-ReLU inputs only).
+        weight_rounding: operation order of the body weight integers: "scale" (round(W_t / (α_w/n)))
+            or "reference" (round(clamp(W_t/α_w, −1, 1) · n), the reference code's; ties can differ).
     """
 
     weight_bits: int = FLOAT_BITS
@@ -57,6 +69,9 @@ class QuantSpec:
     act_alpha_init: float = 5.0
     weight_alpha_init: float = 3.0
     per_channel_weights: bool = False
+    edge_weights: str = "max_abs"
+    act_clamp: str = "both"
+    weight_rounding: str = "scale"
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight bits")
@@ -64,6 +79,13 @@ class QuantSpec:
         for name in ("edge_inputs", "residual_inputs"):
             if getattr(self, name) not in EDGE_MODES:
                 raise FatqError(f"{name} must be one of {EDGE_MODES}, got {getattr(self, name)!r}.")
+        for name, allowed in (
+            ("edge_weights", EDGE_WEIGHT_RULES),
+            ("act_clamp", ACT_CLAMPS),
+            ("weight_rounding", WEIGHT_ROUNDINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise FatqError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if (self.weight_bits == FLOAT_BITS) != (self.act_bits == FLOAT_BITS):
             raise FatqError("weights and activations must both be quantized or both be 32-bit.")
 
@@ -95,13 +117,26 @@ class LayerFactory:
     def _body_weight_quantizer(self, out_channels: int) -> nn.Module:
         if self.spec.per_channel_weights:
             return PerChannelWeightQuantizer(self.spec.weight_bits, out_channels)
-        cls = PowerOfTwoWeightQuantizer if self.spec.power_of_two else UniformWeightQuantizer
+        if self.spec.power_of_two:
+            cls = PowerOfTwoWeightQuantizer
+        else:
+            cls = ReferenceOrderWeightQuantizer if self.spec.weight_rounding == "reference" else UniformWeightQuantizer
         return cls(self.spec.weight_bits, self.spec.weight_alpha_init)
 
     def _edge_weight_quantizer(self, out_channels: int) -> nn.Module:
         if self.spec.per_channel_weights:
             return PerChannelWeightQuantizer(8, out_channels)
-        return MaxAbsWeightQuantizer()
+        return SignedMaxWeightQuantizer() if self.spec.edge_weights == "signed_max" else MaxAbsWeightQuantizer()
+
+    def _body_input_quantizer(self, signed: bool) -> ActivationQuantizer:
+        if self.spec.act_clamp == "top":
+            if signed:
+                raise FatqError(
+                    "act_clamp 'top' (the reference code's clamp) is defined only for post-ReLU inputs; "
+                    "this model has a body layer with a signed input."
+                )
+            return TopClampActivationQuantizer(self.spec.act_bits, self.spec.act_alpha_init)
+        return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init)
 
     def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
         return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True)
@@ -147,7 +182,7 @@ class LayerFactory:
             groups=groups,
             bias=bias,
             weight_quantizer=self._body_weight_quantizer(out_ch),
-            input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
+            input_quantizer=self._body_input_quantizer(signed_input),
             transform=self.spec.transform,
         )
 
@@ -160,7 +195,7 @@ class LayerFactory:
             out_f,
             bias=bias,
             weight_quantizer=self._body_weight_quantizer(out_f),
-            input_quantizer=ActivationQuantizer(self.spec.act_bits, signed_input, self.spec.act_alpha_init),
+            input_quantizer=self._body_input_quantizer(signed_input),
             transform=self.spec.transform,
         )
 

@@ -308,3 +308,88 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         lo, hi = self.int_range
         return f"bits={self.bits}, signed={self.signed}, range=[{lo}, {hi}], enabled={self.enabled}"
+
+
+# --- the FAT reference code's semantics (imported checkpoints, fatq/reference_import.py) -----------
+
+
+class _PassThrough(torch.autograd.Function):
+    """Returns ``value`` (the quantized weight) with the gradient passed straight to ``w``."""
+
+    @staticmethod
+    def forward(ctx, w, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class SignedMaxWeightQuantizer(MaxAbsWeightQuantizer):
+    """The reference code's first/last-layer rule (METHOD.md §3): q = round(W / max(W) · 127), no clamp.
+
+    max(W) is the *signed* maximum, so where min(W) < −max(W) integers fall below −127 and do not fit
+    int8. The scale is max(W) / 127. With the extra-state flag ``int8_fallback`` (set only by export,
+    :mod:`export.edge_weights`, which records it) the layer uses fatq's max|W| rule instead. Integers
+    are computed in the reference's operation order (divide by max(W), then times 127), so they are
+    the reference's integers even at a rounding tie.
+    """
+
+    kind = "signed_max"
+
+    def __init__(self):
+        super().__init__()
+        self.int8_fallback = False
+
+    def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Integers (shape of ``w``; may be < −127 unless ``int8_fallback``) and the 0-dim scale."""
+        if self.int8_fallback:
+            return super().integers(w)
+        peak = w.detach().max().clamp_min(torch.finfo(torch.float32).tiny)
+        return (w.detach() / peak * self.levels).round_(), peak / self.levels
+
+    def forward(self, w: Tensor) -> Tensor:
+        q, scale = self.integers(w)
+        return _PassThrough.apply(w, q * scale)
+
+    def get_extra_state(self) -> dict:
+        return {"int8_fallback": self.int8_fallback}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.int8_fallback = bool(state["int8_fallback"])
+
+    def extra_repr(self) -> str:
+        return "rule=max|W| (int8 fallback)" if self.int8_fallback else "rule=signed max(W), no clamp"
+
+
+class TopClampActivationQuantizer(ActivationQuantizer):
+    """The reference code's activation rule (METHOD.md §2): q = round(min(x / α, 1) · m), m = 2^b − 1.
+
+    Only the top is clamped, and m is not capped at 127 (255 levels at 8 bits). For the post-ReLU
+    inputs it is used on (the factory refuses signed inputs) x ≥ 0, so the integers lie in [0, m] and
+    the function equals the unsigned quantizer's up to the operation order, which is the reference's
+    here (divide by α, clamp, times m) so that ties round as the reference rounds them.
+    """
+
+    clamp = "top"
+
+    def __init__(self, bits: int, alpha_init: float = 5.0):
+        super().__init__(bits, signed=False, alpha_init=alpha_init)
+        self.levels = 2**bits - 1
+
+    def _integers(self, x: Tensor) -> Tensor:
+        return (x.detach() / self.alpha.detach()).clamp_(max=1.0).mul_(self.levels).round_()
+
+
+class ReferenceOrderWeightQuantizer(UniformWeightQuantizer):
+    """:class:`UniformWeightQuantizer` with the reference code's operation order (METHOD.md §1.6).
+
+    q = sign(u) · round(|u| · n), u = clamp(W_t / α_w, −1, 1), instead of round(W_t / (α_w / n)): the
+    same number in real arithmetic, but in float32 the two can round to different integers where
+    W_t / α_w · n lies within an ulp of a half-integer (seen once in 9,216 weights at 8 bits), so
+    imported checkpoints use this order to keep every integer the reference's.
+    """
+
+    def _integers(self, w: Tensor) -> Tensor:
+        u = (w.detach() / self.alpha.detach()).clamp_(-1, 1)
+        return u.abs().mul_(self.levels).round_().mul_(u.sign())

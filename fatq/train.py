@@ -93,6 +93,7 @@ class TrainConfig:
     crop_padding: int = 4
     seed: int = 0
     amp: bool = False
+    warm_start: bool = True  # re-estimate BN stats and α_a when initialising from --pretrained (fatq/warm_start.py)
 
     def __post_init__(self):
         if self.lr_schedule not in SCHEDULES:
