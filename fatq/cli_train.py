@@ -443,7 +443,7 @@ def _download_if_asked(args: argparse.Namespace, saved: dict | None, ctx: distri
     if "data_dir" not in given:
         raise FatqError("--data-dir is required.")
     if ctx.is_main:
-        download_cifar10(given["data_dir"])
+        download_cifar10(given["data_dir"], quiet=args.quiet)
     distributed.barrier(ctx)
 
 

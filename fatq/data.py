@@ -195,17 +195,20 @@ def _load_torchvision_cifar10(path: Path, split: str) -> ImageSplit:
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
 
 
-def download_cifar10(root: str | Path) -> Path:
+def download_cifar10(root: str | Path, quiet: bool = False) -> Path:
     """Download and extract CIFAR-10 (torchvision's python version) into ``root`` unless it is there.
 
     Uses torchvision's ``CIFAR10(download=True)``: the archive's md5 is checked against
     ``CIFAR10.tgz_md5`` before extraction, and every batch file's md5 against
     ``CIFAR10.train_list``/``test_list`` before it is unpickled (the md5s are what make loading
-    those pickles safe). The archive comes from ``CIFAR10.url``.
+    those pickles safe). The archive comes from ``CIFAR10.url``. torchvision's own progress bar
+    and messages show only on a terminal and without ``quiet``.
 
     Returns:
         ``root`` (holding ``cifar-10-batches-py``).
     """
+    import contextlib
+    import sys
     import urllib.error
 
     from torchvision.datasets import CIFAR10
@@ -219,9 +222,14 @@ def download_cifar10(root: str | Path) -> Path:
         raise FatqError(f"cannot create {root} for the download: {exc.strerror}.") from None
     archive = root / CIFAR10.filename
     had_archive = archive.exists()
+    show = not quiet and sys.stderr.isatty()
     try:
-        for train in (True, False):
-            CIFAR10(str(root), train=train, download=True)
+        with contextlib.ExitStack() as stack:
+            if not show:
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+                stack.enter_context(contextlib.redirect_stderr(devnull))
+            CIFAR10(str(root), train=False, download=True)  # checks (and fetches) both splits' files
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         raise FatqError(f"cannot download CIFAR-10 from {CIFAR10.url}: {reason}.") from None

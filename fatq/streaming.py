@@ -126,7 +126,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         decode: False returns raw JPEG bytes instead (GPU decoding in the main process); other
             formats are decoded here anyway.
 
-    Item: (uint8 [C, S, S] image, or uint8 [num_bytes] JPEG bytes when not decoding; int label;
+    Item: (uint8 [C, S, S] image, or the JPEG file's ``bytes`` when not decoding; int label;
     (epoch, index) key).
     """
 
@@ -145,7 +145,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.files[index]
         data = read_file(path)
         if not self.decode and bytes(data[:2].tolist()) == JPEG_MAGIC:
-            return data, self.labels[index], key
+            # as bytes: read_file's tensor storage cannot be passed between processes by file descriptor
+            return data.numpy().tobytes(), self.labels[index], key
         try:
             image = decode_image(data, mode=_read_mode(self.channels))
         except RuntimeError as exc:
@@ -268,8 +269,9 @@ class StreamBatches:
         from torchvision.io import decode_jpeg
 
         device = torch.device(self.decode)
-        jpeg = [i for i, item in enumerate(images) if item.dim() == 1]
-        decoded = decode_jpeg([images[i] for i in jpeg], mode=_read_mode(self.channels), device=device)
+        jpeg = [i for i, item in enumerate(images) if isinstance(item, bytes)]
+        encoded = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpeg]
+        decoded = decode_jpeg(encoded, mode=_read_mode(self.channels), device=device)
         out = list(images)
         for i, image in zip(jpeg, decoded, strict=True):
             epoch, index = keys[i]
