@@ -321,12 +321,14 @@ def clamp_alphas_(model: nn.Module, floor: float = ALPHA_FLOOR) -> None:
     """Raise every learned clipping threshold of ``model`` to at least ``floor``, in place.
 
     Why a bound after each optimizer step rather than a positive parametrization (alpha =
-    exp(theta)): measured on random-init MobileNetV2 W4A4 and on ResNet-20 from its FP32
-    checkpoint (docs/data-pipeline.md, "Keeping alpha positive"), the parametrization did not
-    prevent divergence either, and it changes what SGD does to alpha (steps proportional to
-    alpha, weight decay pulling alpha to 1), the state-dict key and every place that writes alpha
-    (calibration, PTQ); the bound leaves the method's gradient and update untouched wherever it
-    is not active, and old checkpoints load unchanged. No count is returned: on CUDA it would cost
+    exp(theta)), measured (docs/data-pipeline.md, "Keeping α positive"): on the random-init
+    MobileNetV2 W4A4 repro the parametrization underflowed seven alphas to exactly 0 after one
+    step and went NaN at step 2 (the bound: NaN at step 4, from exploding weight gradients, with
+    every alpha >= the floor before it); and it is a different optimizer for alpha (SGD on theta
+    moves alpha by about -lr * alpha^2 * g, weight decay pulls alpha to 1), which changed a
+    healthy ResNet-20 run. The bound changes no step in which alpha stays above it (the method's
+    update stays exactly METHOD.md's), keeps the state-dict key and every writer of alpha
+    (calibration, PTQ), and old checkpoints load unchanged. No count is returned: on CUDA it would cost
     a device sync per quantizer per step. NaN stays NaN (clamp propagates it) for the trainer's
     non-finite check to report.
     """
