@@ -228,7 +228,7 @@ def test_random_init_mobilenetv2_repro_writes_only_positive_alphas(tmp_path, mon
     argv = ["--arch", "mobilenetv2", "--bits", "4", "--batch-size", "4", "--data-dir", str(data), "--max-steps", "2"]
     assert main([*argv, "--quiet", "--device", "cpu", "--job-dir", "job"]) == 0
     alphas = _alphas(torch.load(tmp_path / "job" / "last.pt", weights_only=True)["state_dict"])
-    assert len(alphas) == 124 and min(alphas.values()) >= ALPHA_FLOOR
+    assert len(alphas) == 124 and min(alphas.values()) >= float(torch.tensor(ALPHA_FLOOR))
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2"])
@@ -245,7 +245,7 @@ def test_aggressive_lr_never_saves_a_non_positive_or_non_finite_alpha(tmp_path, 
     assert saved or status == 2
     for path in saved:
         state = torch.load(path, weights_only=True)["state_dict"]
-        assert min(_alphas(state).values()) >= ALPHA_FLOOR, path
+        assert min(_alphas(state).values()) >= float(torch.tensor(ALPHA_FLOOR)), path
         assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)), path
 
 
@@ -264,7 +264,7 @@ def test_divergence_stops_with_one_sentence_and_saves_nothing_of_the_bad_step(ti
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_non_finite_lr_is_refused_before_training(tiny, tmp_path, capsys, value):
-    assert main([*TINY, "--data-dir", str(tiny), "--lr", value, "--job-dir", "job"]) == 2
+    assert main([*TINY, "--data-dir", str(tiny), f"--lr={value}", "--job-dir", "job"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid lr" in err[0] and not (tmp_path / "job").exists()
 
@@ -280,7 +280,8 @@ def test_clamp_alphas_raises_only_what_is_below_the_floor():
         quantizers[2].alpha.fill_(float("nan"))
         quantizers[3].alpha.fill_(2.5)
     clamp_alphas_(model)
-    assert [float(q.alpha) for q in quantizers[:2]] == [ALPHA_FLOOR, ALPHA_FLOOR]
+    floor = float(torch.tensor(ALPHA_FLOOR))  # as float32 holds it
+    assert [float(q.alpha) for q in quantizers[:2]] == [floor, floor]
     assert torch.isnan(quantizers[2].alpha) and float(quantizers[3].alpha) == 2.5  # NaN is reported, not hidden
 
 
