@@ -100,7 +100,9 @@ class TrainConfig:
     """Everything that determines a training run's result (saved in checkpoints and config.json).
 
     Run-time choices that do not change the result (device, workers, max steps, output paths)
-    are not part of it. ``milestones`` are in epochs and may be fractional.
+    are not part of it. ``milestones`` are in epochs and may be fractional. ``loader`` ("memory"
+    or "stream", resolved from ``--loader auto`` when the run starts) is part of it: the two paths
+    augment differently (pad-crop vs RandomResizedCrop).
     """
 
     arch: str
