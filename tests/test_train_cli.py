@@ -121,6 +121,9 @@ BAD_INPUTS = {  # argv ("{data}" is the tiny dataset), expected part of the one-
     "bad milestones": ([*R20, "--data-dir", "{data}", "--milestones", "1,x"], "--milestones must be"),
     "eval-only without arch": (["--eval-only", "r32.th", "--data-dir", "{data}"], "pass --arch"),
     "unknown flag": ([*R20, "--data-dir", "{data}", "--bogus"], "unrecognized arguments"),
+    "gpu decode in memory": ([*R20, "--data-dir", "{data}", "--gpu-decode"], "--gpu-decode needs the streaming"),
+    "zero image size": ([*R20, "--data-dir", "{data}", "--image-size", "0"], "--image-size must be positive"),
+    "stream torchvision cifar": ([*R20, "--data-dir", "tvcifar", "--loader", "stream"], "CIFAR-10 in torchvision"),
 }
 
 
@@ -131,6 +134,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, caps
     (tmp_path / "empty").mkdir()
     for split in ("train", "test"):
         (tmp_path / "classless" / split).mkdir(parents=True)
+    (tmp_path / "tvcifar" / "cifar-10-batches-py").mkdir(parents=True)
     argv, message = BAD_INPUTS[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main([a.replace("{data}", str(tiny)) for a in argv] + ["--quiet", "--max-steps", "1"]) == 2
