@@ -61,8 +61,10 @@ def read_checkpoint_file(path: str | Path) -> dict:
             f"{path} is not a readable checkpoint (corrupt, truncated, or not a weights-only torch.save file: "
             f"{type(exc).__name__})."
         ) from None
-    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return {"state_dict": data}  # a bare state dict, as torchvision's model.state_dict() files are
+    bare = isinstance(data, dict) and data and all(isinstance(k, str) and "." in k for k in data)
+    if bare and all(isinstance(v, torch.Tensor) for v in data.values()):
+        # a bare state dict (tensors under module-path keys), as torchvision's model.state_dict() files are
+        return {"state_dict": data}
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(f"{path} holds no state_dict; it is neither a fatq nor a supported public checkpoint.")
     return data
