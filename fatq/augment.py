@@ -15,13 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def batch_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integer keys, e.g. (seed, epoch, batch index, rank).
+def mixed_seed(*keys: int) -> int:
+    """A 64-bit seed from integer keys, e.g. (seed, epoch, sample index).
 
     ``numpy.random.SeedSequence`` mixes the keys, so nearby key tuples give unrelated streams.
     """
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return int(state[0]) << 32 | int(state[1])
+
+
+def batch_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys, e.g. (seed, epoch, batch index, rank) (see :func:`mixed_seed`)."""
+    return torch.Generator().manual_seed(mixed_seed(*keys))
 
 
 def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> Tensor:

@@ -7,8 +7,14 @@ A fatq checkpoint is a plain dict (``torch.load(path, weights_only=True)`` reads
     config), normalization {"mean", "std"}, input_size [C, H, W], class_names,
     state_dict, and optionally epoch, step, metrics, train_config, optimizer, scheduler, rng.
 
-The public format of ``../shared/pretrained`` is ``{"best_prec1", "state_dict"}`` with
-``module.``-prefixed keys; it implies ImageNet normalization (its README).
+``input_size`` is the size the model was trained on (channels of the data, the side of the
+training crops), not the architecture's registered size: a MobileNetV2 trained on CIFAR-10
+records [3, 32, 32], one trained on a 28x28 grayscale folder [1, 28, 28] (and has a 1-channel
+first conv). Export and benchmarks read the model's input shape from this field.
+
+Public formats: the one of ``../shared/pretrained`` is ``{"best_prec1", "state_dict"}`` with
+``module.``-prefixed keys; torchvision's ``model.state_dict()`` files (``resnet18-*.pth``) are a
+bare dict of tensors. Both imply ImageNet normalization.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ def read_checkpoint_file(path: str | Path) -> dict:
             f"{path} is not a readable checkpoint (corrupt, truncated, or not a weights-only torch.save file: "
             f"{type(exc).__name__})."
         ) from None
+    bare = isinstance(data, dict) and data and all(isinstance(k, str) and "." in k for k in data)
+    if bare and all(isinstance(v, torch.Tensor) for v in data.values()):
+        # a bare state dict (tensors under module-path keys), as torchvision's model.state_dict() files are
+        return {"state_dict": data}
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(f"{path} holds no state_dict; it is neither a fatq nor a supported public checkpoint.")
     return data
@@ -96,7 +106,14 @@ def layer_configs(model: nn.Module) -> dict:
 def model_from_checkpoint(data: dict) -> nn.Module:
     """Rebuild the model a fatq checkpoint describes and load its weights (strict)."""
     spec = QuantSpec.from_dict(data["spec"])
-    model = create_model(data["arch"], spec=spec, num_classes=data["num_classes"], **data.get("arch_options", {}))
+    in_channels = data["input_size"][0] if data.get("input_size") else None  # older checkpoints: the registered 3
+    model = create_model(
+        data["arch"],
+        spec=spec,
+        num_classes=data["num_classes"],
+        in_channels=in_channels,
+        **data.get("arch_options", {}),
+    )
     load_state_strict(model, data["state_dict"], source=f"checkpoint of {data['arch']}")
     return model
 
@@ -160,8 +177,22 @@ def init_from_pretrained(model: nn.Module, path: str | Path) -> dict:
     return meta
 
 
-def build_checkpoint(model: nn.Module, normalization: dict, class_names: list[str] | None, **extra) -> dict:
-    """The dict :func:`save_checkpoint` writes: metadata + state dict + ``extra`` fields."""
+def build_checkpoint(
+    model: nn.Module,
+    normalization: dict,
+    class_names: list[str] | None,
+    input_size: list[int] | tuple[int, ...] | None = None,
+    **extra,
+) -> dict:
+    """The dict :func:`save_checkpoint` writes: metadata + state dict + ``extra`` fields.
+
+    ``input_size`` [C, H, W] is the size of the training inputs; without it the registered H, W
+    with the model's channels (only for models that were never trained here).
+    """
+    if input_size is None:
+        input_size = [getattr(model, "in_channels", 3), *model_info(model.arch).input_size[1:]]
+    if int(input_size[0]) != getattr(model, "in_channels", 3):
+        raise CheckpointError(f"input size {list(input_size)} disagrees with the model's {model.in_channels} channels.")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -173,7 +204,7 @@ def build_checkpoint(model: nn.Module, normalization: dict, class_names: list[st
         "spec": model.spec.to_dict(),
         "layers": layer_configs(model),
         "normalization": {"mean": list(normalization["mean"]), "std": list(normalization["std"])},
-        "input_size": list(model_info(model.arch).input_size),
+        "input_size": [int(v) for v in input_size],
         "class_names": list(class_names) if class_names is not None else None,
         "state_dict": {
             k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
@@ -192,7 +223,12 @@ def atomic_save(obj: dict, path: str | Path) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, normalization: dict, class_names: list[str] | None = None, **extra
+    path: str | Path,
+    model: nn.Module,
+    normalization: dict,
+    class_names: list[str] | None = None,
+    input_size: list[int] | tuple[int, ...] | None = None,
+    **extra,
 ) -> None:
     """Write a fatq checkpoint atomically (see the module docstring for its fields)."""
-    atomic_save(build_checkpoint(model, normalization, class_names, **extra), path)
+    atomic_save(build_checkpoint(model, normalization, class_names, input_size, **extra), path)

@@ -5,6 +5,12 @@ Examples:
         --pretrained resnet20-cifar10-fp32.th --epochs 1 --device cpu
     fatq-train --job-dir runs/x --resume --data-dir DATA          # continue from runs/x/last.pt
     fatq-train --eval-only resnet20-cifar10-fp32.th --arch resnet20 --data-dir DATA
+    fatq-train --arch resnet18 --bits 4 --dataset imagefolder --data-dir IMAGENET   # ImageNet recipe, streamed
+    fatq-train --arch resnet20 --dataset cifar10 --data-dir cifar --download        # fetch CIFAR-10 first
+
+Data: CIFAR-10 and small image folders are decoded once into memory; an image folder whose
+decoded training split would exceed 4 GiB is streamed from its files by DataLoader workers
+(``--loader`` overrides the choice; the streaming path crops with RandomResizedCrop).
 
 A job directory (default ``runs/<arch>-w<w>a<a>-<timestamp>``) receives ``last.pt`` (model,
 optimizer, RNG: everything to resume), ``best.pt`` (best test top-1), ``metrics.jsonl`` (one
@@ -15,8 +21,10 @@ line per evaluation) and ``config.json`` (resolved config, command lines, versio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -26,6 +34,7 @@ import torch
 from fatq import distributed
 from fatq.checkpoint import (
     CIFAR_NORMALIZATION,
+    IMAGENET_NORMALIZATION,
     init_from_pretrained,
     is_fatq_checkpoint,
     load_fatq_checkpoint,
@@ -33,21 +42,30 @@ from fatq.checkpoint import (
     read_checkpoint_file,
 )
 from fatq.cli_common import SentenceParser, run_cli
-from fatq.data import channel_statistics, load_split
+from fatq.data import (
+    ImageSplit,
+    channel_statistics,
+    download_cifar10,
+    list_image_files,
+    load_split,
+    resolve_image_folder,
+    split_dir,
+)
 from fatq.errors import FatqError
 from fatq.io import write_json_atomic
 from fatq.models import create_model, list_models, model_info
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import QuantSpec
+from fatq.streaming import FileSplit, StreamBatches, estimated_decoded_bytes, sample_statistics, scan_split
 from fatq.train import (
     RunOptions,
     TrainConfig,
     TrainData,
     Trainer,
     build_model,
-    default_lr,
-    default_milestones,
     evaluate,
+    evaluate_batches,
+    recipe_defaults,
 )
 
 DEFAULT_BITS = 4
@@ -55,6 +73,8 @@ DATASETS = ("cifar10", "imagefolder")
 # Flags a resumed run may change: where the data is. Everything else that shapes the result
 # comes from the run being resumed, and a contradicting flag is an error rather than ignored.
 RESUME_OVERRIDABLE = ("data_dir",)
+# Above this many bytes of decoded training images, --loader auto streams the image folder from its files.
+MEMORY_LOADER_LIMIT = 4 * 2**30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, help="cifar10 (default) or any imagefolder with train/ and test|val/")
     d.add_argument("--data-dir", help="dataset directory or .tar.gz (required)")
-    d.add_argument("--image-size", type=int, help="resize imagefolder images to this square size")
+    d.add_argument(
+        "--image-size",
+        type=int,
+        help="imagefolder: train on this square size (default: the images' own size in memory, "
+        "the architecture's size when streamed or when sizes differ)",
+    )
+    d.add_argument(
+        "--loader",
+        choices=("auto", "memory", "stream"),
+        help="memory: decode once into one tensor; stream: DataLoader workers decode every batch "
+        "(RandomResizedCrop + flip); auto (default): stream image folders over 4 GiB decoded",
+    )
+    d.add_argument(
+        "--download",
+        action="store_true",
+        default=False,
+        help="cifar10: download it into --data-dir with torchvision first (md5-checked)",
+    )
+    d.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        default=False,
+        help="streaming on CUDA: decode JPEGs on the GPU with nvJPEG (torchvision.io.decode_jpeg; unverified)",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--pretrained", help="initialise from an FP32, higher-bit fatq, or public checkpoint")
     t.add_argument(
@@ -93,17 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --pretrained, skip the warm start (BN statistics and activation ranges re-estimated on "
         "4 training batches of 128) and start as the paper does (near chance for the first ~50 steps)",
     )
-    t.add_argument("--epochs", type=int, help="epochs (default 400)")
-    t.add_argument("--batch-size", type=int, help="global batch size, split across processes (default 256)")
-    t.add_argument("--lr", type=float, help="base lr of the weights (default 0.04; 0.1 for --bits 32)")
+    t.add_argument("--epochs", type=int, help="epochs (default 400; 120 for ImageNet models)")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        help="global batch size, split across processes (default 256; 512 for ImageNet models)",
+    )
+    t.add_argument(
+        "--lr", type=float, help="base lr of the weights (default 0.04, 0.1 for --bits 32; 0.01 for ImageNet models)"
+    )
     t.add_argument("--lr-schedule", choices=("step", "cosine"), help="per-step lr schedule (default step)")
     t.add_argument(
         "--milestones",
-        help="step-schedule epochs, comma-separated, may be fractional (default 150/400 and 225/400 of --epochs)",
+        help="step-schedule epochs, comma-separated, may be fractional (default 150/400 and 225/400 of --epochs; "
+        "30/120, 60/120, 90/120 for ImageNet models)",
     )
-    t.add_argument("--weight-decay", type=float, help="weight decay of the weights (default 5e-4)")
+    t.add_argument("--weight-decay", type=float, help="weight decay of the weights (default 5e-4; 1e-4 ImageNet)")
     t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    t.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
+    t.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0; 0.01 ImageNet)")
     t.add_argument("--seed", type=int, help="seed of the initialisation, data order and augmentation (default 0)")
     t.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     r = p.add_argument_group("run")
@@ -113,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (default: epoch ends)")
     r.add_argument("--eval-only", metavar="CKPT", default=None, help="evaluate a fatq, FP32 or public checkpoint")
     r.add_argument("--device", choices=distributed.DEVICE_CHOICES, default="auto", help="auto picks CUDA if present")
-    r.add_argument("--workers", type=int, default=None, help="batch-preparation threads (default 1 on CPU, 0 on CUDA)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="in memory: batch-preparation threads (default 1 on CPU, 0 on CUDA); streaming: DataLoader "
+        "processes per training process (default: the CPU cores per process, minus one)",
+    )
     r.add_argument("--json", default=None, help="write the final metrics to this JSON file")
     r.add_argument("--quiet", action="store_true", default=False, help="no progress bars or per-epoch lines")
     return p
@@ -141,9 +197,22 @@ def _given_config(args: argparse.Namespace) -> dict:
     return given
 
 
+def choose_loader(data_dir: str, dataset: str, arch: str, image_size: int | None) -> str:
+    """--loader auto: "stream" for an image folder whose decoded training split would exceed
+    :data:`MEMORY_LOADER_LIMIT` at the training size, else "memory" (always for CIFAR-10)."""
+    path = Path(data_dir).expanduser()
+    if dataset == "cifar10":
+        return "memory"
+    files, _, _ = list_image_files(split_dir(resolve_image_folder(path), "train"))
+    side = image_size or model_info(arch).input_size[-1]
+    return "stream" if estimated_decoded_bytes(len(files), 3, side) > MEMORY_LOADER_LIMIT else "memory"
+
+
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
     """The run's config: defaults < command line, or the resumed run's config (+ data dir)."""
     given = _given_config(args)
+    if given.get("loader") == "auto":
+        del given["loader"]  # a choice, not a value: a resumed run keeps the one it made
     if saved is not None:
         base = TrainConfig.from_dict(saved)
         for key, value in given.items():
@@ -157,14 +226,16 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Train
     for required in ("arch", "data_dir"):
         if required not in given:
             raise FatqError(f"--{required.replace('_', '-')} is required.")
+    model_info(given["arch"])
     given.setdefault("weight_bits", DEFAULT_BITS)
     given.setdefault("act_bits", DEFAULT_BITS)
-    given.setdefault("lr", default_lr(given["weight_bits"]))
-    epochs = given.setdefault("epochs", TrainConfig.__dataclass_fields__["epochs"].default)
-    given.setdefault("milestones", default_milestones(epochs))
-    if given.get("dataset") == "imagefolder":  # pad crops by 1/8 of the side, as 4 px does for 32x32 CIFAR
-        side = given.get("image_size") or model_info(given["arch"]).input_size[-1]
-        given.setdefault("crop_padding", max(1, side // 8))
+    for key, value in recipe_defaults(given["arch"], given["weight_bits"], given.get("epochs")).items():
+        given.setdefault(key, value)
+    if given.get("image_size") is not None and given["image_size"] < 1:
+        raise FatqError(f"--image-size must be positive, got {given['image_size']}.")
+    if "loader" not in given:
+        given["loader"] = choose_loader(given["data_dir"], given.get("dataset", "cifar10"), given["arch"],
+                                        given.get("image_size"))  # fmt: skip
     cfg = TrainConfig(**given)
     cfg.quant_spec()  # validates bits and edge mode now, before any data is read
     return cfg
@@ -176,17 +247,70 @@ def default_job_dir(cfg: TrainConfig, ctx: distributed.DistContext) -> Path:
 
 
 def _load_splits(
-    data_dir: str, dataset: str, image_size: int | None, arch: str, splits: tuple[str, ...], quiet: bool
+    data_dir: str,
+    dataset: str,
+    image_size: int | None,
+    arch: str,
+    splits: tuple[str, ...],
+    quiet: bool,
+    loader: str = "memory",
 ) -> dict:
-    """Decode (or read from the cache) the named splits; all must have the same classes."""
-    if dataset == "imagefolder" and image_size is None:
-        image_size = model_info(arch).input_size[-1]
-    elif dataset == "cifar10":
-        image_size = None  # CIFAR-10 is 32x32 already; None shares the decode cache
-    loaded = {s: load_split(data_dir, s, dataset, image_size, quiet=quiet) for s in splits}
+    """The named splits, decoded into memory (or read from the cache) or listed for streaming.
+
+    In memory, an image folder keeps its images' size unless ``image_size`` is given (images of
+    different sizes are resized to the architecture's size); streamed, crops are ``image_size``
+    or the architecture's size. All splits must have the same classes, channels and size.
+    """
+    registered = model_info(arch).input_size[-1]
+    if loader == "stream":
+        if dataset == "cifar10" and (Path(data_dir).expanduser() / "cifar-10-batches-py").is_dir():
+            raise FatqError("--loader stream reads image files; CIFAR-10 in torchvision's format is decoded in memory.")
+        loaded = {s: scan_split(data_dir, s) for s in splits}
+        channels = loaded[splits[0]].channels
+        for split in loaded.values():
+            split.channels = channels  # the first split decides: every split is decoded to its channels
+        size = image_size or registered
+        shapes = {(channels, size, size)}
+    else:
+        if dataset == "cifar10":
+            image_size, fallback = None, None  # CIFAR-10 is 32x32 already; None shares the decode cache
+        else:
+            fallback = registered
+        loaded = {s: load_split(data_dir, s, dataset, image_size, quiet=quiet, mixed_sizes_to=fallback) for s in splits}
+        shapes = {tuple(split.images.shape[1:]) for split in loaded.values()}
     if len({tuple(split.class_names) for split in loaded.values()}) != 1:
         raise FatqError(f"the splits of {data_dir} have different class folders.")
+    if len(shapes) != 1:
+        raise FatqError(f"the splits of {data_dir} have different image shapes {sorted(shapes)}; pass --image-size.")
     return loaded
+
+
+def input_size_of(split: ImageSplit | FileSplit, image_size: int | None, arch: str) -> tuple[int, int, int]:
+    """(C, H, W) the model sees: the decoded images' shape, or (channels, side, side) when streamed."""
+    if isinstance(split, FileSplit):
+        side = image_size or model_info(arch).input_size[-1]
+        return (split.channels, side, side)
+    return tuple(int(v) for v in split.images.shape[1:])
+
+
+def default_normalization(dataset: str, arch: str, train: ImageSplit | FileSplit, side: int) -> dict:
+    """CIFAR-10's constants, ImageNet's for ImageNet-family models on RGB data, else the data's own statistics."""
+    channels = train.channels if isinstance(train, FileSplit) else train.images.shape[1]
+    if dataset == "cifar10" and channels == 3:
+        return CIFAR_NORMALIZATION
+    if model_info(arch).family == "imagenet" and channels == 3:
+        return IMAGENET_NORMALIZATION
+    if isinstance(train, FileSplit):
+        return sample_statistics(train, side)
+    return channel_statistics(train.images)
+
+
+def _stream_workers(requested: int | None) -> int:
+    """DataLoader workers per training process: as asked, else the cores per local process minus one."""
+    if requested is not None:
+        return requested
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 2) // local - 1)
 
 
 def _check_classes(model_classes: int, class_names: list[str] | None, data_names: list[str], source: str) -> None:
@@ -225,6 +349,7 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
     data_dir = getattr(args, "data_dir", None)
     if data_dir is None:
         raise FatqError("--data-dir is required.")
+    _download_if_asked(args, None, ctx)
     given = _given_config(args)
     checkpoint = read_checkpoint_file(args.eval_only)
     fatq_format = is_fatq_checkpoint(checkpoint)
@@ -238,7 +363,14 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
     else:
         arch = given["arch"]
     dataset = given.get("dataset", "cifar10")
-    test = _load_splits(data_dir, dataset, given.get("image_size"), arch, ("test",), args.quiet)["test"]
+    image_size = given.get("image_size")
+    if image_size is None and fatq_format and checkpoint.get("input_size"):
+        image_size = int(checkpoint["input_size"][-1])  # evaluate at the size it was trained on
+    loader = given.get("loader") or "auto"
+    if loader == "auto":
+        loader = choose_loader(data_dir, dataset, arch, image_size)
+    test = _load_splits(data_dir, dataset, image_size, arch, ("test",), args.quiet, loader)["test"]
+    channels = input_size_of(test, image_size, arch)[0]
     if fatq_format:
         model = model_from_checkpoint(checkpoint)
         spec = model.spec
@@ -253,14 +385,25 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
             bits, edge_inputs=given.get("edge_inputs", "int8"), transform=given.get("transform", True)
         )
         options = {"shortcut": given["shortcut"]} if "shortcut" in given else {}
-        model = create_model(arch, spec=spec, num_classes=len(test.class_names), **options)
+        model = create_model(arch, spec=spec, num_classes=len(test.class_names), in_channels=channels, **options)
         meta = init_from_pretrained(model, args.eval_only)
         normalization, class_names = meta["normalization"], meta["class_names"]
     _check_classes(model.num_classes, class_names, test.class_names, str(args.eval_only))
+    if model.in_channels != channels:
+        raise FatqError(f"{args.eval_only} takes {model.in_channels}-channel images, the dataset has {channels}.")
     model.to(ctx.device)
-    images, labels = test.images.to(ctx.device), test.labels.to(ctx.device)
     batch = given.get("batch_size", 256)
-    result = evaluate(model, images, labels, normalization, batch, ctx, given.get("amp", False), args.quiet)
+    amp = given.get("amp", False)
+    if isinstance(test, FileSplit):
+        side = input_size_of(test, image_size, arch)[-1]
+        batches = StreamBatches(
+            test, side, batch, normalization, ctx.device, train=False, rank=ctx.rank, world_size=ctx.world_size,
+            workers=_stream_workers(args.workers),
+        )  # fmt: skip
+        result = evaluate_batches(model, batches, len(batches), ctx.device, ctx, amp, args.quiet)
+    else:
+        images, labels = test.images.to(ctx.device), test.labels.to(ctx.device)
+        result = evaluate(model, images, labels, normalization, batch, ctx, amp, args.quiet)
     if ctx.is_main:
         print(_final_line(result))
         if args.json:
@@ -291,46 +434,82 @@ def _read_resume_checkpoint(args: argparse.Namespace) -> dict:
     return checkpoint
 
 
+def _download_if_asked(args: argparse.Namespace, saved: dict | None, ctx: distributed.DistContext) -> None:
+    """--download: rank 0 fetches CIFAR-10 into the data dir (before anything looks at it), the others wait."""
+    if not args.download:
+        return
+    given = {**(saved or {}), **_given_config(args)}
+    if given.get("dataset", "cifar10") != "cifar10":
+        raise FatqError("--download fetches CIFAR-10 only; it needs --dataset cifar10.")
+    if "data_dir" not in given:
+        raise FatqError("--data-dir is required.")
+    if ctx.is_main:
+        download_cifar10(given["data_dir"], quiet=args.quiet)
+    distributed.barrier(ctx)
+
+
+def _warm_start(model, train, normalization: dict, seed: int, quiet: bool) -> None:
+    """Re-estimate BN statistics and activation ranges at initialisation (fatq/warm_start.py)."""
+    if not isinstance(train, ImageSplit):  # it draws its batches from the decoded in-memory split
+        if not quiet:
+            print("note: the warm start needs the in-memory loader; starting as the paper does (--paper-start).")
+        return
+    from fatq.warm_start import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, training_batches, warm_start
+
+    warm_start(model, training_batches(train.images, normalization, DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, seed))
+
+
 def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.DistContext) -> int:
     checkpoint = _read_resume_checkpoint(args) if args.resume else None
-    cfg = resolve_config(args, checkpoint["train_config"] if checkpoint else None)
+    saved = checkpoint["train_config"] if checkpoint else None
+    _download_if_asked(args, saved, ctx)
+    cfg = resolve_config(args, saved)
     job_dir = Path(args.job_dir) if args.job_dir else default_job_dir(cfg, ctx)
     if checkpoint is None and (job_dir / "last.pt").exists():
         raise FatqError(f"{job_dir} already holds a run; pass --resume to continue it or choose another --job-dir.")
-    splits = _load_splits(cfg.data_dir, cfg.dataset, cfg.image_size, cfg.arch, ("train", "test"), args.quiet)
+    if args.gpu_decode and (cfg.loader != "stream" or ctx.device.type != "cuda"):
+        raise FatqError("--gpu-decode needs the streaming loader (--loader stream) and a CUDA device.")
+    splits = _load_splits(
+        cfg.data_dir, cfg.dataset, cfg.image_size, cfg.arch, ("train", "test"), args.quiet, cfg.loader
+    )
     train, test = splits["train"], splits["test"]
+    input_size = input_size_of(train, cfg.image_size, cfg.arch)
+    if checkpoint is None and cfg.dataset == "imagefolder" and cfg.loader == "memory":
+        # pad crops by 1/8 of the side, as 4 px does for 32x32 CIFAR
+        cfg = dataclasses.replace(cfg, crop_padding=max(1, input_size[-1] // 8))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes=len(train.class_names))
+    model = build_model(cfg, num_classes=len(train.class_names), in_channels=input_size[0])
     if checkpoint is not None:
         normalization = checkpoint["normalization"]
         _check_classes(model.num_classes, checkpoint.get("class_names"), train.class_names, str(args.job_dir))
+        if checkpoint.get("input_size") and list(checkpoint["input_size"]) != list(input_size):
+            raise FatqError(
+                f"the run being resumed trained on {checkpoint['input_size']} inputs, the data gives "
+                f"{list(input_size)}; resume with the original data."
+            )
     elif cfg.pretrained:
         meta = init_from_pretrained(model, cfg.pretrained)
         normalization = meta["normalization"]
         _check_classes(model.num_classes, meta["class_names"], train.class_names, cfg.pretrained)
         if cfg.warm_start and not model.spec.is_float:
-            from fatq.warm_start import DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, training_batches, warm_start
-
-            batches = training_batches(train.images, normalization, DEFAULT_BATCH_SIZE, DEFAULT_BATCHES, cfg.seed)
-            warm_start(model, batches)
-    elif cfg.dataset == "cifar10":
-        normalization = CIFAR_NORMALIZATION
+            _warm_start(model, train, normalization, cfg.seed, quiet=args.quiet or not ctx.is_main)
     else:
-        normalization = channel_statistics(train.images)
+        normalization = default_normalization(cfg.dataset, cfg.arch, train, input_size[-1])
 
     device = ctx.device
     model.to(device)
-    data = TrainData(
-        train=type(train)(train.images.to(device), train.labels.to(device), train.class_names),
-        test=type(test)(test.images.to(device), test.labels.to(device), test.class_names),
-        normalization=normalization,
-        class_names=train.class_names,
-    )
-    workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 0)
+    if isinstance(train, ImageSplit):
+        train = ImageSplit(train.images.to(device), train.labels.to(device), train.class_names)
+        test = ImageSplit(test.images.to(device), test.labels.to(device), test.class_names)
+        workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 0)
+    else:
+        workers = _stream_workers(args.workers)
+    data = TrainData(train, test, normalization, train.class_names, input_size)
     quiet = args.quiet or not ctx.is_main
     log = _metrics_logger(job_dir, cfg, quiet) if ctx.is_main else None
     invocation = provenance(argv, ctx, resumed_from_step=checkpoint["step"] if checkpoint else None)
-    options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log, invocation)
+    decode = "cuda" if args.gpu_decode else "workers"
+    options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log, invocation, decode)
     trainer = Trainer(cfg, model, data, ctx, options)  # last checks (e.g. batch vs processes) before writing
     if checkpoint is not None:
         trainer.resume_from(checkpoint)

@@ -1,15 +1,18 @@
 """Datasets as decoded uint8 tensors: CIFAR-10 (torchvision format or an ImageFolder/JPEG tree)
 and any ImageFolder dataset with train/ and val/ (or test/).
 
-Small datasets are decoded once and cached as uint8 tensors ([N, 3, H, W]) under the cache
+Small datasets are decoded once and cached as uint8 tensors ([N, C, H, W]) under the cache
 directory (``FATQ_CACHE_DIR``, default ``~/.cache/fatq``), so later runs start in a second.
 A ``.tar.gz`` of an ImageFolder tree (e.g. ``cifar10-jpeg.tar.gz``) is extracted into the cache
 on first use. Normalization constants are not chosen here: they belong to the checkpoint.
+Images are RGB (C = 3), except in a folder whose images are all grayscale (C = 1). Datasets too
+big to decode into memory take the streaming path of :mod:`fatq.streaming` instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +35,8 @@ class ImageSplit:
     """One split decoded to memory.
 
     Attributes:
-        images: uint8 [N, 3, H, W] (grayscale converted to RGB explicitly).
+        images: uint8 [N, C, H, W]: C = 1 when every image is grayscale, else 3 (grayscale and
+            RGBA images among colour ones converted to RGB explicitly).
         labels: int64 [N], class index = position in ``class_names``.
         class_names: sorted class-folder names (ImageFolder convention).
     """
@@ -107,7 +111,8 @@ def resolve_image_folder(data_dir: str | Path) -> Path:
     return candidates[0]
 
 
-def _split_dir(root: Path, split: str) -> Path:
+def split_dir(root: Path, split: str) -> Path:
+    """The directory of ``split`` under an ImageFolder root ("test" and "val" both find test/ or val/)."""
     names = (split,) if split == "train" else EVAL_SPLIT_NAMES
     for name in names:
         if (root / name).is_dir():
@@ -115,23 +120,49 @@ def _split_dir(root: Path, split: str) -> Path:
     raise FatqError(f"{root} has no {'/'.join(names)} split.")
 
 
-def _decode_image_folder(split_dir: Path, image_size: int | None, quiet: bool = False) -> ImageSplit:
-    from PIL import Image
+def list_image_files(directory: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of one split: sorted class folders, sorted image files in each.
 
-    class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    The one listing both the in-memory and the streaming path use, so labels agree between them.
+    """
+    class_names = sorted(p.name for p in directory.iterdir() if p.is_dir())
     if not class_names:
-        raise FatqError(f"{split_dir} has no class folders.")
+        raise FatqError(f"{directory} has no class folders.")
     files, labels = [], []
     for index, name in enumerate(class_names):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in (directory / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         files += found
         labels += [index] * len(found)
     if not files:
-        raise FatqError(f"{split_dir} contains no images.")
-    arrays = []
+        raise FatqError(f"{directory} contains no images.")
+    return files, labels, class_names
+
+
+GRAYSCALE_MODES = ("1", "L")
+
+
+def _first_image_is_grayscale(directory: Path) -> bool:
+    from PIL import Image
+
+    files, _, _ = list_image_files(directory)
+    try:
+        with Image.open(files[0]) as img:
+            return img.mode in GRAYSCALE_MODES
+    except OSError as exc:
+        raise FatqError(f"cannot decode image {files[0]}: {exc}.") from None
+
+
+def _decode_image_folder(
+    split_dir: Path, image_size: int | None, quiet: bool = False, mixed_sizes_to: int | None = None
+) -> ImageSplit:
+    from PIL import Image
+
+    files, labels, class_names = list_image_files(split_dir)
+    arrays, grayscale = [], True
     for path in progress(files, desc=f"decoding {split_dir.name}", quiet=quiet, unit="img"):
         try:
             with Image.open(path) as img:
+                grayscale = grayscale and img.mode in GRAYSCALE_MODES
                 img = img.convert("RGB")  # grayscale / palette / RGBA -> RGB, explicitly
                 if image_size is not None and img.size != (image_size, image_size):
                     img = img.resize((image_size, image_size), Image.BILINEAR)
@@ -139,10 +170,14 @@ def _decode_image_folder(split_dir: Path, image_size: int | None, quiet: bool = 
         except OSError as exc:
             raise FatqError(f"cannot decode image {path}: {exc}.") from None
     shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 and image_size is None and mixed_sizes_to is not None:
+        return _decode_image_folder(split_dir, mixed_sizes_to, quiet)
     if len(shapes) != 1:
         raise FatqError(f"images in {split_dir} have different sizes {sorted(shapes)[:3]}; pass an image size.")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageSplit(images, torch.tensor(labels, dtype=torch.int64), class_names)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if grayscale:  # an all-grayscale dataset stays one channel (the model is built for 1 channel)
+        images = images[:, :1]
+    return ImageSplit(images.contiguous(), torch.tensor(labels, dtype=torch.int64), class_names)
 
 
 def _load_torchvision_cifar10(path: Path, split: str) -> ImageSplit:
@@ -153,12 +188,60 @@ def _load_torchvision_cifar10(path: Path, split: str) -> ImageSplit:
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
 
 
+def download_cifar10(root: str | Path, quiet: bool = False) -> Path:
+    """Download and extract CIFAR-10 (torchvision's python version) into ``root`` unless it is there.
+
+    Uses torchvision's ``CIFAR10(download=True)``: the archive's md5 is checked against
+    ``CIFAR10.tgz_md5`` before extraction, and every batch file's md5 against
+    ``CIFAR10.train_list``/``test_list`` before it is unpickled (the md5s are what make loading
+    those pickles safe). The archive comes from ``CIFAR10.url``. torchvision's own progress bar
+    and messages show only on a terminal and without ``quiet``.
+
+    Returns:
+        ``root`` (holding ``cifar-10-batches-py``).
+    """
+    import contextlib
+    import sys
+    import urllib.error
+
+    from torchvision.datasets import CIFAR10
+
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise FatqError(f"--download needs a directory to download into; {root} is a file.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FatqError(f"cannot create {root} for the download: {exc.strerror}.") from None
+    archive = root / CIFAR10.filename
+    had_archive = archive.exists()
+    show = not quiet and sys.stderr.isatty()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not show:
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+                stack.enter_context(contextlib.redirect_stderr(devnull))
+            CIFAR10(str(root), train=False, download=True)  # checks (and fetches) both splits' files
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise FatqError(f"cannot download CIFAR-10 from {CIFAR10.url}: {reason}.") from None
+    except RuntimeError:  # torchvision's "File not found or corrupted." / "Dataset not found or corrupted."
+        if not had_archive:
+            archive.unlink(missing_ok=True)  # leave no corrupt archive behind for the next attempt to trust
+        raise FatqError(
+            f"the CIFAR-10 download from {CIFAR10.url} failed its md5 check (corrupt or different file)."
+        ) from None
+    return root
+
+
 def load_split(
     data_dir: str | Path,
     split: str = "test",
     dataset: str = "cifar10",
     image_size: int | None = None,
     quiet: bool = False,
+    mixed_sizes_to: int | None = None,
 ) -> ImageSplit:
     """Load one split as uint8 tensors, decoding once and caching the result.
 
@@ -167,7 +250,10 @@ def load_split(
             image-folder tree / archive (see :func:`resolve_image_folder`).
         split: "train" or "test" ("val" is accepted for image folders).
         dataset: "cifar10" or "imagefolder".
-        image_size: resize every image to this square size (image folders only).
+        image_size: resize every image to this square size (image folders only); None keeps the
+            images' own size when they all share one.
+        mixed_sizes_to: with ``image_size`` None, the square size images of different sizes are
+            resized to (None: such a folder is an error).
         quiet: no progress bar while decoding (it shows only on a terminal anyway).
     """
     if split not in ("train", "test", "val"):
@@ -178,13 +264,17 @@ def load_split(
     if dataset not in ("cifar10", "imagefolder"):
         raise FatqError(f"unknown dataset {dataset!r}; use cifar10 or imagefolder.")
     root = resolve_image_folder(path)
-    split_dir = _split_dir(root, split)
-    key = hashlib.sha1(f"{split_dir.resolve()}|{image_size}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "decoded" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
+    directory = split_dir(root, split)
+    # Caches written before grayscale folders stayed 1-channel hold RGB: a grayscale-looking folder
+    # gets a new key (colour folders keep theirs, so existing caches stay valid).
+    gray = "|gray" if _first_image_is_grayscale(directory) else ""
+    mixed = f"|mixed->{mixed_sizes_to}" if image_size is None and mixed_sizes_to is not None else ""
+    key = hashlib.sha1(f"{directory.resolve()}|{image_size}{gray}{mixed}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "decoded" / f"{directory.parent.name}-{directory.name}-{key}.pt"
     if cached.exists():
         data = torch.load(cached, weights_only=True)
         return ImageSplit(data["images"], data["labels"], data["class_names"])
-    result = _decode_image_folder(split_dir, image_size, quiet)
+    result = _decode_image_folder(directory, image_size, quiet, mixed_sizes_to)
     cached.parent.mkdir(parents=True, exist_ok=True)
     from fatq.checkpoint import atomic_save
 
@@ -193,7 +283,7 @@ def load_split(
 
 
 def normalize(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    """uint8 [N, 3, H, W] -> float32 [N, 3, H, W], (x/255 - mean) / std per channel."""
+    """uint8 [N, C, H, W] -> float32 [N, C, H, W], (x/255 - mean) / std per channel (C = len(mean))."""
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t

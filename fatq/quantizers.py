@@ -393,3 +393,30 @@ class ReferenceOrderWeightQuantizer(UniformWeightQuantizer):
     def _integers(self, w: Tensor) -> Tensor:
         u = (w.detach() / self.alpha.detach()).clamp_(-1, 1)
         return u.abs().mul_(self.levels).round_().mul_(u.sign())
+
+
+# Smallest learned clipping threshold training leaves: far below any useful range (init 3.0 for
+# weights, 5.0/8.0 for activations), so it only ever acts on a step that would have made alpha
+# zero or negative (export refuses those: a scale must be positive).
+ALPHA_FLOOR = 1e-3
+
+
+@torch.no_grad()
+def clamp_alphas_(model: nn.Module, floor: float = ALPHA_FLOOR) -> None:
+    """Raise every learned clipping threshold of ``model`` to at least ``floor``, in place.
+
+    Why a bound after each optimizer step rather than a positive parametrization (alpha =
+    exp(theta)), measured (docs/data-pipeline.md, "Keeping α positive"): on the random-init
+    MobileNetV2 W4A4 repro the parametrization underflowed seven alphas to exactly 0 after one
+    step and went NaN at step 2 (the bound: NaN at step 4, from exploding weight gradients, with
+    every alpha >= the floor before it); and it is a different optimizer for alpha (SGD on theta
+    moves alpha by about -lr * alpha^2 * g, weight decay pulls alpha to 1), which changed a
+    healthy ResNet-20 run. The bound changes no step in which alpha stays above it (the method's
+    update stays exactly METHOD.md's), keeps the state-dict key and every writer of alpha
+    (calibration, PTQ), and old checkpoints load unchanged. No count is returned: on CUDA it would cost
+    a device sync per quantizer per step. NaN stays NaN (clamp propagates it) for the trainer's
+    non-finite check to report.
+    """
+    for module in model.modules():
+        if isinstance(module, (UniformWeightQuantizer, PerChannelWeightQuantizer, ActivationQuantizer)):
+            module.alpha.clamp_(min=floor)

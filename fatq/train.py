@@ -11,8 +11,19 @@ The schedule advances per optimizer step, not per epoch: milestones are given in
 fractional) epochs and converted to steps, so a 1-epoch run decays at the same relative points
 as the 400-epoch recipe (150/400 and 225/400 of the way), which a per-epoch schedule could not.
 
+ImageNet-family models (ResNet-18/34, MobileNetV2) default to the ImageNet recipe instead
+(:data:`IMAGENET_RECIPE`): lr 0.01, x0.1 at 30/60/90 of 120 epochs, weight decay 1e-4, label
+smoothing 0.01, global batch 512 (alpha_a init 8.0 comes with the family, see
+:meth:`TrainConfig.quant_spec`).
+
+Learned clipping thresholds stay positive: after every optimizer step each alpha is raised to
+at least :data:`fatq.quantizers.ALPHA_FLOOR` (see :func:`fatq.quantizers.clamp_alphas_`), and a
+loss or parameter that is NaN/inf stops the run with a :class:`FatqError` before anything of
+that step is saved.
+
 Determinism and resume: the position of a run is its global step. The data of step s is a pure
-function of (seed, s) (see :class:`fatq.data.TrainBatches`), the lr of step s is a pure function
+function of (seed, s) (see :class:`fatq.data.TrainBatches` and
+:class:`fatq.streaming.StreamBatches`), the lr of step s is a pure function
 of s, and ``last.pt`` holds model, optimizer, AMP scaler and RNG states, so a run stopped at
 step k and resumed reaches bit-identical parameters to one that never stopped (on the same
 device and thread count).
@@ -40,13 +51,24 @@ from fatq.io import progress
 from fatq.metrics import topk_correct
 from fatq.models import create_model, model_info
 from fatq.qconfig import QuantSpec
-from fatq.quantizers import FLOAT_BITS, ActivationQuantizer
+from fatq.quantizers import FLOAT_BITS, ActivationQuantizer, clamp_alphas_
+from fatq.streaming import FileSplit, StreamBatches
 
 TRAIN_CONFIG_VERSION = 1
 REFERENCE_EPOCHS = 400
 REFERENCE_MILESTONES = (150, 225)
 ACTIVATION_QUANTIZER_NAMES = ("input_quantizer", "branch_quantizer", "shortcut_quantizer")
 SCHEDULES = ("step", "cosine")
+LOADERS = ("memory", "stream")
+# METHOD.md §4, ImageNet: the defaults of ImageNet-family models (milestones scaled to --epochs).
+IMAGENET_RECIPE = {
+    "epochs": 120,
+    "milestones_of_epochs": (30, 60, 90),
+    "lr": 0.01,
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.01,
+    "batch_size": 512,
+}
 
 
 def default_lr(weight_bits: int) -> float:
@@ -59,12 +81,29 @@ def default_milestones(epochs: float) -> tuple[float, ...]:
     return tuple(epochs * m / REFERENCE_EPOCHS for m in REFERENCE_MILESTONES)
 
 
+def recipe_defaults(arch: str, weight_bits: int, epochs: int | None = None) -> dict:
+    """Defaults of the recipe for ``arch`` (TrainConfig field names): CIFAR's, or ImageNet's for its family.
+
+    ``epochs`` (when the user gave it) scales the milestones; otherwise the recipe's epochs are used.
+    """
+    if model_info(arch).family != "imagenet":
+        epochs = REFERENCE_EPOCHS if epochs is None else epochs
+        return {"epochs": epochs, "lr": default_lr(weight_bits), "milestones": default_milestones(epochs)}
+    recipe = IMAGENET_RECIPE
+    epochs = recipe["epochs"] if epochs is None else epochs
+    milestones = tuple(epochs * m / recipe["epochs"] for m in recipe["milestones_of_epochs"])
+    keep = ("lr", "weight_decay", "label_smoothing", "batch_size")
+    return {"epochs": epochs, "milestones": milestones, **{k: recipe[k] for k in keep}}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run's result (saved in checkpoints and config.json).
 
     Run-time choices that do not change the result (device, workers, max steps, output paths)
-    are not part of it. ``milestones`` are in epochs and may be fractional.
+    are not part of it. ``milestones`` are in epochs and may be fractional. ``loader`` ("memory"
+    or "stream", resolved from ``--loader auto`` when the run starts) is part of it: the two paths
+    augment differently (pad-crop vs RandomResizedCrop).
     """
 
     arch: str
@@ -94,18 +133,26 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False
     warm_start: bool = True  # re-estimate BN stats and α_a when initialising from --pretrained (fatq/warm_start.py)
+    loader: str = "memory"
 
     def __post_init__(self):
         if self.lr_schedule not in SCHEDULES:
             raise FatqError(f"lr schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}.")
+        if self.loader not in LOADERS:
+            raise FatqError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}.")
+        finite = math.isfinite
         checks = {
             "epochs": self.epochs >= 1,
             "batch size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "weight decay": self.weight_decay >= 0,
+            "lr": finite(self.lr) and self.lr > 0,
+            "weight decay": finite(self.weight_decay) and self.weight_decay >= 0,
             "momentum": 0 <= self.momentum < 1,
             "label smoothing": 0 <= self.label_smoothing < 1,
-            "milestones": all(m > 0 for m in self.milestones),
+            "milestones": all(finite(m) and m > 0 for m in self.milestones),
+            "act alpha lr": finite(self.act_alpha_lr) and self.act_alpha_lr > 0,
+            "weight alpha lr": finite(self.weight_alpha_lr) and self.weight_alpha_lr > 0,
+            "transform lr": finite(self.transform_lr) and self.transform_lr > 0,
+            "gamma": finite(self.gamma) and self.gamma > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -136,10 +183,10 @@ class TrainConfig:
         return cls(**values)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The model ``cfg`` describes, with fresh (seeded by the caller) parameters."""
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int | None = None) -> nn.Module:
+    """The model ``cfg`` describes for ``in_channels``-channel images, with fresh (seeded by the caller) parameters."""
     options = {"shortcut": cfg.shortcut} if cfg.shortcut is not None else {}
-    return create_model(cfg.arch, spec=cfg.quant_spec(), num_classes=num_classes, **options)
+    return create_model(cfg.arch, spec=cfg.quant_spec(), num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def _group_name(param_name: str) -> str:
@@ -230,6 +277,19 @@ class LRSchedule:
             )
 
 
+def _diverged(what: str, step: int) -> FatqError:
+    return FatqError(
+        f"training diverged at step {step}: {what}; nothing of that step was saved (lower --lr or the alpha lrs)."
+    )
+
+
+def check_finite(model: nn.Module, step: int) -> None:
+    """Raise :class:`FatqError` naming the first parameter that is NaN or infinite."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise _diverged(f"parameter {name} is not finite", step)
+
+
 def rng_state() -> dict:
     """Global RNG states as tensors (``weights_only``-loadable)."""
     state = {"torch": torch.get_rng_state()}
@@ -270,7 +330,7 @@ def evaluate(
     amp: bool = False,
     quiet: bool = True,
 ) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on a split.
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on a split held in memory.
 
     Args:
         model: the (unwrapped) model; put in eval mode here.
@@ -285,12 +345,20 @@ def evaluate(
         {"top1", "top5", "loss", "images"} over the whole split.
     """
     ctx = ctx or DistContext(0, 1, 0, images.device)
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=images.device)  # loss sum, top1, top5, count
     batches = eval_batches(images, labels, batch_size, normalization, ctx.rank, ctx.world_size)
     total = -(-len(range(ctx.rank, len(labels), ctx.world_size)) // batch_size)
+    return evaluate_batches(model, batches, total, images.device, ctx, amp, quiet)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module, batches, total: int, device: torch.device, ctx: DistContext, amp: bool, quiet: bool
+) -> dict:
+    """:func:`evaluate` over any iterable of (float32 [B, C, H, W], int64 [B]) batches of this rank's shard."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     for batch, target in progress(batches, total=total, desc="eval", quiet=quiet or not ctx.is_main, unit="batch"):
-        with autocast_context(images.device, amp):
+        with autocast_context(device, amp):
             logits = model(batch).float()
         totals[0] += F.cross_entropy(logits, target, reduction="sum").double()
         totals[1] += topk_correct(logits, target, 1)
@@ -304,18 +372,25 @@ def evaluate(
 
 @dataclass
 class TrainData:
-    """Both splits in memory on the training device, and what the model expects of them.
+    """Both splits, and what the model expects of them.
 
     Attributes:
-        train, test: uint8 splits (images already on the device).
+        train, test: uint8 splits in memory (images already on the device), or file lists for
+            the streaming path (:class:`fatq.streaming.FileSplit`, decoded per batch).
         normalization: {"mean", "std"} for the model's input.
         class_names: the train split's class names (checkpoint metadata).
+        input_size: (C, H, W) of the training inputs (what the checkpoint records).
     """
 
-    train: ImageSplit
-    test: ImageSplit
+    train: ImageSplit | FileSplit
+    test: ImageSplit | FileSplit
     normalization: dict
     class_names: list[str]
+    input_size: tuple[int, int, int]
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, FileSplit)
 
 
 @dataclass
@@ -326,10 +401,12 @@ class RunOptions:
         job_dir: where last.pt/best.pt/metrics.jsonl go (only rank 0 writes).
         max_steps: stop after this global step (None: run all epochs).
         save_every: also save last.pt every this many steps (0: at epoch ends and at the stop).
-        workers: batch-preparation threads (see :class:`fatq.data.TrainBatches`).
+        workers: batch-preparation threads (in memory, see :class:`fatq.data.TrainBatches`), or
+            DataLoader worker processes (streaming, see :class:`fatq.streaming.StreamBatches`).
         quiet: no progress bars or per-epoch lines.
         log: called with one metrics dict per evaluation, on rank 0 (metrics.jsonl, epoch lines).
         provenance: how the run was started (command, versions); stored in every checkpoint.
+        decode: streaming only: "workers", or "cuda" to decode JPEGs on the GPU (unverified).
     """
 
     job_dir: Path
@@ -339,6 +416,7 @@ class RunOptions:
     quiet: bool = False
     log: Callable[[dict], None] | None = None
     provenance: dict = field(default_factory=dict)
+    decode: str = "workers"
 
 
 class Trainer:
@@ -377,7 +455,23 @@ class Trainer:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
 
-    def _batches(self, epoch: int, start: int) -> TrainBatches:
+    def _batches(self, epoch: int, start: int) -> TrainBatches | StreamBatches:
+        if self.data.streaming:
+            return StreamBatches(
+                self.data.train,
+                self.data.input_size[-1],
+                self.rank_batch,
+                self.data.normalization,
+                self.ctx.device,
+                train=True,
+                seed=self.cfg.seed,
+                epoch=epoch,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                start=start,
+                workers=self.options.workers,
+                decode=self.options.decode,
+            )
         return TrainBatches(
             self.data.train.images,
             self.data.train.labels,
@@ -427,15 +521,33 @@ class Trainer:
     def save(self, name: str, full: bool = True) -> None:
         """Write ``job_dir/name`` atomically (rank 0 only)."""
         if self.ctx.is_main:
+            check_finite(self.model, self.step)  # never write a diverged model
             save_checkpoint(
                 self.options.job_dir / name,
                 self.model,
                 self.data.normalization,
                 self.data.class_names,
+                input_size=self.data.input_size,
                 **self._checkpoint_fields(full),
             )
 
     def evaluate(self) -> dict:
+        if self.data.streaming:
+            batches = StreamBatches(
+                self.data.test,
+                self.data.input_size[-1],
+                self.rank_batch,
+                self.data.normalization,
+                self.ctx.device,
+                train=False,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                workers=self.options.workers,
+                decode=self.options.decode,
+            )
+            return evaluate_batches(
+                self.model, batches, len(batches), self.ctx.device, self.ctx, False, self.options.quiet
+            )
         return evaluate(
             self.model,
             self.data.test.images,
@@ -455,7 +567,15 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        clamp_alphas_(self.model)
         return loss.detach() * labels.numel(), topk_correct(logits.detach(), labels, 1)
+
+    def _check_loss(self, loss_sum: Tensor, count: int) -> None:
+        """Stop on a NaN/inf loss of any rank (one sync per step: cheap next to a training step)."""
+        bad = all_reduce_sum((~torch.isfinite(loss_sum)).double().reshape(1), self.ctx)
+        if bad.item():
+            value = loss_sum.item() / count
+            raise _diverged(f"the training loss is {value if math.isfinite(value) else 'not finite'}", self.step + 1)
 
     def fit(self) -> dict:
         """Train until the last epoch or ``max_steps``; returns the final evaluation record."""
@@ -483,6 +603,7 @@ class Trainer:
             for images, labels in batches:
                 factor = self.schedule.apply(self.optimizer, self.step)
                 loss_sum, correct = self._train_step(images, labels)
+                self._check_loss(loss_sum, labels.numel())
                 totals[0] += loss_sum
                 totals[1] += correct
                 totals[2] += labels.numel()

@@ -184,3 +184,24 @@ def test_train_batches_shard_across_ranks_without_overlap():
     ]
     assert len(per_rank[0]) == len(per_rank[1]) == 5
     assert sorted(torch.cat(per_rank).tolist()) == list(range(10))
+
+
+def test_an_all_grayscale_folder_stays_one_channel_and_mixed_sizes_can_be_resized(tmp_path):
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in range(2):
+            folder = tmp_path / "gray" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    split = load_split(tmp_path / "gray", "train", dataset="imagefolder")
+    expected = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "gray" / "train").glob("*/*.png"))])
+    assert split.images.shape == (4, 1, 6, 6) and np.array_equal(split.images[:, 0].numpy(), expected)
+
+    mixed = make_image_folder(tmp_path / "mixed", classes=1, per_class=2, size=8)
+    Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).save(mixed / "train" / "class0" / "odd.png")
+    with pytest.raises(FatqError, match="different sizes"):
+        load_split(mixed, "train", dataset="imagefolder")
+    resized = load_split(mixed, "train", dataset="imagefolder", mixed_sizes_to=4)
+    assert resized.images.shape == (3, 3, 4, 4)
+    assert load_split(make_image_folder(tmp_path / "same", 1, 2, 8), "train", "imagefolder").images.shape[-1] == 8

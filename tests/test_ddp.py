@@ -36,3 +36,27 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
     assert record["train_images"] == 18  # both shards counted once (no padding needed for 18 / 2)
     assert record["images"] == 18  # evaluation shards add up to the whole test split
     assert result.stdout.count("top-1") == 1  # only rank 0 prints
+
+
+def test_two_gloo_ranks_stream_an_image_folder_through_distributed_sampler(tmp_path):
+    """The streaming path under torchrun: DistributedSampler shards, DataLoader workers decode, replicas agree."""
+    from test_streaming import make_jpeg_folder
+
+    data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=5)  # 10 train / 10 val JPEGs
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "fatq.cli_train", "--arch", "resnet20", "--bits", "4", "--dataset", "imagefolder"]
+    command += ["--data-dir", str(data), "--loader", "stream", "--image-size", "24", "--workers", "1"]
+    command += ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet", "--job-dir", "job"]
+    command += ["--json", "out.json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "out.json").read_text())
+    digests = summary["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] and summary["steps"] == 3  # 5 per rank, 2 per rank-batch
+    last = torch.load(tmp_path / "job" / "last.pt", weights_only=True)
+    assert parameter_digest(model_from_checkpoint(last)) == digests[0]
+    assert last["input_size"] == [3, 24, 24] and last["train_config"]["loader"] == "stream"
+    record = json.loads((tmp_path / "job" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_images"] == 10 and record["images"] == 10  # shards add up to the splits exactly

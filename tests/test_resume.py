@@ -72,3 +72,29 @@ def test_resume_accepts_repeating_the_original_values(tmp_path, monkeypatch, fla
     assert main([*common, "--epochs", "2", "--max-steps", "1", flag, value]) == 0
     assert main([*common, "--epochs", "2", "--resume", flag, value]) == 0
     assert _state(tmp_path / "job")["step"] == 2
+
+
+def test_streaming_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """The same guarantee through DataLoader workers, DistributedSampler and per-sample seeded v2 transforms."""
+    from test_streaming import make_jpeg_folder
+
+    monkeypatch.chdir(tmp_path)
+    data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=5)  # 10 JPEGs of 3 sizes, batch 4: 3 steps/epoch
+    common = ["--arch", "resnet20", "--bits", "4", "--dataset", "imagefolder", "--data-dir", str(data)]
+    common += ["--loader", "stream", "--image-size", "24", "--epochs", "2", "--batch-size", "4", "--quiet"]
+    common += ["--device", "cpu", "--seed", "2", "--workers", "1"]
+
+    assert main([*common, "--job-dir", "straight", "--max-steps", "5"]) == 0
+    assert main([*common, "--job-dir", "split", "--max-steps", "2", "--workers", "0"]) == 0  # workers: no effect
+    assert _state(tmp_path / "split")["step"] == 2
+    assert main(["--job-dir", "split", "--resume", "--max-steps", "5", "--data-dir", str(data), "--quiet"]) == 0
+
+    straight, split = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert straight["step"] == split["step"] == 5 and straight["train_config"]["loader"] == "stream"
+    assert straight["input_size"] == [3, 24, 24]
+    for key, value in straight["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, split["state_dict"][key]), key
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    resumed_momentum = [s["momentum_buffer"] for s in split["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, resumed_momentum, strict=True))

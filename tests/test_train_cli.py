@@ -121,6 +121,9 @@ BAD_INPUTS = {  # argv ("{data}" is the tiny dataset), expected part of the one-
     "bad milestones": ([*R20, "--data-dir", "{data}", "--milestones", "1,x"], "--milestones must be"),
     "eval-only without arch": (["--eval-only", "r32.th", "--data-dir", "{data}"], "pass --arch"),
     "unknown flag": ([*R20, "--data-dir", "{data}", "--bogus"], "unrecognized arguments"),
+    "gpu decode in memory": ([*R20, "--data-dir", "{data}", "--gpu-decode"], "--gpu-decode needs the streaming"),
+    "zero image size": ([*R20, "--data-dir", "{data}", "--image-size", "0"], "--image-size must be positive"),
+    "stream torchvision cifar": ([*R20, "--data-dir", "tvcifar", "--loader", "stream"], "CIFAR-10 in torchvision"),
 }
 
 
@@ -131,6 +134,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, caps
     (tmp_path / "empty").mkdir()
     for split in ("train", "test"):
         (tmp_path / "classless" / split).mkdir(parents=True)
+    (tmp_path / "tvcifar" / "cifar-10-batches-py").mkdir(parents=True)
     argv, message = BAD_INPUTS[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main([a.replace("{data}", str(tiny)) for a in argv] + ["--quiet", "--max-steps", "1"]) == 2
@@ -213,3 +217,124 @@ def test_imagefolder_training_resizes_and_normalizes_with_its_own_statistics(tmp
 def test_cuda_request_without_gpu_is_a_user_error(tiny, capsys):
     assert main([*R20, "--data-dir", str(tiny), "--device", "cuda"]) == 2
     assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def _alphas(state_dict: dict) -> dict:
+    return {k: float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
+
+
+def test_random_init_mobilenetv2_repro_writes_only_positive_alphas(tmp_path, monkeypatch):
+    """The issue's repro: two steps of batch 4 drove six alphas negative (one weight alpha to -82.5)."""
+    from fatq.quantizers import ALPHA_FLOOR
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=4)
+    argv = ["--arch", "mobilenetv2", "--bits", "4", "--batch-size", "4", "--data-dir", str(data), "--max-steps", "2"]
+    assert main([*argv, "--quiet", "--device", "cpu", "--job-dir", "job"]) == 0
+    alphas = _alphas(torch.load(tmp_path / "job" / "last.pt", weights_only=True)["state_dict"])
+    assert len(alphas) == 124 and min(alphas.values()) >= float(torch.tensor(ALPHA_FLOOR))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2"])
+def test_aggressive_lr_never_saves_a_non_positive_or_non_finite_alpha(tmp_path, monkeypatch, capsys, arch):
+    from fatq.quantizers import ALPHA_FLOOR
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    argv = ["--arch", arch, "--lr", "10", "--batch-size", "4", "--data-dir", str(data), "--epochs", "2"]
+    status = main([*argv, "--quiet", "--device", "cpu", "--job-dir", "job", "--save-every", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 0 or (status == 2 and len(err) == 1 and "training diverged at step" in err[0]), err
+    saved = [p for p in (tmp_path / "job").glob("*.pt")]
+    assert saved or status == 2
+    for path in saved:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert min(_alphas(state).values()) >= float(torch.tensor(ALPHA_FLOOR)), path
+        assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)), path
+
+
+def test_divergence_stops_with_one_sentence_and_saves_nothing_of_the_bad_step(tiny, tmp_path, capsys):
+    argv = [*TINY, "--data-dir", str(tiny), "--lr", "1e38", "--epochs", "3", "--job-dir", "job", "--save-every", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged at step" in err[0] and "nothing of that step was saved" in err[0], err
+    step = int(err[0].split("training diverged at step ")[1].split(":")[0])
+    last = tmp_path / "job" / "last.pt"
+    if last.exists():  # what was saved is an earlier, healthy step
+        state = torch.load(last, weights_only=True)
+        assert state["step"] < step
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_lr_is_refused_before_training(tiny, tmp_path, capsys, value):
+    assert main([*TINY, "--data-dir", str(tiny), f"--lr={value}", "--job-dir", "job"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid lr" in err[0] and not (tmp_path / "job").exists()
+
+
+def test_clamp_alphas_raises_only_what_is_below_the_floor():
+    from fatq.quantizers import ALPHA_FLOOR, clamp_alphas_
+
+    model = create_model("resnet20", bits=4, num_classes=3)
+    quantizers = [m for m in model.modules() if hasattr(m, "alpha")]
+    with torch.no_grad():
+        quantizers[0].alpha.fill_(-82.5)
+        quantizers[1].alpha.fill_(0.0)
+        quantizers[2].alpha.fill_(float("nan"))
+        quantizers[3].alpha.fill_(2.5)
+    clamp_alphas_(model)
+    floor = float(torch.tensor(ALPHA_FLOOR))  # as float32 holds it
+    assert [float(q.alpha) for q in quantizers[:2]] == [floor, floor]
+    assert torch.isnan(quantizers[2].alpha) and float(quantizers[3].alpha) == 2.5  # NaN is reported, not hidden
+
+
+def test_imagenet_models_default_to_the_imagenet_recipe(tmp_path):
+    from fatq.cli_train import build_parser, resolve_config
+
+    make_image_folder(tmp_path / "d", classes=2, per_class=1, size=8)
+    base = ["--data-dir", str(tmp_path / "d"), "--dataset", "imagefolder"]
+    cfg = resolve_config(build_parser().parse_args(["--arch", "resnet18", *base]))
+    assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.batch_size) == (120, 0.01, 1e-4, 0.01, 512)
+    assert cfg.milestones == (30.0, 60.0, 90.0) and cfg.quant_spec().act_alpha_init == 8.0
+    short = resolve_config(build_parser().parse_args(["--arch", "mobilenetv2", *base, "--epochs", "12"]))
+    assert short.milestones == (3.0, 6.0, 9.0) and short.lr == 0.01
+    own = [
+        "--arch",
+        "resnet34",
+        *base,
+        "--lr",
+        "0.1",
+        "--batch-size",
+        "64",
+        "--label-smoothing",
+        "0",
+        "--weight-decay",
+        "0",
+    ]
+    cfg = resolve_config(build_parser().parse_args(own))
+    assert (cfg.lr, cfg.batch_size, cfg.label_smoothing, cfg.weight_decay) == (0.1, 64, 0.0, 0.0)
+    cifar = resolve_config(build_parser().parse_args(["--arch", "resnet20", *base]))
+    assert (cifar.epochs, cifar.lr, cifar.weight_decay, cifar.batch_size) == (400, 0.04, 5e-4, 256)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "mobilenetv2"])
+def test_torchvision_state_dict_files_load_and_compute_torchvisions_logits(tmp_path, arch):
+    import torchvision
+
+    from fatq.checkpoint import init_from_pretrained
+
+    torch.manual_seed(0)
+    builder = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34}
+    reference = builder.get(arch, torchvision.models.mobilenet_v2)(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / f"{arch}.pth")  # torchvision's file format: a bare state dict
+    model = create_model(arch, bits=32, num_classes=1000).eval()
+    meta = init_from_pretrained(model, tmp_path / f"{arch}.pth")
+    assert meta["normalization"] == IMAGENET_NORMALIZATION and meta["format"] == "public"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    quantized = create_model(arch, bits=4, num_classes=1000)  # progressive init: quantizer keys keep their init
+    init_from_pretrained(quantized, tmp_path / f"{arch}.pth")
+    classifier = "fc.weight" if arch != "mobilenetv2" else "classifier.1.weight"
+    assert torch.equal(quantized.state_dict()[classifier], reference.state_dict()[classifier])

@@ -96,15 +96,17 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2, width 1.0.
 
-    Input [B, 3, H, W] (normalized image, H = W = 224 nominal; any multiple of 32 works)
+    Input [B, in_channels (3), H, W] (normalized image, H = W = 224 nominal; any multiple of 32 works)
     -> logits [B, num_classes].
     """
 
-    def __init__(self, layers: LayerFactory, num_classes: int, dropout: float = 0.2):
+    def __init__(self, layers: LayerFactory, num_classes: int, dropout: float = 0.2, in_channels: int = 3):
         super().__init__()
         features: list[nn.Module] = [
             nn.Sequential(
-                layers.first_conv(3, STEM_CHANNELS, 3, 2, 1), nn.BatchNorm2d(STEM_CHANNELS), nn.ReLU6(inplace=False)
+                layers.first_conv(in_channels, STEM_CHANNELS, 3, 2, 1),
+                nn.BatchNorm2d(STEM_CHANNELS),
+                nn.ReLU6(inplace=False),
             )
         ]
         in_ch, signed = STEM_CHANNELS, False  # the stem ends in ReLU6
@@ -124,5 +126,5 @@ class MobileNetV2(nn.Module):
 
 
 @register_model("mobilenetv2", input_size=(3, 224, 224), family="imagenet")
-def mobilenetv2(layers: LayerFactory, num_classes: int) -> MobileNetV2:
-    return MobileNetV2(layers, num_classes)
+def mobilenetv2(layers: LayerFactory, num_classes: int, in_channels: int = 3) -> MobileNetV2:
+    return MobileNetV2(layers, num_classes, in_channels=in_channels)

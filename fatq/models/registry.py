@@ -17,7 +17,7 @@ class ModelInfo:
 
     Attributes:
         name: registry name, e.g. "resnet20".
-        builder: ``builder(factory, num_classes, **options) -> nn.Module``.
+        builder: ``builder(factory, num_classes, in_channels=C, **options) -> nn.Module``.
         input_size: (C, H, W) the model is defined for.
         family: "cifar" or "imagenet" (picks defaults such as alpha_a init).
         options: keyword options with their defaults (e.g. {"shortcut": "A"}).
@@ -63,6 +63,7 @@ def create_model(
     bits: int | tuple[int, int] | None = 32,
     num_classes: int = 10,
     spec: QuantSpec | None = None,
+    in_channels: int | None = None,
     **options,
 ) -> nn.Module:
     """Build a registered model.
@@ -73,10 +74,13 @@ def create_model(
             Ignored when ``spec`` is given.
         num_classes: classifier outputs.
         spec: full quantization settings (overrides ``bits``).
+        in_channels: image channels of the input (default: the registered C, 3); 1 for a grayscale
+            dataset. Part of the input size a checkpoint records, not of ``arch_options``.
         **options: architecture options, e.g. ``shortcut="B"`` for CIFAR ResNets.
 
     Returns:
-        The model, with attributes ``arch``, ``spec`` and ``arch_options`` recorded for checkpoints.
+        The model, with attributes ``arch``, ``spec``, ``arch_options`` and ``in_channels`` recorded for
+        checkpoints.
     """
     info = model_info(name)
     unknown = set(options) - set(info.options)
@@ -86,8 +90,12 @@ def create_model(
     if spec is None:
         alpha = 8.0 if info.family == "imagenet" else 5.0
         spec = QuantSpec.from_bits(bits if bits is not None else 32, act_alpha_init=alpha)
-    model = info.builder(LayerFactory(spec), num_classes, **resolved)
+    in_channels = info.input_size[0] if in_channels is None else int(in_channels)
+    if in_channels < 1:
+        raise FatqError(f"{name} needs at least one input channel, got {in_channels}.")
+    model = info.builder(LayerFactory(spec), num_classes, in_channels=in_channels, **resolved)
     model.arch = name
+    model.in_channels = in_channels
     model.spec = spec
     model.arch_options = resolved
     model.num_classes = num_classes

@@ -50,14 +50,16 @@ class BasicBlock(QuantizedBasicBlock):
 class CifarResNet(nn.Module):
     """ResNet for 32×32 inputs: 3 stages of ``depth // 6 // ... `` blocks, 16/32/64 channels.
 
-    Input [B, 3, 32, 32] (normalized image) -> logits [B, num_classes].
+    Input [B, in_channels (3), 32, 32] (normalized image) -> logits [B, num_classes].
     """
 
-    def __init__(self, layers: LayerFactory, blocks_per_stage: int, num_classes: int, shortcut: str):
+    def __init__(
+        self, layers: LayerFactory, blocks_per_stage: int, num_classes: int, shortcut: str, in_channels: int = 3
+    ):
         super().__init__()
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        self.conv1 = layers.first_conv(3, 16, 3, 1, 1)
+        self.conv1 = layers.first_conv(in_channels, 16, 3, 1, 1)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=False)
         stages, in_planes = [], 16
@@ -82,8 +84,8 @@ class CifarResNet(nn.Module):
 
 def _register(depth: int) -> None:
     @register_model(f"resnet{depth}", input_size=(3, 32, 32), family="cifar", shortcut="A")
-    def build(layers: LayerFactory, num_classes: int, shortcut: str) -> CifarResNet:
-        return CifarResNet(layers, (depth - 2) // 6, num_classes, shortcut)
+    def build(layers: LayerFactory, num_classes: int, shortcut: str, in_channels: int = 3) -> CifarResNet:
+        return CifarResNet(layers, (depth - 2) // 6, num_classes, shortcut, in_channels)
 
 
 for _depth in (20, 32, 44, 56, 110):

@@ -39,12 +39,18 @@ class ImageNetResNet(nn.Module):
         blocks_per_stage: blocks in layer1..4, e.g. (2, 2, 2, 2) for ResNet-18.
         num_classes: classifier outputs.
 
-    Input [B, 3, H, W] (normalized image, H = W = 224 nominal) -> logits [B, num_classes].
+    Input [B, in_channels (3), H, W] (normalized image, H = W = 224 nominal) -> logits [B, num_classes].
     """
 
-    def __init__(self, layers: LayerFactory, blocks_per_stage: tuple[int, int, int, int], num_classes: int):
+    def __init__(
+        self,
+        layers: LayerFactory,
+        blocks_per_stage: tuple[int, int, int, int],
+        num_classes: int,
+        in_channels: int = 3,
+    ):
         super().__init__()
-        self.conv1 = layers.first_conv(3, 64, 7, 2, 3)
+        self.conv1 = layers.first_conv(in_channels, 64, 7, 2, 3)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -71,10 +77,10 @@ class ImageNetResNet(nn.Module):
 
 
 @register_model("resnet18", input_size=(3, 224, 224), family="imagenet")
-def resnet18(layers: LayerFactory, num_classes: int) -> ImageNetResNet:
-    return ImageNetResNet(layers, (2, 2, 2, 2), num_classes)
+def resnet18(layers: LayerFactory, num_classes: int, in_channels: int = 3) -> ImageNetResNet:
+    return ImageNetResNet(layers, (2, 2, 2, 2), num_classes, in_channels)
 
 
 @register_model("resnet34", input_size=(3, 224, 224), family="imagenet")
-def resnet34(layers: LayerFactory, num_classes: int) -> ImageNetResNet:
-    return ImageNetResNet(layers, (3, 4, 6, 3), num_classes)
+def resnet34(layers: LayerFactory, num_classes: int, in_channels: int = 3) -> ImageNetResNet:
+    return ImageNetResNet(layers, (3, 4, 6, 3), num_classes, in_channels)

@@ -31,13 +31,21 @@ class VGG(nn.Module):
         feature_size: flattened size of the features for a 32×32 input (channels × H × W).
         dropout: dropout probability before the classifier (0: no dropout layer).
 
-    Input [B, 3, 32, 32] (normalized image) -> logits [B, num_classes].
+    Input [B, in_channels (3), 32, 32] (normalized image) -> logits [B, num_classes].
     """
 
-    def __init__(self, layers: LayerFactory, config: tuple, num_classes: int, feature_size: int, dropout: float):
+    def __init__(
+        self,
+        layers: LayerFactory,
+        config: tuple,
+        num_classes: int,
+        feature_size: int,
+        dropout: float,
+        in_channels: int = 3,
+    ):
         super().__init__()
         features: list[nn.Module] = []
-        in_ch = 3
+        in_ch = in_channels
         for item in config:
             if item == "M":
                 features.append(nn.MaxPool2d(2, 2))
@@ -57,12 +65,12 @@ class VGG(nn.Module):
 
 
 @register_model("vgg_small", input_size=(3, 32, 32), family="cifar")
-def vgg_small(layers: LayerFactory, num_classes: int) -> VGG:
+def vgg_small(layers: LayerFactory, num_classes: int, in_channels: int = 3) -> VGG:
     """VGG-Small: three max-pools take 32×32 to 4×4, so the classifier sees 512 · 4 · 4 = 8192 features."""
-    return VGG(layers, VGG_SMALL, num_classes, feature_size=512 * 4 * 4, dropout=0.5)
+    return VGG(layers, VGG_SMALL, num_classes, feature_size=512 * 4 * 4, dropout=0.5, in_channels=in_channels)
 
 
 @register_model("vgg16_bn", input_size=(3, 32, 32), family="cifar")
-def vgg16_bn(layers: LayerFactory, num_classes: int) -> VGG:
+def vgg16_bn(layers: LayerFactory, num_classes: int, in_channels: int = 3) -> VGG:
     """VGG-16-BN for CIFAR: five max-pools take 32×32 to 1×1, then Linear(512 -> classes)."""
-    return VGG(layers, VGG16, num_classes, feature_size=512, dropout=0.0)
+    return VGG(layers, VGG16, num_classes, feature_size=512, dropout=0.0, in_channels=in_channels)
