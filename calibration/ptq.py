@@ -68,8 +68,9 @@ def load_fp32_model(
         (model, metadata) with metadata {"normalization", "class_names", "format"}.
     """
     data = read_checkpoint_file(checkpoint)
+    _check_layout(data, checkpoint)
     if is_fatq_checkpoint(data):
-        spec = QuantSpec.from_dict(data["spec"])
+        spec = _recorded_spec(data, checkpoint)
         if not spec.is_float:
             raise FatqError(
                 f"{checkpoint} holds a {spec.weight_bits}/{spec.act_bits}-bit model; "
@@ -88,6 +89,28 @@ def load_fp32_model(
         model = create_model(arch, spec=ptq_spec(bits), num_classes=num_classes or 10)
     meta = init_from_pretrained(model, checkpoint)
     return model, meta
+
+
+def _check_layout(data: dict, checkpoint: str | Path) -> None:
+    """One sentence for a checkpoint whose fields are not what its format promises (before any model is built)."""
+    state = data["state_dict"]
+    if not isinstance(state, dict):
+        raise FatqError(
+            f"{checkpoint}'s state_dict is a {type(state).__name__}, not a dict of tensors; "
+            "it is not a model checkpoint fatq-ptq can read."
+        )
+    if is_fatq_checkpoint(data):
+        missing = [k for k in ("arch", "spec", "num_classes", "normalization") if k not in data]
+        if missing:
+            raise FatqError(f"{checkpoint} is a fatq checkpoint without its {', '.join(missing)} field(s).")
+
+
+def _recorded_spec(data: dict, checkpoint: str | Path) -> QuantSpec:
+    """The QuantSpec a fatq checkpoint records; one sentence when it is unreadable."""
+    try:
+        return QuantSpec.from_dict(data["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FatqError(f"{checkpoint} records an unreadable quantization spec; it was not written by fatq.") from None
 
 
 def fp32_twin(model: nn.Module, checkpoint: str | Path) -> nn.Module:
