@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from calibration.bias_correction import correct_biases
 from calibration.passes import activation_quantizers, calibrate
-from fatq.checkpoint import init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
+from fatq.checkpoint import check_layout, init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
 from fatq.data import ImageSplit, normalize
 from fatq.errors import FatqError
 from fatq.io import progress
@@ -68,7 +68,7 @@ def load_fp32_model(
         (model, metadata) with metadata {"normalization", "class_names", "format"}.
     """
     data = read_checkpoint_file(checkpoint)
-    _check_layout(data, checkpoint)
+    check_layout(data, checkpoint)
     if is_fatq_checkpoint(data):
         spec = _recorded_spec(data, checkpoint)
         if not spec.is_float:
@@ -89,20 +89,6 @@ def load_fp32_model(
         model = create_model(arch, spec=ptq_spec(bits), num_classes=num_classes or 10)
     meta = init_from_pretrained(model, checkpoint)
     return model, meta
-
-
-def _check_layout(data: dict, checkpoint: str | Path) -> None:
-    """One sentence for a checkpoint whose fields are not what its format promises (before any model is built)."""
-    state = data["state_dict"]
-    if not isinstance(state, dict):
-        raise FatqError(
-            f"{checkpoint}'s state_dict is a {type(state).__name__}, not a dict of tensors; "
-            "it is not a model checkpoint fatq-ptq can read."
-        )
-    if is_fatq_checkpoint(data):
-        missing = [k for k in ("arch", "spec", "num_classes", "normalization") if k not in data]
-        if missing:
-            raise FatqError(f"{checkpoint} is a fatq checkpoint without its {', '.join(missing)} field(s).")
 
 
 def _recorded_spec(data: dict, checkpoint: str | Path) -> QuantSpec:

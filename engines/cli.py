@@ -29,7 +29,7 @@ from engines.registry import ENGINES, PRECISIONS, RunnerOptions, default_engine
 from engines.report import markdown_report, terminal_report, write_plot
 from engines.torch_runner import MODES
 from engines.trt_builder import TYPINGS
-from fatq.checkpoint import CIFAR_NORMALIZATION, IMAGENET_NORMALIZATION, load_fatq_checkpoint
+from fatq.checkpoint import CIFAR_NORMALIZATION, IMAGENET_NORMALIZATION, check_layout, load_fatq_checkpoint
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
 from fatq.extras import import_extra
@@ -264,7 +264,7 @@ def _check_reference_fits(models: list[ModelFile], reference: Path) -> None:
     Agreement against another network is meaningless (it reads as 0 %); files that record no
     architecture (foreign ONNX, IR) are not checked.
     """
-    data = load_fatq_checkpoint(reference)
+    data = check_layout(load_fatq_checkpoint(reference), reference)
     for model in models:
         if model.kind == CHECKPOINT:
             recorded = load_fatq_checkpoint(model.path)

@@ -174,9 +174,9 @@ def inspect_model(path: str | Path) -> ModelFile:
         return _inspect_ir(path)
     if kind == CHECKPOINT:
         from engines.torch_runner import checkpoint_is_float
-        from fatq.checkpoint import load_fatq_checkpoint
+        from fatq.checkpoint import check_layout, load_fatq_checkpoint
 
-        precision = "fp32" if checkpoint_is_float(load_fatq_checkpoint(path)) else "int8"
+        precision = "fp32" if checkpoint_is_float(check_layout(load_fatq_checkpoint(path), path)) else "int8"
         return ModelFile(path, kind, precision)
     model = _load_onnx(path)
     if model is None:

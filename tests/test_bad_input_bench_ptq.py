@@ -243,3 +243,18 @@ def test_ptq_malformed_checkpoints_and_values(fp32_checkpoint, tmp_path, tiny_im
     ]
     for argv, message in cases:
         _refused(ptq_main, [*argv, "-o", str(out)], capsys, message, [out])
+
+
+def test_bench_malformed_checkpoints_as_model_or_reference(float_onnx, tmp_path, capsys):
+    good = tmp_path / "r20.pt"
+    save_resnet_checkpoint(good, num_classes=3)
+    tensor_state, no_spec = tmp_path / "tensor.pt", tmp_path / "nospec.pt"
+    data = read_checkpoint_file(good)
+    torch.save({**data, "state_dict": torch.zeros(3)}, tensor_state)
+    del data["spec"]
+    torch.save(data, no_spec)
+    out = tmp_path / "r.json"
+    for path, message in ((tensor_state, "state_dict is a Tensor, not a dict"), (no_spec, "without its spec field")):
+        _refused(bench_main, [str(path), "--json", str(out), *FAST], capsys, message, [out])
+        argv = [str(float_onnx), "--reference", str(path), "--json", str(out), *FAST]
+        _refused(bench_main, argv, capsys, message, [out])
