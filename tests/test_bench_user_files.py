@@ -17,6 +17,7 @@ from engine_helpers import NORMALIZATION, export_float_onnx, make_qdq_conv, qdq_
 
 from engines.cli import main
 from fatq.data import load_split, normalize
+from fatq.errors import FatqError
 
 FAST = ["--warmup", "1", "--iterations", "2", "--rounds", "1", "--threads", "1", "--quiet"]
 OTHER = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.3]}  # not what any file records
@@ -139,3 +140,20 @@ def test_fixed_batch_file_runs_at_its_batch_and_says_so(tmp_path, tiny_image_fol
     assert "fixed batch 5 (runs at that batch only)" in printed and "batch 1: fixed.onnx has a fixed batch" in printed
     expected = _torch_top1(model, tiny_image_folder, NORMALIZATION)
     assert [a["top1"] for a in report["accuracy"].values()] == pytest.approx([expected, expected])
+
+
+def test_ir_detection_reads_the_bytes(tmp_path):
+    from engines.model_files import OPENVINO_IR, detect_model_kind, inspect_model
+
+    onnx_path = export_float_onnx(tiny_float_cnn(num_classes=3), tmp_path / "cnn.onnx", (3, 8, 8), normalization=None)
+    xml = _to_ir(onnx_path, tmp_path / "cnn.xml")
+    renamed = tmp_path / "cnn.model"  # the root element decides, not the suffix
+    renamed.write_bytes(xml.read_bytes())
+    renamed.with_suffix(".bin").write_bytes(xml.with_suffix(".bin").read_bytes())
+    assert detect_model_kind(xml) == detect_model_kind(renamed) == OPENVINO_IR
+    info = inspect_model(xml)
+    assert info.precision == "fp32" and info.normalization is None and info.metadata == {}
+    other = tmp_path / "page.xml"
+    other.write_text("<?xml version='1.0'?><html><body>no model</body></html>")
+    with pytest.raises(FatqError, match="is neither an ONNX model, an OpenVINO IR"):
+        detect_model_kind(other)
