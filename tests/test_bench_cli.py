@@ -83,7 +83,8 @@ def test_report_schema_accuracy_and_agreement(resnet_pair, tiny_image_folder, tm
     assert report["reference"]["top1"] == report["accuracy"]["torch"]["top1"]
     assert report["gate"]["passed"] and report["settings"]["eval_inputs"].startswith("cifar10 test split (12")
     assert report["skipped"] == [
-        {"model": str(ckpt), "engine": e, "precision": "fp32", "reason": f"{e} runs {kinds}; r20.pt is a fatq checkpoint"}
+        {"model": str(ckpt), "engine": e, "precision": "fp32",
+         "reason": f"{e} runs {kinds}; r20.pt is a fatq checkpoint"}
         for e, kinds in (("ort", "ONNX files"), ("openvino", "ONNX files or OpenVINO IR (.xml + .bin)"))
     ] + [{"model": str(onnx_path), "engine": "torch", "precision": "fp32",
           "reason": "torch runs fatq checkpoints; r20.onnx is an ONNX file"}]  # fmt: skip
