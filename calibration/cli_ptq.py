@@ -36,6 +36,7 @@ from fatq.data import load_split
 from fatq.errors import FatqError
 from fatq.io import write_json_atomic
 from fatq.models import model_info
+from fatq.output_check import check_distinct_outputs, check_output_file
 from fatq.provenance import __version__, git_commit, sha256_file
 from fatq.quantizers import FLOAT_BITS, check_bits
 
@@ -69,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output_dir(path: Path | None, what: str) -> None:
-    if path is not None and not path.parent.is_dir():
-        raise FatqError(f"directory {path.parent} for the {what} does not exist.")
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+def _check_outputs(args: argparse.Namespace, output: Path | None) -> None:
+    """The checkpoint and the JSON report can be written and overwrite neither the source nor each other."""
+    check_output_file(output, "output checkpoint (-o)")
+    check_output_file(args.json, "JSON report (--json)")
+    sources = [p for p in (args.checkpoint,) if p.is_file()]
+    check_distinct_outputs({"-o": output, "--json": args.json}, sources)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,19 +94,29 @@ def _main(argv: list[str] | None) -> int:
     if args.bits == FLOAT_BITS:
         raise FatqError("--bits must be 2..8 for post-training quantization.")
     check_bits(args.bits, "--bits")
-    if not 0 < args.percentile <= 100:
+    if not 0 < args.percentile <= 100:  # also refuses nan
         raise FatqError(f"--percentile must be in (0, 100], got {args.percentile}.")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise FatqError(f"--seed must be in 0..2^63-1, got {args.seed}.")
+    if args.checkpoint.is_dir():
+        raise FatqError(f"{args.checkpoint} is a directory; give the FP32 checkpoint file.")
+    if not args.data_dir.is_dir():
+        raise FatqError(f"data directory {args.data_dir} does not exist or is not a directory.")
     calib_options = {"percentile": args.percentile} if args.calib_method == "percentile" else {}
-    _check_output_dir(args.output, "output checkpoint")
-    _check_output_dir(args.json, "JSON report")
+    _check_outputs(args, args.output)
     started = time.monotonic()
 
     test = load_split(args.data_dir, "test", args.dataset)
     model, meta = load_fp32_model(args.checkpoint, args.bits, args.arch, num_classes=len(test.class_names))
     output = args.output or Path(f"{model.arch}-ptq{args.bits}-{args.calib_method}.pt")
-    _check_output_dir(output, "output checkpoint")
+    _check_outputs(args, output)
     if model.num_classes != len(test.class_names):
         raise FatqError(f"the model has {model.num_classes} classes but {args.data_dir} has {len(test.class_names)}.")
+    if meta["class_names"] is not None and list(meta["class_names"]) != list(test.class_names):
+        raise FatqError(
+            f"{args.checkpoint.name} was trained on the classes {meta['class_names'][:4]}, but {args.data_dir} "
+            f"has {test.class_names[:4]}; calibration and top-1 would use unrelated labels."
+        )
     train = load_split(args.data_dir, "train", args.dataset)
     normalization = meta["normalization"]
     batches = NormalizedBatches(train.images, normalization, args.calib_batches, args.batch_size, args.seed)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from calibration.bias_correction import correct_biases
 from calibration.passes import activation_quantizers, calibrate
-from fatq.checkpoint import init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
+from fatq.checkpoint import check_layout, init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
 from fatq.data import ImageSplit, normalize
 from fatq.errors import FatqError
 from fatq.io import progress
@@ -68,8 +68,9 @@ def load_fp32_model(
         (model, metadata) with metadata {"normalization", "class_names", "format"}.
     """
     data = read_checkpoint_file(checkpoint)
+    check_layout(data, checkpoint)
     if is_fatq_checkpoint(data):
-        spec = QuantSpec.from_dict(data["spec"])
+        spec = _recorded_spec(data, checkpoint)
         if not spec.is_float:
             raise FatqError(
                 f"{checkpoint} holds a {spec.weight_bits}/{spec.act_bits}-bit model; "
@@ -88,6 +89,14 @@ def load_fp32_model(
         model = create_model(arch, spec=ptq_spec(bits), num_classes=num_classes or 10)
     meta = init_from_pretrained(model, checkpoint)
     return model, meta
+
+
+def _recorded_spec(data: dict, checkpoint: str | Path) -> QuantSpec:
+    """The QuantSpec a fatq checkpoint records; one sentence when it is unreadable."""
+    try:
+        return QuantSpec.from_dict(data["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FatqError(f"{checkpoint} records an unreadable quantization spec; it was not written by fatq.") from None
 
 
 def fp32_twin(model: nn.Module, checkpoint: str | Path) -> nn.Module:

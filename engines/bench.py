@@ -4,11 +4,13 @@ One call of :func:`run_benchmark`:
 
 1. plans the (model, engine, precision) runs (:mod:`engines.run_plan`) and activates their runners;
 2. builds the evaluation inputs: the test split of ``data_dir`` (normalized with each model's own
-   normalization from ONNX ``metadata_props``, the checkpoint or the plan sidecar) or, without
-   data, seeded random images;
+   normalization from ONNX ``metadata_props``, the IR's ``rt_info``, the checkpoint or the plan
+   sidecar; for a file that records none, the ``--mean/--std`` given, else the reference
+   checkpoint's) or, without data, seeded random images;
 3. runs every runner and the reference model (a fatq checkpoint in eval mode) over those inputs:
    top-1/top-5 and agreement with the reference;
-4. times every runner at every batch size, interleaved (:mod:`engines.timing`);
+4. times every runner at every batch size it accepts, interleaved (:mod:`engines.timing`); a file
+   with a fixed batch runs at that batch only (the other batch sizes are listed under ``skipped``);
 5. returns the report dict documented in ``docs/bench_schema.md``.
 """
 
@@ -28,9 +30,9 @@ import torch
 
 from engines.gate import evaluate_gate
 from engines.host import cpu_name
-from engines.model_files import CHECKPOINT, ONNX, ModelFile, inspect_model, normalization_from_metadata
+from engines.model_files import CHECKPOINT, ONNX, OPENVINO_IR, ModelFile, inspect_model, normalization_from_metadata
 from engines.registry import RunnerOptions
-from engines.run_plan import RunSpec, make_runner, plan_runs
+from engines.run_plan import RunSpec, Skipped, make_runner, plan_runs
 from engines.runner import Runner
 from engines.timing import time_interleaved
 from fatq.errors import FatqError
@@ -64,6 +66,7 @@ class BenchSettings:
         min_agreement: gate bound on top-1 agreement (%), or None.
         max_accuracy_drop: gate bound on the top-1 drop against the reference (points), or None.
         runner_options: torch mode and TensorRT build settings.
+        normalization: {"mean", "std"} for model files that record none (``--mean/--std``), or None.
     """
 
     batch_sizes: tuple[int, ...] = (1, 8, 64)
@@ -79,11 +82,12 @@ class BenchSettings:
     min_agreement: float | None = None
     max_accuracy_drop: float | None = None
     runner_options: RunnerOptions = field(default_factory=RunnerOptions)
+    normalization: dict | None = None
 
 
 def model_normalization(spec: RunSpec) -> dict | None:
     """The normalization a model was trained with, as its file records it (None if it does not)."""
-    if spec.model.kind == ONNX:
+    if spec.model.kind in (ONNX, OPENVINO_IR):
         return spec.model.normalization
     if spec.model.kind == CHECKPOINT:
         from fatq.checkpoint import load_fatq_checkpoint
@@ -92,6 +96,45 @@ def model_normalization(spec: RunSpec) -> dict | None:
     from engines.trt_builder import read_sidecar
 
     return normalization_from_metadata(read_sidecar(spec.model.path).get("source_metadata", {}), spec.model.path)
+
+
+def model_class_names(model: ModelFile) -> list[str] | None:
+    """The class names a model file records (ONNX/IR metadata, a checkpoint's field), or None."""
+    if model.kind == CHECKPOINT:
+        from fatq.checkpoint import load_fatq_checkpoint
+
+        return load_fatq_checkpoint(model.path).get("class_names")
+    try:
+        names = json.loads(model.metadata.get("class_names", "null"))
+    except ValueError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def check_class_names(models: list[ModelFile], reference: tuple[str, dict] | None, eval_inputs: EvalInputs) -> None:
+    """Refuse a dataset whose classes are not the ones a model (or the reference) was trained on.
+
+    Top-1 against another labelling is meaningless: it reads as chance or 0 %. Names are compared
+    in order (the class index is the position); files that record no names are not checked.
+
+    Args:
+        models: the MODEL files.
+        reference: (file name, checkpoint dict) of ``--reference``, or None.
+        eval_inputs: the loaded test split.
+    """
+    if eval_inputs.class_names is None:
+        return
+    recorded = [(m.path.name, model_class_names(m)) for m in models]
+    if reference is not None:
+        recorded.append((f"the reference {reference[0]}", reference[1].get("class_names")))
+    for name, classes in recorded:
+        if classes is not None and list(classes) != list(eval_inputs.class_names):
+            shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+            found = ", ".join(eval_inputs.class_names[:4]) + (", ..." if len(eval_inputs.class_names) > 4 else "")
+            raise FatqError(
+                f"{name} was trained on the classes [{shown}], but the data's test split has [{found}]; "
+                "top-1 would compare unrelated labels."
+            )
 
 
 @dataclass
@@ -168,8 +211,8 @@ def _logits(runner: Runner, result: dict[str, np.ndarray]) -> np.ndarray:
     return logits
 
 
-def _input_shape(label: str, runner: Runner, batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
-    """The per-image shape a runner takes; checks its batch limits against ``batch_sizes``."""
+def _input_shape(label: str, runner: Runner) -> tuple[int, int, int]:
+    """The per-image shape [C, H, W] a runner takes."""
     metadata = runner.input_metadata()
     if len(metadata) != 1:
         raise FatqError(f"{label} has {len(metadata)} inputs; fatq-bench benchmarks single-input image classifiers.")
@@ -177,20 +220,51 @@ def _input_shape(label: str, runner: Runner, batch_sizes: tuple[int, ...]) -> tu
     sample = meta.sample_shape()
     if len(sample) != 3 or not all(isinstance(d, int) and d > 0 for d in sample):
         raise FatqError(f"{label} takes inputs of shape {meta.shape}; fatq-bench needs a fixed [batch, C, H, W] image.")
-    fixed = meta.fixed_batch
-    if fixed is not None and any(b != fixed for b in batch_sizes):
-        raise FatqError(
-            f"{label} has a fixed batch of {fixed}; use --batch-sizes {fixed} or export with a dynamic batch."
-        )
-    largest = runner.max_batch()
-    if largest is not None and max(batch_sizes) > largest:
-        raise FatqError(f"{label} accepts batches up to {largest}, but --batch-sizes asks for {max(batch_sizes)}.")
     return tuple(sample)
 
 
-def _eval_batch(runners: dict[str, Runner], batch_sizes: tuple[int, ...]) -> int:
-    fixed = [r.max_batch() for r in runners.values() if r.max_batch() is not None]
-    return min([max(batch_sizes), *fixed])
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which batch sizes each run is timed and evaluated at.
+
+    Attributes:
+        timed: {label: batch sizes} -- the requested ones it accepts, or its fixed batch.
+        eval_batch: {label: batch} for accuracy and agreement (a fixed batch, else the largest timed).
+        order: every batch size timed, requested ones first.
+        skipped: the (run, batch size) pairs not timed, with the reason.
+    """
+
+    timed: dict[str, tuple[int, ...]]
+    eval_batch: dict[str, int]
+    order: tuple[int, ...]
+    skipped: list[Skipped]
+
+
+def plan_batches(specs: list[RunSpec], runners: dict[str, Runner], batch_sizes: tuple[int, ...]) -> BatchPlan:
+    """Fit ``batch_sizes`` to each runner: a fixed batch runs at that batch only (requested or not),
+    an engine with a largest batch (a TensorRT profile) skips the larger ones."""
+    timed, eval_batch, skipped = {}, {}, []
+    for spec in specs:
+        runner = runners[spec.label]
+        ((_, meta),) = runner.input_metadata().items()
+        fixed, largest = meta.fixed_batch, runner.max_batch()
+        if fixed is not None:
+            accepted, why = (
+                (fixed,),
+                f"{spec.model.path.name} has a fixed batch of {fixed}; it runs at batch {fixed} only",
+            )
+        elif largest is not None:
+            accepted = tuple(b for b in batch_sizes if b <= largest) or (largest,)
+            why = f"{spec.label} accepts batches up to {largest}"
+        else:
+            accepted, why = batch_sizes, ""
+        for batch in batch_sizes:
+            if batch not in accepted:
+                skipped.append(Skipped(str(spec.model.path), spec.engine, spec.precision, f"batch {batch}: {why}"))
+        timed[spec.label], eval_batch[spec.label] = accepted, max(accepted)
+    wanted = dict.fromkeys([*batch_sizes, *(b for batches in timed.values() for b in batches)])
+    order = tuple(b for b in wanted if any(b in batches for batches in timed.values()))
+    return BatchPlan(timed, eval_batch, order, skipped)
 
 
 def _timing_feeds(runner: Runner, inputs: np.ndarray, batch: int) -> dict[str, np.ndarray]:
@@ -221,14 +295,14 @@ def _ratios(specs: list[RunSpec], runs: list[dict]) -> list[dict]:
     return ratios
 
 
-def _open_runners(stack: contextlib.ExitStack, specs: list[RunSpec], options: RunnerOptions, batch_sizes) -> tuple:
+def _open_runners(stack: contextlib.ExitStack, specs: list[RunSpec], options: RunnerOptions) -> tuple:
     """Activate one runner per spec (closed by ``stack``); returns ({label: runner}, per-image shape)."""
     runners: dict[str, Runner] = {}
     for spec in specs:
         runner = make_runner(spec, options)
         stack.callback(runner.close)
         runners[spec.label] = runner.activate()
-    shapes = {label: _input_shape(label, r, batch_sizes) for label, r in runners.items()}
+    shapes = {label: _input_shape(label, r) for label, r in runners.items()}
     if len(set(shapes.values())) > 1:
         raise FatqError(f"the models take different input shapes {shapes}; benchmark them separately.")
     return runners, next(iter(shapes.values()))
@@ -289,14 +363,22 @@ def _open_reference(stack: contextlib.ExitStack, settings: BenchSettings, sample
     return runner.activate(), data
 
 
+def _check_normalization_channels(normalization: dict | None, sample_shape: tuple) -> None:
+    """--mean/--std must have one value per input channel."""
+    if normalization is not None and len(normalization["mean"]) != sample_shape[0]:
+        raise FatqError(
+            f"--mean/--std give {len(normalization['mean'])} values, the models take {sample_shape[0]} channels."
+        )
+
+
 def _normalized_inputs(eval_inputs: EvalInputs, normalizations: dict[str, dict | None]) -> dict[str, np.ndarray]:
     """{label: float32 inputs}; labels with the same normalization share one array (CIFAR: 123 MB each)."""
     if eval_inputs.labels is not None:
         missing = [label for label, n in normalizations.items() if n is None]
         if missing:
             raise FatqError(
-                f"{', '.join(missing)} record no input normalization; "
-                "pass --reference CKPT to use the checkpoint's normalization."
+                f"{', '.join(missing)} record no input normalization; pass the mean and std the model was trained "
+                "with (--mean 0.49,0.48,0.45 --std 0.25,0.24,0.26, or --normalization cifar10|imagenet)."
             )
     arrays: dict[str, np.ndarray] = {}
     result = {}
@@ -320,20 +402,21 @@ def _evaluate(
     runners: dict[str, Runner],
     inputs: dict[str, np.ndarray],
     eval_inputs: EvalInputs,
-    eval_batch: int,
+    eval_batch: dict[str, int],
     reference: tuple,
     settings: BenchSettings,
     quiet: bool,
 ) -> tuple[dict, dict, dict | None]:
-    """Accuracy and agreement of every run; returns (accuracy, agreements, reference summary)."""
+    """Accuracy and agreement of every run (each at its ``eval_batch``, the reference at the largest);
+    returns (accuracy, agreements, reference summary)."""
     reference_runner, reference_data = reference
-    steps = len(runners) + (reference_runner is not None)
-    bar = progress(total=steps * -(-len(eval_inputs.images) // eval_batch), desc="evaluating", quiet=quiet)
-    logits = {label: predict(r, inputs[label], eval_batch, bar.update) for label, r in runners.items()}
+    batches = [*eval_batch.values(), *([max(eval_batch.values())] if reference_runner is not None else [])]
+    bar = progress(total=sum(-(-len(eval_inputs.images) // b) for b in batches), desc="evaluating", quiet=quiet)
+    logits = {label: predict(r, inputs[label], eval_batch[label], bar.update) for label, r in runners.items()}
     reference_logits = None
     if reference_runner is not None:
         reference_inputs = eval_inputs.normalized(reference_data["normalization"])
-        reference_logits = predict(reference_runner, reference_inputs, eval_batch, bar.update)
+        reference_logits = predict(reference_runner, reference_inputs, max(eval_batch.values()), bar.update)
     bar.close()
 
     accuracy, agreements = {}, {}
@@ -369,20 +452,20 @@ def _time_runs(
     runners: dict[str, Runner],
     inputs: dict[str, np.ndarray],
     settings: BenchSettings,
-    batch_sizes: tuple[int, ...],
+    batches: BatchPlan,
     quiet: bool,
 ) -> list[dict]:
-    """Interleaved timing of every run at every batch size: the ``runs`` entries of the report."""
+    """Interleaved timing of every run at every batch size it accepts: the ``runs`` entries of the report."""
     runs = []
-    bar = progress(
-        total=len(runners) * (settings.warmup + settings.iterations) * len(batch_sizes), desc="timing", quiet=quiet
-    )
+    calls = sum(len(b) for b in batches.timed.values()) * (settings.warmup + settings.iterations)
+    bar = progress(total=calls, desc="timing", quiet=quiet)
     infos = {label: r.info() for label, r in runners.items()}
-    for batch in batch_sizes:
-        feeds = {label: _timing_feeds(r, inputs[label], batch) for label, r in runners.items()}
-        results = time_interleaved(runners, feeds, batch, settings.warmup, settings.iterations, settings.rounds,
+    for batch in batches.order:
+        active = {label: r for label, r in runners.items() if batch in batches.timed[label]}
+        feeds = {label: _timing_feeds(r, inputs[label], batch) for label, r in active.items()}
+        results = time_interleaved(active, feeds, batch, settings.warmup, settings.iterations, settings.rounds,
                                    bar.update)  # fmt: skip
-        for spec in specs:
+        for spec in (s for s in specs if s.label in active):
             result, info = results[spec.label], infos[spec.label]
             runs.append(
                 {
@@ -406,7 +489,7 @@ def _time_runs(
     return runs
 
 
-def _config_entries(specs: list[RunSpec], runners: dict[str, Runner], normalizations: dict) -> list[dict]:
+def _config_entries(specs: list[RunSpec], runners: dict[str, Runner], normalizations: dict, batches: BatchPlan):
     entries = []
     for spec in specs:
         info = runners[spec.label].info()  # after the runs: compiled-model facts are known now
@@ -423,6 +506,9 @@ def _config_entries(specs: list[RunSpec], runners: dict[str, Runner], normalizat
                 "options": info.options,
                 "memory_bytes": runners[spec.label].memory_bytes(),
                 "normalization": normalizations[spec.label],
+                "fixed_batch": next(iter(runners[spec.label].input_metadata().values())).fixed_batch,
+                "batch_sizes": list(batches.timed[spec.label]),
+                "eval_batch": batches.eval_batch[spec.label],
             }
         )
     return entries
@@ -456,15 +542,19 @@ def run_benchmark(
     options = dataclasses.replace(settings.runner_options, threads=settings.threads, max_batch=max(batch_sizes),
                                   opt_batch=max(batch_sizes))  # fmt: skip
     with contextlib.ExitStack() as stack:
-        runners, sample_shape = _open_runners(stack, specs, options, batch_sizes)
+        runners, sample_shape = _open_runners(stack, specs, options)
+        batches = plan_batches(specs, runners, batch_sizes)
+        skipped += batches.skipped
+        _check_normalization_channels(settings.normalization, sample_shape)
         reference = _open_reference(stack, settings, sample_shape)
-        fallback = reference[1]["normalization"] if reference[1] else None
+        fallback = settings.normalization or (reference[1]["normalization"] if reference[1] else None)
         normalizations = {spec.label: model_normalization(spec) or fallback for spec in specs}
         eval_inputs = load_eval_inputs(settings, sample_shape)
+        given = (Path(settings.reference).name, reference[1]) if reference[1] else None
+        check_class_names(models, given, eval_inputs)
         inputs = _normalized_inputs(eval_inputs, normalizations)
-        eval_batch = _eval_batch(runners, batch_sizes)
         accuracy, agreements, reference_summary = _evaluate(
-            runners, inputs, eval_inputs, eval_batch, reference, settings, quiet
+            runners, inputs, eval_inputs, batches.eval_batch, reference, settings, quiet
         )
         gate = evaluate_gate(
             agreements,
@@ -473,8 +563,8 @@ def run_benchmark(
             settings.min_agreement,
             settings.max_accuracy_drop,
         )
-        runs = _time_runs(specs, runners, inputs, settings, batch_sizes, quiet)
-        configs = _config_entries(specs, runners, normalizations)
+        runs = _time_runs(specs, runners, inputs, settings, batches, quiet)
+        configs = _config_entries(specs, runners, normalizations, batches)
 
     return {
         "schema": SCHEMA,
@@ -485,13 +575,13 @@ def run_benchmark(
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpu": cpu_name(), "python": sys.version.split()[0], "platform": platform.platform()},
         "settings": {
-            "batch_sizes": list(batch_sizes),
+            "batch_sizes": list(batches.order),
             "warmup": settings.warmup,
             "iterations": settings.iterations,
             "rounds": settings.rounds,
             "threads": settings.threads,
             "eval_inputs": eval_inputs.source,
-            "eval_batch": eval_batch,
+            "eval_batch": max(batches.eval_batch.values()),
             "data_dir": str(settings.data_dir) if settings.data_dir else None,
             "dataset": settings.dataset,
             "torch_mode": settings.runner_options.torch_mode,

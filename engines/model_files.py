@@ -1,12 +1,13 @@
 """What kind of model a MODEL argument holds, and what it says about itself: inspected once.
 
-fatq-bench accepts three kinds of MODEL: an ONNX file (QDQ int8 or float), a TensorRT plan
-(``.plan``/``.engine`` with its JSON sidecar, see :mod:`engines.trt_builder`) and a fatq
-checkpoint (the torch engine). Detection reads the file's bytes, not only its suffix, so a
-mislabelled file gets a clear error instead of an engine's stack trace. :func:`inspect_model`
-parses an ONNX file once; the :class:`ModelFile` it returns carries every fact the planner,
-the runners and the report need, so nothing parses it again. :func:`inspect_onnx` does the same
-for a model in memory (``fatq-export --check`` runs its debug copy without a temp file).
+fatq-bench accepts four kinds of MODEL: an ONNX file (QDQ int8 or float, fatq's or anyone's), an
+OpenVINO IR (``model.xml`` with its ``model.bin``), a TensorRT plan (``.plan``/``.engine`` with its
+JSON sidecar, see :mod:`engines.trt_builder`) and a fatq checkpoint (the torch engine). Detection
+reads the file's bytes, not only its suffix, so a mislabelled file gets a clear error instead of an
+engine's stack trace. :func:`inspect_model` parses an ONNX file once; the :class:`ModelFile` it
+returns carries every fact the planner, the runners and the report need, so nothing parses it
+again. :func:`inspect_onnx` does the same for a model in memory (``fatq-export --check`` runs its
+debug copy without a temp file).
 """
 
 from __future__ import annotations
@@ -17,7 +18,20 @@ from pathlib import Path
 
 from fatq.errors import FatqError
 
-ONNX, TRT_PLAN, CHECKPOINT = "onnx", "trt-plan", "checkpoint"
+ONNX, OPENVINO_IR, TRT_PLAN, CHECKPOINT = "onnx", "openvino-ir", "trt-plan", "checkpoint"
+# how skip reasons name each kind (engines.run_plan)
+KIND_NAMES = {
+    ONNX: "ONNX files",
+    OPENVINO_IR: "OpenVINO IR (.xml + .bin)",
+    TRT_PLAN: "TensorRT plans",
+    CHECKPOINT: "fatq checkpoints",
+}
+KIND_ARTICLES = {
+    ONNX: "an ONNX file",
+    OPENVINO_IR: "an OpenVINO IR",
+    TRT_PLAN: "a TensorRT plan",
+    CHECKPOINT: "a fatq checkpoint",
+}
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy (non-zip) format starts with a pickle protocol byte
@@ -28,7 +42,7 @@ _FLOAT_PRECISION = {1: "fp32", 10: "fp16", 16: "bf16"}
 
 
 def detect_model_kind(path: str | Path) -> str:
-    """``"onnx"``, ``"trt-plan"`` or ``"checkpoint"``; FatqError for anything else.
+    """``"onnx"``, ``"openvino-ir"``, ``"trt-plan"`` or ``"checkpoint"``; FatqError for anything else.
 
     Args:
         path: a file path.
@@ -41,13 +55,17 @@ def detect_model_kind(path: str | Path) -> str:
 
 
 def _kind_from_bytes(path: Path) -> str | None:
-    """CHECKPOINT or TRT_PLAN from the first bytes and the name; None: maybe ONNX (parse to tell)."""
+    """CHECKPOINT, OPENVINO_IR or TRT_PLAN from the first bytes and the name; None: maybe ONNX (parse to tell)."""
+    if path.is_dir():
+        raise FatqError(f"model {path} is a directory, not a model file.")
     if not path.is_file():
         raise FatqError(f"model file {path} does not exist.")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(256)
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
         return CHECKPOINT
+    if head.lstrip().startswith(b"<"):  # XML; an OpenVINO IR's root element is <net>
+        return OPENVINO_IR if b"<net" in head else None
     if path.suffix.lower() in PLAN_SUFFIXES or plan_sidecar_path(path).is_file():
         return TRT_PLAN
     return None
@@ -55,8 +73,8 @@ def _kind_from_bytes(path: Path) -> str | None:
 
 def _not_a_model(path: Path) -> FatqError:
     return FatqError(
-        f"{path} is neither an ONNX model, a TensorRT plan (.plan/.engine with its .json sidecar) "
-        "nor a fatq checkpoint."
+        f"{path} is neither an ONNX model, an OpenVINO IR (.xml with its .bin), a TensorRT plan "
+        "(.plan/.engine with its .json sidecar) nor a fatq checkpoint."
     )
 
 
@@ -85,11 +103,12 @@ class ModelFile:
 
     Attributes:
         path: the file (for a model in memory: the name it is reported under).
-        kind: "onnx", "trt-plan" or "checkpoint".
-        precision: "int8" when an ONNX graph holds Q/DQ or QLinearConv/QLinearMatMul nodes, else
-            the float type of its first input ("fp32", "fp16", "bf16"); a plan's build precision;
-            "int8" or "fp32" for a quantized or FP32 checkpoint.
-        metadata: an ONNX model's ``metadata_props`` as a dict of strings.
+        kind: "onnx", "openvino-ir", "trt-plan" or "checkpoint".
+        precision: "int8" when an ONNX graph holds Q/DQ or QLinearConv/QLinearMatMul nodes (an IR:
+            FakeQuantize layers), else the float type of its first input ("fp32", "fp16", "bf16");
+            a plan's build precision; "int8" or "fp32" for a quantized or FP32 checkpoint.
+        metadata: an ONNX model's ``metadata_props`` as a dict of strings (an IR: the entries
+            OpenVINO kept from the ONNX file it was converted from, under ``rt_info/framework``).
         normalization: {"mean": [...], "std": [...]} from the metadata, or None.
         opset: the default-domain opset version of an ONNX model.
         only_engine: the one engine that reads the graph's custom ops (a ``fatq-export --format
@@ -151,16 +170,53 @@ def inspect_model(path: str | Path) -> ModelFile:
         from engines.trt_builder import read_sidecar
 
         return ModelFile(path, kind, read_sidecar(path)["precision"])
+    if kind == OPENVINO_IR:
+        return _inspect_ir(path)
     if kind == CHECKPOINT:
         from engines.torch_runner import checkpoint_is_float
-        from fatq.checkpoint import load_fatq_checkpoint
+        from fatq.checkpoint import check_layout, load_fatq_checkpoint
 
-        precision = "fp32" if checkpoint_is_float(load_fatq_checkpoint(path)) else "int8"
+        precision = "fp32" if checkpoint_is_float(check_layout(load_fatq_checkpoint(path), path)) else "int8"
         return ModelFile(path, kind, precision)
     model = _load_onnx(path)
     if model is None:
         raise _not_a_model(path)
     return inspect_onnx(model, path)
+
+
+def ir_weights_path(xml: str | Path) -> Path:
+    """The ``.bin`` weights file beside an OpenVINO IR's ``.xml`` (``model.xml`` -> ``model.bin``)."""
+    return Path(xml).with_suffix(".bin")
+
+
+def _inspect_ir(path: Path) -> ModelFile:
+    """The facts of an OpenVINO IR, read from its XML (the weights file is only checked to exist)."""
+    from xml.etree import ElementTree
+
+    if not ir_weights_path(path).is_file():
+        raise FatqError(f"OpenVINO IR {path} has no weights file {ir_weights_path(path).name} beside it.")
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        raise FatqError(f"OpenVINO IR {path} is not well-formed XML ({exc}).") from None
+    if root.tag != "net":
+        raise _not_a_model(path)
+    types = {layer.get("type") for layer in root.iter("layer")}
+    # OpenVINO keeps the source ONNX file's metadata_props as rt_info/framework/<key value=...>
+    framework = root.find("rt_info/framework")
+    metadata = {entry.tag: entry.get("value", "") for entry in framework} if framework is not None else {}
+    precision = "int8" if "FakeQuantize" in types else _ir_input_precision(root)
+    return ModelFile(path, OPENVINO_IR, precision, metadata, normalization_from_metadata(metadata, path))
+
+
+def _ir_input_precision(root) -> str:
+    """The float precision of an IR's first Parameter ("fp32" when it names none fatq knows)."""
+    element = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+    for layer in root.iter("layer"):
+        if layer.get("type") == "Parameter":
+            data = layer.find("data")
+            return element.get(data.get("element_type") if data is not None else "", "fp32")
+    return "fp32"
 
 
 def onnx_model_file(model) -> ModelFile:

@@ -1,4 +1,4 @@
-"""OpenVINO runner: reads the (QDQ) ONNX file directly and runs it on the CPU plugin.
+"""OpenVINO runner: reads a (QDQ) ONNX file or an OpenVINO IR (``.xml`` + ``.bin``) and runs it on the CPU plugin.
 
 OpenVINO runs the float parts of a model in bf16 on CPUs with AVX-512 BF16/AMX unless told
 otherwise (DEPLOY.md), which changes both speed and numbers. This runner therefore always sets
@@ -14,25 +14,42 @@ happens on the first :meth:`infer` of a new shape, so benchmarks must warm up pe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from engines.host import cpu_device
-from engines.model_files import ModelFile, onnx_model_file
+from engines.model_files import OPENVINO_IR, ModelFile, inspect_model, ir_weights_path, onnx_model_file
 from engines.runner import Runner, RunnerInfo, TensorMeta
 from fatq.errors import FatqError
 from fatq.extras import import_extra
 
 PRECISION_HINTS = {"f32": "fp32", "bf16": "bf16"}
+# the location lines OpenVINO puts before its reason ("Exception from src/...:84:", "Check 'x' failed at ...:")
+_LOCATION_LINE = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)$")
+
+
+def openvino_reason(exc: BaseException) -> str:
+    """OpenVINO's message without its source-location lines, on one line (the reason is in the later lines)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    reason = " ".join(line for line in lines if line and not _LOCATION_LINE.match(line))
+    return reason.rstrip(".") or type(exc).__name__
+
+
+def _model_file(model) -> ModelFile:
+    """An OpenVINO IR's ModelFile as given, else the ONNX model's (see ``onnx_model_file``)."""
+    if isinstance(model, (str, Path)):
+        model = inspect_model(model)
+    return model if isinstance(model, ModelFile) and model.kind == OPENVINO_IR else onnx_model_file(model)
 
 
 class OpenVinoRunner(Runner):
-    """An ONNX model compiled by OpenVINO for the CPU.
+    """An ONNX model or an OpenVINO IR compiled by OpenVINO for the CPU.
 
     Args:
-        model: ONNX file (QDQ int8 or float), its :class:`~engines.model_files.ModelFile`, or
-            an ``onnx.ModelProto`` / its bytes (read from memory).
+        model: ONNX file (QDQ int8 or float) or OpenVINO IR ``.xml`` (its ``.bin`` beside it), its
+            :class:`~engines.model_files.ModelFile`, or an ``onnx.ModelProto`` / its bytes (read from memory).
         threads: ``INFERENCE_NUM_THREADS``; None lets OpenVINO choose.
         precision_hint: "f32" (default) or "bf16" for the float parts of the model; "bf16" is
             refused for QDQ graphs (their label would not say what ran).
@@ -46,7 +63,7 @@ class OpenVinoRunner(Runner):
         precision_hint: str = "f32",
         name: str | None = None,
     ):
-        model_file = onnx_model_file(model)
+        model_file = _model_file(model)
         super().__init__(name or model_file.path.name)
         if precision_hint not in PRECISION_HINTS:
             raise FatqError(
@@ -67,10 +84,14 @@ class OpenVinoRunner(Runner):
     def _activate(self) -> None:
         ov = import_extra("openvino")
         self._core = ov.Core()
+        source = self.model_file
         try:
-            self._model = self._core.read_model(self.model_file.source)
-        except RuntimeError as exc:
-            raise FatqError(f"OpenVINO cannot read {self.model_file.path.name}: {str(exc).splitlines()[0]}") from None
+            if source.kind == OPENVINO_IR:
+                self._model = self._core.read_model(str(source.path), str(ir_weights_path(source.path)))
+            else:
+                self._model = self._core.read_model(source.source)
+        except Exception as exc:  # OpenVINO raises RuntimeError; its frontends may raise others
+            raise FatqError(f"OpenVINO cannot read {source.path.name}: {openvino_reason(exc)}.") from None
         self._ov = ov
 
     def _config(self) -> dict:
@@ -87,8 +108,13 @@ class OpenVinoRunner(Runner):
         key = tuple((name, feeds[name].shape) for name in sorted(feeds))
         if key not in self._compiled:
             model = self._model.clone()
-            model.reshape({name: list(shape) for name, shape in key})
-            compiled = self._core.compile_model(model, "CPU", self._config())
+            try:
+                model.reshape({name: list(shape) for name, shape in key})
+                compiled = self._core.compile_model(model, "CPU", self._config())
+            except Exception as exc:  # bad weights, unsupported layers: found at compile time
+                raise FatqError(
+                    f"OpenVINO cannot compile {self.model_file.path.name}: {openvino_reason(exc)}."
+                ) from None
             self._compiled[key] = (compiled, compiled.create_infer_request())
         return self._compiled[key]
 

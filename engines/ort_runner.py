@@ -13,6 +13,7 @@ onnxruntime-gpu wheel and a GPU; they were not run in this project's CI (no GPU 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,12 @@ _ORT_DTYPES = {
     "tensor(int32)": np.int32,
     "tensor(int64)": np.int64,
 }
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ONNX Runtime's message on one line, without its ``[ONNXRuntimeError] : 10 : INVALID_GRAPH :`` prefix."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).rstrip(".") or type(exc).__name__
 
 
 class OrtRunner(Runner):
@@ -110,10 +117,10 @@ class OrtRunner(Runner):
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
         try:
             self._session = ort.InferenceSession(self.model_file.source, options, providers=self._provider_list(ort))
-        except (RuntimeError, ValueError) as exc:  # ORT's Fail/InvalidGraph errors subclass RuntimeError
-            raise FatqError(
-                f"ONNX Runtime cannot load {self.model_file.path.name}: {str(exc).splitlines()[0]}"
-            ) from None
+        except FatqError:
+            raise
+        except Exception as exc:  # ORT 1.32's InvalidGraph/Fail/NotImplemented derive from Exception only
+            raise FatqError(f"ONNX Runtime cannot load {self.model_file.path.name}: {ort_reason(exc)}.") from None
         self._ort = ort
 
     def _input_metadata(self) -> dict[str, TensorMeta]:
@@ -124,7 +131,10 @@ class OrtRunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._session.get_outputs()]
-        outputs = self._session.run(names, {k: feeds[k] for k in self._input_metadata()})
+        try:
+            outputs = self._session.run(names, {k: feeds[k] for k in self._input_metadata()})
+        except Exception as exc:  # a kernel that fails on these inputs (shapes the graph cannot take)
+            raise FatqError(f"ONNX Runtime cannot run {self.model_file.path.name}: {ort_reason(exc)}.") from None
         return dict(zip(names, outputs, strict=True))
 
     def _close(self) -> None:

@@ -6,7 +6,7 @@ engine         model kinds                   precisions
 ort            ONNX                          the graph's own (int8 for QDQ or onnx-ort, else fp32)
 ort-cuda       ONNX (onnxruntime-gpu)        the graph's own
 ort-trt        ONNX (onnxruntime-gpu)        the graph's own (TensorRT EP)
-openvino       ONNX                          int8 (QDQ, onnx-openvino); fp32 (forced f32) or bf16 (float)
+openvino       ONNX or an OpenVINO IR        int8 (QDQ, onnx-openvino, FakeQuantize IR); fp32 (forced f32) or bf16
 trt            ONNX (built here) or a plan   int8 (QDQ); fp32 or fp16 (float); a plan's own
 torch          fatq checkpoint               int8 (quantized, fake-quant) or fp32
 torch-cuda     fatq checkpoint               as torch, plus fp16 for FP32 checkpoints
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, ModelFile
+from engines.model_files import CHECKPOINT, ONNX, OPENVINO_IR, TRT_PLAN, ModelFile
 from engines.runner import Runner
 
 PRECISIONS = ("int8", "fp16", "fp32", "bf16")
@@ -143,9 +143,9 @@ ENGINES: dict[str, EngineSpec] = {
         EngineSpec("ort-trt", (ONNX,), (), (), "onnxruntime", _ort("trt")),
         EngineSpec(
             "openvino",
-            (ONNX,),
+            (ONNX, OPENVINO_IR),
             ("bf16",),
-            (),
+            (OPENVINO_IR,),
             "openvino",
             _openvino,
             custom_ops="OpenVINO's own ops (an onnx-openvino export)",

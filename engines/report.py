@@ -134,15 +134,25 @@ def _sections(report: dict, markdown: bool) -> list[str]:
         verdict = "passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
         sections.append(f"{title('Parity gate')} {verdict}")
     if report["skipped"]:
+        skipped = [[Path(s["model"]).name, s["engine"], s["precision"], s["reason"]] for s in report["skipped"]]
         sections.append(
-            f"{len(report['skipped'])} requested model/engine/precision combinations do not apply and were skipped "
-            '(listed with reasons under "skipped" in the JSON report).'
+            title("Skipped (requested, does not apply)")
+            + "\n"
+            + format_table(["model", "engine", "precision", "reason"], skipped, markdown)
         )
     return sections
 
 
 def config_notes(config: dict) -> str:
-    """A short note on the engine settings that explain a run's numbers."""
+    """A short note on the engine settings that explain a run's numbers (and a fixed batch)."""
+    note = _engine_note(config)
+    if config.get("fixed_batch"):
+        note = f"{note}; " if note else ""
+        note += f"fixed batch {config['fixed_batch']} (runs at that batch only)"
+    return note
+
+
+def _engine_note(config: dict) -> str:
     options, engine = config["options"], config["engine"]
     if engine == "openvino":
         note = f"precision hint {options['inference_precision_hint']}"

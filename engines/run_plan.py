@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.model_files import CHECKPOINT, ONNX, TRT_PLAN, ModelFile
+from engines.model_files import KIND_ARTICLES, KIND_NAMES, TRT_PLAN, ModelFile
 from engines.registry import ENGINES, RunnerOptions
 from engines.runner import Runner
 from fatq.errors import FatqError
@@ -40,10 +40,6 @@ class Skipped:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "engine": self.engine, "precision": self.precision, "reason": self.reason}
-
-
-KIND_NAMES = {ONNX: "ONNX files", TRT_PLAN: "TensorRT plans", CHECKPOINT: "fatq checkpoints"}
-KIND_ARTICLES = {ONNX: "an ONNX file", TRT_PLAN: "a TensorRT plan", CHECKPOINT: "a fatq checkpoint"}
 
 
 def _unsupported(model: ModelFile, engine: str, precision: str) -> str | None:

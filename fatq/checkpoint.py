@@ -85,6 +85,30 @@ def load_fatq_checkpoint(path: str | Path) -> dict:
     return data
 
 
+# the fields every reader of a fatq checkpoint uses (model_from_checkpoint, the runners, fatq-ptq)
+REQUIRED_FIELDS = ("arch", "spec", "num_classes", "normalization", "state_dict")
+
+
+def check_layout(data: dict, path: str | Path) -> dict:
+    """``data`` if its fields have the types the format promises, else one CheckpointError sentence.
+
+    Checked before a model is built from it: a tensor where the state dict belongs, or a fatq
+    checkpoint without its spec, would otherwise fail deep inside torch or the model factory.
+    """
+    state = data.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}'s state_dict is a {type(state).__name__}, not a dict of tensors; it is not a model checkpoint."
+        )
+    if is_fatq_checkpoint(data):
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
+        if missing:
+            raise CheckpointError(f"{path} is a fatq checkpoint without its {', '.join(missing)} field(s).")
+        if not isinstance(data["spec"], dict) or not isinstance(data["arch"], str):
+            raise CheckpointError(f"{path} records an unreadable arch or spec; it was not written by fatq.")
+    return data
+
+
 def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
     """Remove a DataParallel/DDP prefix from every key that has it."""
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

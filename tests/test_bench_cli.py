@@ -34,7 +34,7 @@ def _check_schema(report: dict) -> None:
     for model in report["models"]:
         assert set(model) == {"path", "kind", "precision", "sha256"} and len(model["sha256"]) == 64
     config_keys = {"label", "model", "model_kind", "engine", "engine_version", "precision", "device", "threads",
-                   "options", "memory_bytes", "normalization"}  # fmt: skip
+                   "options", "memory_bytes", "normalization", "fixed_batch", "batch_sizes", "eval_batch"}  # fmt: skip
     for config in report["configs"]:
         assert set(config) == config_keys
     run_keys = {"label", "model", "engine", "engine_version", "precision", "device", "threads", "batch_size",
@@ -84,8 +84,8 @@ def test_report_schema_accuracy_and_agreement(resnet_pair, tiny_image_folder, tm
     assert report["gate"]["passed"] and report["settings"]["eval_inputs"].startswith("cifar10 test split (12")
     assert report["skipped"] == [
         {"model": str(ckpt), "engine": e, "precision": "fp32",
-         "reason": f"{e} runs ONNX files; r20.pt is a fatq checkpoint"}
-        for e in ("ort", "openvino")
+         "reason": f"{e} runs {kinds}; r20.pt is a fatq checkpoint"}
+        for e, kinds in (("ort", "ONNX files"), ("openvino", "ONNX files or OpenVINO IR (.xml + .bin)"))
     ] + [{"model": str(onnx_path), "engine": "torch", "precision": "fp32",
           "reason": "torch runs fatq checkpoints; r20.onnx is an ONNX file"}]  # fmt: skip
     assert report["command"].startswith("fatq-bench ") and "--engine openvino" in report["command"]
@@ -138,7 +138,7 @@ def test_bad_input_exits_2_with_one_sentence(resnet_pair, tiny_image_folder, tmp
     ckpt, onnx_path = resnet_pair
     junk = tmp_path / "model.bin"
     junk.write_bytes(b"\x01\x02 definitely not a model")
-    _exit2([str(junk), *FAST], capsys, "is neither an ONNX model, a TensorRT plan")
+    _exit2([str(junk), *FAST], capsys, "is neither an ONNX model, an OpenVINO IR")
     _exit2([str(onnx_path), "--engine", "tflite", *FAST], capsys, "invalid choice: 'tflite'")
     _exit2([str(onnx_path), "--batch-sizes", "1,x", *FAST], capsys, "batch sizes must be comma-separated integers")
     _exit2([str(onnx_path), "--min-agreement", "99", *FAST], capsys, "--min-agreement needs --reference")
