@@ -46,7 +46,7 @@ import onnx
 
 from export import onnx_builder
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
-from export.qdq_writer import dequantized_weights, weight_initializers
+from export.qdq_writer import int32_bias_dequantized_weights, weight_initializers
 from fatq.errors import FatqError
 
 MS_DOMAIN = "com.microsoft"
@@ -152,7 +152,8 @@ class _OrtWriter:
 
     def conv(self, node: DeployNode) -> None:
         quant = node.attrs["out_quant"]
-        weight, w_scale, w_zero, bias = weight_initializers(self.b, node)
+        weight, w_scale, w_zero = weight_initializers(self.b, node)
+        bias = self.b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))
         y_zero_point = self.byte(self.zero_point_for(quant, node.name))
         y = self.b.node(
             "QLinearConv",
@@ -167,7 +168,7 @@ class _OrtWriter:
     def dequantized_layer(self, node: DeployNode, output: str | None) -> str:
         """DQ(x), DQ(W), DQ(b) → Conv/Gemm with a float output; ONNX Runtime fuses it to an int8 kernel."""
         x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
-        w, bias = dequantized_weights(self.b, node)
+        w, bias = int32_bias_dequantized_weights(self.b, node)
         if node.op == "qconv":
             return self.b.node("Conv", [x, w, bias], output, node.name, **onnx_builder.conv_attrs(node.attrs))
         return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)

@@ -66,31 +66,58 @@ from fatq.errors import FatqError
 FLOAT_READERS = frozenset({"add", "relu", "clip", "global_avgpool"})
 
 
-def weight_initializers(b: OnnxBuilder, node: DeployNode) -> tuple[str, str, str, str]:
-    """(int8 weight, weight scale, int8 zero points, int32 bias) initializers of a qconv/qlinear node."""
+def weight_initializers(b: OnnxBuilder, node: DeployNode) -> tuple[str, str, str]:
+    """(int8 weight, weight scale, int8 zero points of the scale's count) initializers of a qconv/qlinear node."""
     params = node.params
     w_scale = scalar_or_vector(params["weight_scale"])
     return (
         b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8)),
         b.initializer(f"{node.name}.weight_scale", w_scale),
         b.constant(np.zeros_like(w_scale), np.int8),
-        b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
     )
 
 
+def bias_step(node: DeployNode) -> np.ndarray:
+    """float32(s_x · s_w,c) of a qconv/qlinear node: one step of its int32 accumulator, [C_out] float32."""
+    return np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+
+
+def float_bias(node: DeployNode) -> np.ndarray:
+    """The bias the TensorRT file stores: float32(q_b · float32(s_x · s_w,c)), [C_out] float32.
+
+    The product is rounded once (computed in float64, where it is exact); ONNX Runtime re-derives
+    round(b / (s_x · s_w,c)) = q_b from it (its WeightBiasQuantization), since the float32 rounding
+    moves b by at most 2^-24 · |b| < half a step while |q_b| < 2^23.
+    """
+    step = bias_step(node).astype(np.float64)
+    return (node.params["bias_int32"].astype(np.float64) * step).astype(np.float32)
+
+
 def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
-    """DequantizeLinear of a qconv/qlinear node's weight (per channel, axis 0) and of its int32 bias
-    (scale s_x · s_w,c, what ONNX Runtime needs to fuse the layer into an integer kernel)."""
-    weight, w_scale, w_zero, bias = weight_initializers(b, node)
+    """DequantizeLinear of a qconv/qlinear node's int8 weight (per channel, axis 0), and its bias as a
+    float32 constant [C_out] (:func:`float_bias`).
+
+    Never a DequantizeLinear of int32: TensorRT's IDequantizeLayer takes INT8/FP8/INT4 inputs only
+    (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; DEPLOY.md, corrected), and ONNX
+    Runtime 1.32's fused Gemm reads such a bias wrongly on AVX2 CPUs (tests/test_ort_int32_bias.py).
+    """
+    weight, w_scale, w_zero = weight_initializers(b, node)
     per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
     w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
-    bias_scale = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-    bias_scale = scalar_or_vector(bias_scale)
-    bias_inputs = [bias, b.initializer(f"{node.name}.bias_scale", bias_scale)]
-    bias_inputs.append(b.constant(np.zeros_like(bias_scale), np.int32))
-    axis = {"axis": 0} if np.ndim(bias_scale) else {}
-    dq_bias = b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
-    return w, dq_bias
+    return w, b.initializer(f"{node.name}.bias", float_bias(node))
+
+
+def int32_bias_dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
+    """The onnx-ort file's form (ONNX Runtime only): DequantizeLinear of the int8 weight and of the int32
+    bias at scale s_x · s_w,c (int32 zero points), which ONNX Runtime fuses with the layer into QGemm."""
+    weight, w_scale, w_zero = weight_initializers(b, node)
+    per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
+    w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
+    step = scalar_or_vector(bias_step(node))
+    bias_inputs = [b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))]
+    bias_inputs += [b.initializer(f"{node.name}.bias_scale", step), b.constant(np.zeros_like(step), np.int32)]
+    axis = {"axis": 0} if np.ndim(step) else {}
+    return w, b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
 
 
 class QdqWriter:
