@@ -4,10 +4,14 @@ Written directly from the graph rather than through ``torch.onnx``: its fake-qua
 broken for narrow ranges and under dynamo (DEPLOY.md), and direct writing places every Q/DQ
 exactly and takes well under a second.
 
-QDQ conventions (DEPLOY.md): symmetric int8 with zero point 0 everywhere, no uint8;
-per-channel (axis 0) weight scales, per-tensor activation scales; Conv/Gemm bias as int32
-through a DequantizeLinear of scale s_x · s_w,c, so ONNX Runtime fuses DQ → Conv → Q into
-QLinearConv; b-bit activation ranges enforced by a constant Clip.
+This is the TensorRT file (``--format onnx``, :mod:`export.formats`), and ONNX Runtime and OpenVINO read it
+too. QDQ conventions (DEPLOY.md, corrected 2026-12-01; :mod:`export.lint_rules` target "trt"): symmetric
+int8 with zero point 0 everywhere (one per scale), no uint8; every DequantizeLinear reads int8;
+per-channel (axis 0) weight scales, per-tensor activation scales, float32 constants; Conv/Gemm bias as
+a float32 constant float32(q_b · float32(s_x · s_w,c)) (:func:`float_bias`), never a DequantizeLinear of
+int32, which TensorRT's IDequantizeLayer cannot take. ONNX Runtime re-derives q_b from it and still
+fuses DQ → Conv → Q into QLinearConv; the classifier Gemm it runs in float. b-bit activation ranges
+are enforced by a constant float32 Clip.
 
 Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed) integer range:
 
@@ -17,13 +21,15 @@ Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed
 - conv/linear fused with its output quantizer (see :mod:`export.lower`):
   ``DQ(x), DQ(W), DQ(b) → Conv → Q(s) → DQ → Clip(lo·s, hi·s) → Q(s)``. The Conv feeds a Q
   directly, the condition ORT needs to fuse it into one integer kernel (a Relu or Clip between
-  Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own quantizer output
-  ran 1.9× slower than FP32, DEPLOY.md). The trailing DQ → Clip → Q is elementwise and equals
+  Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own ``quantize_static``
+  with QInt8 symmetric activations and no pre-processing ran at 0.48× FP32 throughput, where its
+  documented U8S8 form with pre-processing ran at 1.99×, DEPLOY.md). The trailing DQ → Clip → Q is elementwise and equals
   the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
   [-128, 127] never cuts inside [lo, hi]. It also keeps signed 8-bit quantizers exact: they use
   [-127, 127] while a bare Q saturates to [-128, 127].
   ``range_clip="int8"`` writes the QCDQ form ``Conv → Q(s) → Clip_int8(lo, hi) → DQ`` instead
-  (same values; fewer nodes; TensorRT support unconfirmed, DEPLOY.md).
+  (same values; fewer nodes), for a benchmark only: TensorRT's Clip takes no int8 (lint rule
+  ``trt-clip-float``), so the exporter never writes it.
 - max-pool / flatten / option-A shortcut of a quantized tensor: ``DQ → op → Q(s)`` (ORT runs
   the op on int8 and drops the pair).
 - residual Add: both inputs through Q/DQ (``branch_quantizer``, ``shortcut_quantizer``), Add and
@@ -36,10 +42,10 @@ then runs the Conv with an int8 output and the Add as a separate pointwise layer
 → Q islands are pointwise int8 → int8 layers it can fuse into the preceding conv's epilogue or
 run as one kernel.
 
-Opset: :data:`DEFAULT_OPSET` = 21 (IR version 10, ONNX 1.16) — the newest all three engines read:
-ONNX Runtime 1.32 and OpenVINO 2026.4 load it (tested here); TensorRT 10's ONNX parser supports
-opsets 9–22 (onnx-tensorrt docs; 10.0 added INT4 Q/DQ, an opset-21 type). 13 is the minimum
-(per-channel DequantizeLinear).
+Opset: :data:`DEFAULT_OPSET` = 20 (IR version 9), the newest opset onnx-tensorrt's docs/operators.md
+documents for TensorRT 10.0/10.1 (10.15: 9–24; 11.x: 9–25, NVIDIA's ONNX opset guide); ONNX Runtime
+1.32 and OpenVINO 2026.4 load it (tested here). 13..21 are selectable (13: per-channel
+DequantizeLinear); the lint's ``trt-opset`` rule warns outside a TensorRT release's documented range.
 """
 
 from __future__ import annotations
