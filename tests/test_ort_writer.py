@@ -54,8 +54,12 @@ def test_graph_is_uint8_qoperator_without_float_chains():
     convs = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
     assert ops.count("QLinearConv") == len(convs)
     assert "Conv" not in ops
-    # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits
-    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") <= 6
+    # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits, plus a
+    # float Add (DQ, DQ, Add, Clip, Q) for each residual whose QLinearAdd the installed ORT rounds differently
+    # on this CPU (write_ort measures it: none on the AVX-512 VNNI machine, one on the AVX2-only CI machine)
+    float_adds = json.loads(read_metadata(onnx_model)["float_residual_adds"])
+    assert ops.count("QuantizeLinear") == 2 + len(float_adds)
+    assert ops.count("DequantizeLinear") <= 6 + 2 * len(float_adds)
     domains = {n.domain for n in onnx_model.graph.node}
     assert domains == {"", "com.microsoft"}
     # every quantized tensor's zero point is recorded, and it is where the integer range starts
@@ -70,7 +74,9 @@ def test_metadata_names_the_format_and_keeps_the_callers_entries():
     _, graph = lowered_case("resnet20", 4, "{}")
     read = read_metadata(write_ort(graph, metadata={"arch": "resnet20"}))
     assert read["arch"] == "resnet20"
-    assert json.loads(read["float_residual_adds"]) == []
+    # residual quantizers whose QLinearAdd this CPU's ORT kernel rounds differently (measured at export time)
+    quantizers = {n.name for n in graph.nodes if n.op == "quantize"}
+    assert set(json.loads(read["float_residual_adds"])) <= quantizers
     assert set(json.loads(read["uint8_tensors"])) == set(DeployReference(graph).quant)
 
 
