@@ -23,8 +23,8 @@ Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed
   directly, the condition ORT needs to fuse it into one integer kernel (a Relu or Clip between
   Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own ``quantize_static``
   with QInt8 symmetric activations and no pre-processing ran at 0.48× FP32 throughput, where its
-  documented U8S8 form with pre-processing ran at 1.99×, DEPLOY.md). The trailing DQ → Clip → Q is elementwise and equals
-  the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
+  documented U8S8 form with pre-processing ran at 1.99×, DEPLOY.md). The trailing DQ → Clip → Q
+  is elementwise and equals the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
   [-128, 127] never cuts inside [lo, hi]. It also keeps signed 8-bit quantizers exact: they use
   [-127, 127] while a bare Q saturates to [-128, 127].
   ``range_clip="int8"`` writes the QCDQ form ``Conv → Q(s) → Clip_int8(lo, hi) → DQ`` instead
