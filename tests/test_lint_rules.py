@@ -425,3 +425,22 @@ def test_assert_clean_refuses_errors_and_returns_warnings():
     (warning,) = assert_clean(_graph(opset=21), "trt")
     assert warning.rule == "trt-opset"
     assert assert_clean(_graph(bias="int32"), "ort") == []
+
+
+def test_fatq_export_lint_flags_target_and_trt_version(tmp_path, capsys):
+    from engines.export_cli import main
+
+    old = tmp_path / "int32-bias.onnx"
+    onnx.save(_graph(bias="int32"), str(old))
+    assert main(["--lint", str(old)]) == 1  # default target trt
+    assert "[trt-dq-input-int8] error" in capsys.readouterr().out
+    assert main(["--lint", str(old), "--target", "ort"]) == 0
+    assert "clean (ONNX Runtime rules)" in capsys.readouterr().err
+    good = tmp_path / "good.onnx"
+    onnx.save(_graph(opset=24), str(good))
+    assert main(["--lint", str(good), "--target", "trt", "--trt-version", "10.15"]) == 0
+    assert main(["--lint", str(good), "--target", "trt"]) == 1  # opset 24 is outside 10.0's 9-20: a warning
+    capsys.readouterr()
+    assert main(["--lint", str(good), "--trt-version", "9.0"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 9.0" in err and "Traceback" not in err
