@@ -5,9 +5,11 @@ For one checkpoint it writes, side by side:
 - ``fp32``: ``fatq-export --format onnx-fp32`` (the folded float model);
 - ``int8``: ``fatq-export --format onnx`` (fatq's QDQ layout: every Conv feeds a Q directly,
   ranges clipped in float after it);
-- ``int8-qcdq``: the same graph with integer Clips between Q and DQ (``range_clip="int8"``);
+- ``int8-qcdq``: the same graph with integer Clips between Q and DQ (``range_clip="int8"``; not a
+  TensorRT file: its lint rule ``trt-clip-float`` refuses the integer Clip);
 - ``ort-ptq``: ONNX Runtime's own ``quantize_static`` of the fp32 file (QDQ, per-channel,
-  symmetric int8, MinMax on random inputs) — the baseline DEPLOY.md measured 1.9x slower than fp32.
+  symmetric int8, MinMax on random inputs) — the form DEPLOY.md measured at 0.48x fp32 throughput
+  without pre-processing (its documented U8S8 form with pre-processing: 1.99x).
 
 For each file it reports how ONNX Runtime optimized it (fused ``QLinearConv`` vs float ``Conv`` /
 ``FusedConv`` left, from ``SessionOptions.optimized_model_filepath``), then times every file in

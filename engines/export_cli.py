@@ -3,14 +3,18 @@
     fatq-export CKPT --format onnx [-o OUT] [--opset N] [--calib-data DIR] [--check ...]
     fatq-export CKPT --format onnx-ort ...       (same integers, for ONNX Runtime's CPU kernels)
     fatq-export CKPT --format onnx-openvino ...  (same integers, for OpenVINO's CPU plugin)
-    fatq-export --lint model.onnx
+    fatq-export --lint model.onnx [--target trt|ort|openvino] [--trt-version 10.0]
 
 Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
 deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for int8 files, OUT's
 ``.reference.pt``: the checkpoint moved onto the engine's grid (:mod:`export.engine_exact`), i.e. the
-PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. Every file is checked
-against DEPLOY.md's rules before it is written (:mod:`export.graph_check`); nothing is written
-on an error. ``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files) against
+PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. A
+portable file is checked against the TensorRT rules of :mod:`export.lint_rules` before it is written;
+nothing is written on an error. ``--lint`` runs the same rule table on any file
+(:func:`export.lint_rules.main_lint`). ``--format trt`` writes the ``--format onnx`` file and builds a
+TensorRT plan from it (:func:`engines.trt_builder.build_plan_from_onnx`) where TensorRT and a GPU exist;
+elsewhere it exits 2 with one sentence before writing anything.
+``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files) against
 the deploy reference and the PyTorch model (:mod:`engines.deploy_check`) and exits 1 below ``--min-agreement``.
 
 This module only parses, calls :func:`export.pipeline.export_checkpoint` (and
@@ -28,7 +32,8 @@ import sys
 
 from engines.deploy_check import DEFAULT_CHECK_IMAGES, check_export, check_images
 from export.edge_weights import describe
-from export.formats import FORMATS, NOT_WRITTEN
+from export.formats import FORMATS
+from export.lint_rules import DEFAULT_TRT_VERSION, TARGETS
 from export.onnx_builder import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from export.pipeline import CALIB_BATCH_SIZE, CalibrationSettings, export_checkpoint
 from fatq.cli_common import SentenceParser, run_cli
@@ -44,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", help="fatq checkpoint (.pt) to export")
     parser.add_argument(
         "--format",
-        choices=(*FORMATS, *NOT_WRITTEN),
+        choices=(*FORMATS, "trt"),
         default="onnx",
-        help="onnx: portable QDQ int8 for TensorRT, OpenVINO and ONNX Runtime (default); onnx-ort: the same "
+        help="onnx: the TensorRT QDQ int8 file (float biases, opset 20), which OpenVINO and ONNX Runtime also "
+        "read (default); trt: that file and a TensorRT int8 plan built from it (-o names the .plan; needs TensorRT "
+        "and a GPU); onnx-ort: the same "
         "integers as uint8 QOperator ops, faster in ONNX Runtime, for nothing else (export/ort_writer.py); "
         "onnx-openvino: the same integers with 4-bit quantizers as OpenVINO FakeQuantize ops, faster in "
         "OpenVINO, for nothing else (export/openvino_writer.py); onnx-fp32: folded float",
@@ -98,8 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--check compares with the model as trained",
     )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
-    parser.add_argument(
-        "--lint", metavar="FILE", help="only check FILE against the deployment rules (exit 1 on findings)"
+    lint = parser.add_argument_group("lint")
+    lint.add_argument(
+        "--lint",
+        metavar="FILE",
+        help="only check FILE against the rules of --target (export/lint_rules.py): exit 1 on findings, 0 clean",
+    )
+    lint.add_argument(
+        "--target", choices=TARGETS, default="trt", help="the engine whose rules --lint applies (default trt)"
+    )
+    lint.add_argument(
+        "--trt-version",
+        default=DEFAULT_TRT_VERSION,
+        help=f"TensorRT release line for --target trt: 10.0, 10.1, 10.15 or 11 (default {DEFAULT_TRT_VERSION})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -108,39 +126,53 @@ def build_parser() -> argparse.ArgumentParser:
 # --- lint -----------------------------------------------------------------------------------
 
 
-def lint(path: str) -> int:
-    import onnx
-
+def lint(path: str, target: str, trt_version: str) -> int:
+    """:func:`export.lint_rules.main_lint`, plus a note when FILE is an engine-specific fatq file (its
+    own ops by design, so the portable rules do not apply). Exit 1 on findings, 0 clean."""
     from export.formats import format_of
-    from export.graph_check import check_model
+    from export.lint_rules import load_model, main_lint
 
-    try:
-        model = onnx.load(path)
-    except (OSError, ValueError) as exc:
-        raise FatqError(f"cannot read {path} as ONNX ({type(exc).__name__}).") from None
-    except Exception as exc:  # protobuf's DecodeError has no stable import path
-        raise FatqError(f"{path} is not an ONNX model ({type(exc).__name__}).") from None
-    if not model.graph.node:
-        raise FatqError(f"{path} is not an ONNX model (no graph).")
-    findings = check_model(model)
-    for finding in findings:
-        print(finding)
-    own = format_of(model)
-    if findings and own is not None and own.purpose is not None:
+    status = main_lint(path, target, trt_version)
+    own = format_of(load_model(path))
+    if status and own is not None and own.purpose is not None:
         print(
             f"{path}: written by fatq-export --format {own.name} for {own.purpose} by design; export --format "
             "onnx for the other engines.",
             file=sys.stderr,
         )
-    print(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: clean", file=sys.stderr)
-    return 1 if findings else 0
+    return status
 
 
 # --- export ---------------------------------------------------------------------------------
 
 
+def export_plan(args, argv: list[str]) -> int:
+    """``--format trt``: the TensorRT ONNX file (``<plan stem>.onnx`` and its companions), then a strongly
+    typed int8 plan built from it. TensorRT and a GPU are checked first: without them nothing is written."""
+    from pathlib import Path
+
+    from engines.trt_builder import PLAN_SUFFIXES, BuildSettings, build_plan_from_onnx, require_gpu
+    from fatq.extras import import_extra
+
+    checkpoint = Path(args.checkpoint)
+    plan = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + ".plan")
+    if plan.suffix not in PLAN_SUFFIXES:
+        raise FatqError(f"--format trt writes a TensorRT plan: -o must end in {' or '.join(PLAN_SUFFIXES)}.")
+    if args.check:
+        raise FatqError("--check runs ONNX Runtime or OpenVINO; check a plan with fatq-bench --engine trt --reference.")
+    import_extra("tensorrt")
+    require_gpu()
+    args.format, args.output = "onnx", str(plan.with_suffix(".onnx"))
+    status = export(args, argv)
+    sidecar = build_plan_from_onnx(args.output, plan, BuildSettings("int8"))
+    print(f"wrote {plan} (TensorRT {sidecar.get('tensorrt_version', '?')})")
+    return status
+
+
 def export(args, argv: list[str]) -> int:
     """Run the export (and ``--check``) the parsed flags ask for; returns the exit status."""
+    if args.format == "trt":
+        return export_plan(args, argv)
     result = export_checkpoint(
         args.checkpoint,
         args.format,
@@ -212,7 +244,7 @@ def _main(argv: list[str] | None) -> int:
     if args.lint:
         if args.checkpoint:
             raise FatqError("--lint takes only the ONNX file; drop the checkpoint argument.")
-        return lint(args.lint)
+        return lint(args.lint, args.target, args.trt_version)
     if not args.checkpoint:
         raise FatqError("give a checkpoint to export (or --lint FILE).")
     return export(args, argv)

@@ -19,6 +19,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def saturating_u8s8() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels saturate here: an x86 CPU with AVX2 but no VNNI.
+
+    Without VNNI, MLAS multiplies u8 x s8 with ``vpmaddubsw``, whose int16 sum of two products
+    saturates once 2 * 255 * |w| > 32767 (|w| >= 65, e.g. an 8-bit stem conv or classifier); VNNI's
+    ``vpdpbusd`` accumulates in int32. Measured on an AMD EPYC (AVX2 only) with ONNX Runtime 1.32:
+    a QGemm with 8-bit weights off by up to ~6e4 accumulator steps (tests/test_ort_int32_bias.py).
+    """
+    flags = cpu_flags()
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
+
+
 def cpu_device() -> str:
     """Device string of a CPU run, e.g. ``"CPU (AMD EPYC 9R14)"``."""
     return f"CPU ({cpu_name()})"

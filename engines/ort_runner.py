@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.host import cpu_device, gpu_info
+from engines.host import cpu_device, gpu_info, saturating_u8s8
 from engines.model_files import ModelFile, onnx_model_file
 from engines.runner import Runner, RunnerInfo, TensorMeta
 from fatq.errors import FatqError, MissingExtraError
@@ -115,6 +115,10 @@ class OrtRunner(Runner):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+        if saturating_u8s8():
+            # keep a QDQ file's int8 Q/DQ pairs int8 (ORT turns them into uint8 on x86 by default): its s8 x s8
+            # kernels stay within int16 (2 * 127 * 127 < 2^15) where the u8 x s8 ones saturate (engines/host.py)
+            options.add_session_config_entry("session.qdqisint8allowed", "1")
         try:
             self._session = ort.InferenceSession(self.model_file.source, options, providers=self._provider_list(ort))
         except FatqError:

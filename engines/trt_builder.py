@@ -541,7 +541,7 @@ def build_plan_from_onnx(onnx_path: str | Path, out: str | Path, settings: Build
         raise FatqError(f"a TensorRT plan must end in {' or '.join(PLAN_SUFFIXES)}, got {out.name}.")
     if not out.parent.is_dir():
         raise FatqError(f"directory {out.parent} does not exist (for {out.name}).")
-    trt = import_tensorrt()
+    trt = import_extra("tensorrt")
     require_gpu()
     version = trt.__version__
     try:

@@ -4,6 +4,14 @@ Everything the exporter, the linter, ``--check`` and ``fatq-bench`` need to know
 in its :class:`OutputFormat` entry of :data:`FORMATS`; adding a format is adding one entry (and
 its writer). A written file records its format's ``metadata_tag`` in ``metadata_props["format"]``;
 :func:`format_of` reads it back.
+
+The portable file ``--format onnx`` *is* the TensorRT file (a choice, not a separate
+``onnx-trt``): TensorRT's ONNX parser is the strictest of the three engines, so the one file it
+accepts is written for it — float32 Conv/Gemm biases (never a DequantizeLinear of int32), int8
+DequantizeLinear inputs, zero zero points, float32 constant scales and Clip bounds, no uint8,
+opset 20 — and ONNX Runtime and OpenVINO read the same file. The exporter refuses to write it
+unless :func:`export.lint_rules.assert_clean` finds nothing against the TensorRT rules (target
+``"trt"``, :attr:`OutputFormat.lint_target`). The engine-specific files keep their own forms.
 """
 
 from __future__ import annotations
@@ -59,6 +67,12 @@ class OutputFormat:
         return self.engines[0] if len(self.engines) == 1 else None
 
     @property
+    def lint_target(self) -> str | None:
+        """The :mod:`export.lint_rules` target a file must pass before it is written: "trt" for the
+        portable formats (the strictest reader), None for an engine-specific one (its own ops by design)."""
+        return "trt" if self.purpose is None else None
+
+    @property
     def companions(self) -> tuple[str, ...]:
         """Suffixes of the files written beside it: the deploy graph, and for an int8 format the
         ``.reference.pt`` (unless exported as trained, see :mod:`export.engine_exact`)."""
@@ -74,6 +88,7 @@ _OPENVINO_OPS = "OpenVINO (its FakeQuantize op)"
 FORMATS: dict[str, OutputFormat] = {
     f.name: f
     for f in (
+        # the TensorRT file, read by every portable engine (module docstring)
         OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort"),
         OutputFormat("onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, MS_DOMAIN),
         OutputFormat(
@@ -89,11 +104,6 @@ FORMATS: dict[str, OutputFormat] = {
         ),
         OutputFormat("onnx-fp32", ".fp32.onnx", "fp32", False, write_float, PORTABLE_ENGINES, "ort"),
     )
-}
-# formats fatq-export names but does not write, with the sentence that says where to get them
-NOT_WRITTEN = {
-    "trt": "--format trt is not available in fatq-export: export --format onnx, then build the engine with "
-    "fatq-bench (engines/trt_builder.py) on a machine with TensorRT and a GPU."
 }
 
 

@@ -19,7 +19,7 @@ from export.deploy_graph import DeployGraph, DeployNode
 from fatq.errors import FatqError
 from fatq.provenance import __version__
 
-DEFAULT_OPSET = 21
+DEFAULT_OPSET = 20  # the newest opset TensorRT 10.0/10.1 document (see export.qdq_writer)
 MIN_OPSET = 13
 MAX_OPSET = 21
 INPUT_NAME = "input"

@@ -46,7 +46,7 @@ import onnx
 
 from export import onnx_builder
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
-from export.qdq_writer import dequantized_weights, weight_initializers
+from export.qdq_writer import int32_bias_dequantized_weights, weight_initializers
 from fatq.errors import FatqError
 
 MS_DOMAIN = "com.microsoft"
@@ -76,6 +76,23 @@ class AddCheck:
     zero_point: int
     qmin: int
     qmax: int
+
+
+INT16_MAX = 2**15 - 1
+
+
+def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
+    """Whether a uint8 x int8 conv of ``x`` can saturate on x86 CPUs without VNNI.
+
+    There, ONNX Runtime's u8 x s8 kernels multiply with ``vpmaddubsw``, which sums two products into
+    a saturating int16: exact only while 2 · max byte · max|w| <= 32767. :func:`export.lower.lower`
+    keeps widened weights within 63 for that reason; an 8-bit layer (the stem conv of a signed 8-bit
+    image, bytes up to 254) can exceed it. Measured on an AMD EPYC (AVX2 only), ONNX Runtime 1.32:
+    1 integer in ~10^5 of a ResNet-20 stem conv off; VNNI's int32 accumulation does not saturate.
+    Such convs are written int8 x int8 on every CPU, so the file is exact wherever it is exported.
+    """
+    max_byte = max(x.qmax, x.qmin) + x.zero_point
+    return 2 * max_byte * int(np.abs(node.params["weight"]).max(initial=0)) > INT16_MAX
 
 
 class _OrtWriter:
@@ -152,22 +169,32 @@ class _OrtWriter:
 
     def conv(self, node: DeployNode) -> None:
         quant = node.attrs["out_quant"]
-        weight, w_scale, w_zero, bias = weight_initializers(self.b, node)
-        y_zero_point = self.byte(self.zero_point_for(quant, node.name))
-        y = self.b.node(
-            "QLinearConv",
-            [*self.quant_inputs(self.u8[node.inputs[0]]), weight, w_scale, w_zero, self.scale(quant["scale"])]
-            + [y_zero_point, bias],
-            None,
-            node.name,
-            **onnx_builder.conv_attrs(node.attrs),
-        )
+        x = self.u8[node.inputs[0]]
+        weight, w_scale, w_zero = weight_initializers(self.b, node)
+        bias = self.b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))
+        zero_point = self.zero_point_for(quant, node.name)
+        if not saturates_u8s8(x, node):
+            inputs = [*self.quant_inputs(x), weight, w_scale, w_zero, self.scale(quant["scale"]), self.byte(zero_point)]
+            y = self.b.node("QLinearConv", [*inputs, bias], None, node.name, **onnx_builder.conv_attrs(node.attrs))
+            self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
+            return
+        # int8 x int8 instead: ORT's s8 x s8 kernels cannot saturate (2 * 127 * 127 < 2^15). Both conversions
+        # are exact (integers times one scale): DQ(u8) -> Q(s8) before, DQ(s8) -> Q(u8, -qmin) after, so the
+        # clamp below still sees bytes k - qmin saturated at 0.
+        int8_zero = self.b.constant(0, np.int8)
+        x_float = self.b.node("DequantizeLinear", self.quant_inputs(x), None, f"{node.name}/to_int8")
+        x8 = self.b.node("QuantizeLinear", [x_float, self.scale(x.scale), int8_zero], None, f"{node.name}/to_int8")
+        y_scale = self.scale(quant["scale"])
+        inputs = [x8, self.scale(x.scale), int8_zero, weight, w_scale, w_zero, y_scale, int8_zero, bias]
+        y8 = self.b.node("QLinearConv", inputs, None, node.name, **onnx_builder.conv_attrs(node.attrs))
+        y_float = self.b.node("DequantizeLinear", [y8, y_scale, int8_zero], None, f"{node.name}/to_uint8")
+        y = self.b.node("QuantizeLinear", [y_float, y_scale, self.byte(zero_point)], None, f"{node.name}/to_uint8")
         self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
 
     def dequantized_layer(self, node: DeployNode, output: str | None) -> str:
         """DQ(x), DQ(W), DQ(b) → Conv/Gemm with a float output; ONNX Runtime fuses it to an int8 kernel."""
         x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
-        w, bias = dequantized_weights(self.b, node)
+        w, bias = int32_bias_dequantized_weights(self.b, node)
         if node.op == "qconv":
             return self.b.node("Conv", [x, w, bias], output, node.name, **onnx_builder.conv_attrs(node.attrs))
         return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)

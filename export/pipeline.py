@@ -8,8 +8,8 @@ model keeps float (:mod:`calibration.passes`, needs ``calibration.data``); fold
 (:mod:`export.fold`); for an int8 format lower (:mod:`export.lower`) and, unless ``engine_exact``
 is off, move the model onto the engine's grid (:mod:`export.engine_exact`, which lowers again only
 after it changed the model); for the float format dequantize. Then the metadata, the writer of
-the format (:mod:`export.formats`), DEPLOY.md's rules for portable files
-(:mod:`export.graph_check`), and the files: all of them or none.
+the format (:mod:`export.formats`), the TensorRT rules for portable files
+(:func:`export.lint_rules.assert_clean`, target ``"trt"``), and the files: all of them or none.
 
 ``fatq-export`` (:mod:`engines.export_cli`) parses its flags into this call and prints the result.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from export.deploy_graph import DeployGraph
-from export.formats import DEPLOY_GRAPH, FORMATS, NOT_WRITTEN, REFERENCE, OutputFormat, companion_path
+from export.formats import DEPLOY_GRAPH, FORMATS, REFERENCE, OutputFormat, companion_path
 from export.onnx_builder import DEFAULT_OPSET
 from fatq.errors import FatqError
 from fatq.io import write_bytes_atomic
@@ -173,12 +173,10 @@ def export_checkpoint(
     from export.edge_weights import fit_edge_weights_to_int8, refuse_wide_activations
     from export.engine_exact import make_engine_exact
     from export.fold import dequantized, fold
-    from export.graph_check import assert_deployable
+    from export.lint_rules import assert_clean
     from export.lower import lower
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
 
-    if fmt in NOT_WRITTEN:
-        raise FatqError(NOT_WRITTEN[fmt])
     if fmt not in FORMATS:
         raise FatqError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
     spec = FORMATS[fmt]
@@ -219,8 +217,8 @@ def export_checkpoint(
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference.name, **projection}
     onnx_model = spec.write(graph, opset, graph.meta)
-    if spec.purpose is None:  # engine-specific files use one engine's own ops by design: the rules do not apply
-        assert_deployable(onnx_model)
+    if spec.lint_target is not None:  # engine-specific files use one engine's own ops by design: no portable rules
+        assert_clean(onnx_model, spec.lint_target)
     companions = [companion_path(out, DEPLOY_GRAPH)] + ([reference] if projection is not None else [])
     try:
         graph.save(companions[0])

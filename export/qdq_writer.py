@@ -4,10 +4,14 @@ Written directly from the graph rather than through ``torch.onnx``: its fake-qua
 broken for narrow ranges and under dynamo (DEPLOY.md), and direct writing places every Q/DQ
 exactly and takes well under a second.
 
-QDQ conventions (DEPLOY.md): symmetric int8 with zero point 0 everywhere, no uint8;
-per-channel (axis 0) weight scales, per-tensor activation scales; Conv/Gemm bias as int32
-through a DequantizeLinear of scale s_x · s_w,c, so ONNX Runtime fuses DQ → Conv → Q into
-QLinearConv; b-bit activation ranges enforced by a constant Clip.
+This is the TensorRT file (``--format onnx``, :mod:`export.formats`), and ONNX Runtime and OpenVINO read it
+too. QDQ conventions (DEPLOY.md, corrected 2026-12-01; :mod:`export.lint_rules` target "trt"): symmetric
+int8 with zero point 0 everywhere (one per scale), no uint8; every DequantizeLinear reads int8;
+per-channel (axis 0) weight scales, per-tensor activation scales, float32 constants; Conv/Gemm bias as
+a float32 constant float32(q_b · float32(s_x · s_w,c)) (:func:`float_bias`), never a DequantizeLinear of
+int32, which TensorRT's IDequantizeLayer cannot take. ONNX Runtime re-derives q_b from it and still
+fuses DQ → Conv → Q into QLinearConv; the classifier Gemm it runs in float. b-bit activation ranges
+are enforced by a constant float32 Clip.
 
 Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed) integer range:
 
@@ -17,13 +21,15 @@ Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed
 - conv/linear fused with its output quantizer (see :mod:`export.lower`):
   ``DQ(x), DQ(W), DQ(b) → Conv → Q(s) → DQ → Clip(lo·s, hi·s) → Q(s)``. The Conv feeds a Q
   directly, the condition ORT needs to fuse it into one integer kernel (a Relu or Clip between
-  Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own quantizer output
-  ran 1.9× slower than FP32, DEPLOY.md). The trailing DQ → Clip → Q is elementwise and equals
-  the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
+  Conv and Q keeps a float Conv on dequantized inputs — the reason ORT's own ``quantize_static``
+  with QInt8 symmetric activations and no pre-processing ran at 0.48× FP32 throughput, where its
+  documented U8S8 form with pre-processing ran at 1.99×, DEPLOY.md). The trailing DQ → Clip → Q
+  is elementwise and equals the model's clamp(round(relu(y) / s), 0, m) bit for bit, since the first Q's saturation to
   [-128, 127] never cuts inside [lo, hi]. It also keeps signed 8-bit quantizers exact: they use
   [-127, 127] while a bare Q saturates to [-128, 127].
   ``range_clip="int8"`` writes the QCDQ form ``Conv → Q(s) → Clip_int8(lo, hi) → DQ`` instead
-  (same values; fewer nodes; TensorRT support unconfirmed, DEPLOY.md).
+  (same values; fewer nodes), for a benchmark only: TensorRT's Clip takes no int8 (lint rule
+  ``trt-clip-float``), so the exporter never writes it.
 - max-pool / flatten / option-A shortcut of a quantized tensor: ``DQ → op → Q(s)`` (ORT runs
   the op on int8 and drops the pair).
 - residual Add: both inputs through Q/DQ (``branch_quantizer``, ``shortcut_quantizer``), Add and
@@ -36,10 +42,10 @@ then runs the Conv with an int8 output and the Add as a separate pointwise layer
 → Q islands are pointwise int8 → int8 layers it can fuse into the preceding conv's epilogue or
 run as one kernel.
 
-Opset: :data:`DEFAULT_OPSET` = 21 (IR version 10, ONNX 1.16) — the newest all three engines read:
-ONNX Runtime 1.32 and OpenVINO 2026.4 load it (tested here); TensorRT 10's ONNX parser supports
-opsets 9–22 (onnx-tensorrt docs; 10.0 added INT4 Q/DQ, an opset-21 type). 13 is the minimum
-(per-channel DequantizeLinear).
+Opset: :data:`DEFAULT_OPSET` = 20 (IR version 9), the newest opset onnx-tensorrt's docs/operators.md
+documents for TensorRT 10.0/10.1 (10.15: 9–24; 11.x: 9–25, NVIDIA's ONNX opset guide); ONNX Runtime
+1.32 and OpenVINO 2026.4 load it (tested here). 13..21 are selectable (13: per-channel
+DequantizeLinear); the lint's ``trt-opset`` rule warns outside a TensorRT release's documented range.
 """
 
 from __future__ import annotations
@@ -66,31 +72,58 @@ from fatq.errors import FatqError
 FLOAT_READERS = frozenset({"add", "relu", "clip", "global_avgpool"})
 
 
-def weight_initializers(b: OnnxBuilder, node: DeployNode) -> tuple[str, str, str, str]:
-    """(int8 weight, weight scale, int8 zero points, int32 bias) initializers of a qconv/qlinear node."""
+def weight_initializers(b: OnnxBuilder, node: DeployNode) -> tuple[str, str, str]:
+    """(int8 weight, weight scale, int8 zero points of the scale's count) initializers of a qconv/qlinear node."""
     params = node.params
     w_scale = scalar_or_vector(params["weight_scale"])
     return (
         b.initializer(f"{node.name}.weight", params["weight"].astype(np.int8)),
         b.initializer(f"{node.name}.weight_scale", w_scale),
         b.constant(np.zeros_like(w_scale), np.int8),
-        b.initializer(f"{node.name}.bias", params["bias_int32"].astype(np.int32)),
     )
 
 
+def bias_step(node: DeployNode) -> np.ndarray:
+    """float32(s_x · s_w,c) of a qconv/qlinear node: one step of its int32 accumulator, [C_out] float32."""
+    return np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+
+
+def float_bias(node: DeployNode) -> np.ndarray:
+    """The bias the TensorRT file stores: float32(q_b · float32(s_x · s_w,c)), [C_out] float32.
+
+    The product is rounded once (computed in float64, where it is exact); ONNX Runtime re-derives
+    round(b / (s_x · s_w,c)) = q_b from it (its WeightBiasQuantization), since the float32 rounding
+    moves b by at most 2^-24 · |b| < half a step while |q_b| < 2^23.
+    """
+    step = bias_step(node).astype(np.float64)
+    return (node.params["bias_int32"].astype(np.float64) * step).astype(np.float32)
+
+
 def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
-    """DequantizeLinear of a qconv/qlinear node's weight (per channel, axis 0) and of its int32 bias
-    (scale s_x · s_w,c, what ONNX Runtime needs to fuse the layer into an integer kernel)."""
-    weight, w_scale, w_zero, bias = weight_initializers(b, node)
+    """DequantizeLinear of a qconv/qlinear node's int8 weight (per channel, axis 0), and its bias as a
+    float32 constant [C_out] (:func:`float_bias`).
+
+    Never a DequantizeLinear of int32: TensorRT's IDequantizeLayer takes INT8/FP8/INT4 inputs only
+    (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; DEPLOY.md, corrected), and ONNX
+    Runtime 1.32's fused Gemm reads such a bias wrongly on AVX2 CPUs (tests/test_ort_int32_bias.py).
+    """
+    weight, w_scale, w_zero = weight_initializers(b, node)
     per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
     w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
-    bias_scale = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-    bias_scale = scalar_or_vector(bias_scale)
-    bias_inputs = [bias, b.initializer(f"{node.name}.bias_scale", bias_scale)]
-    bias_inputs.append(b.constant(np.zeros_like(bias_scale), np.int32))
-    axis = {"axis": 0} if np.ndim(bias_scale) else {}
-    dq_bias = b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
-    return w, dq_bias
+    return w, b.initializer(f"{node.name}.bias", float_bias(node))
+
+
+def int32_bias_dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
+    """The onnx-ort file's form (ONNX Runtime only): DequantizeLinear of the int8 weight and of the int32
+    bias at scale s_x · s_w,c (int32 zero points), which ONNX Runtime fuses with the layer into QGemm."""
+    weight, w_scale, w_zero = weight_initializers(b, node)
+    per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
+    w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
+    step = scalar_or_vector(bias_step(node))
+    bias_inputs = [b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))]
+    bias_inputs += [b.initializer(f"{node.name}.bias_scale", step), b.constant(np.zeros_like(step), np.int32)]
+    axis = {"axis": 0} if np.ndim(step) else {}
+    return w, b.node("DequantizeLinear", bias_inputs, None, f"{node.name}/bias", **axis)
 
 
 class QdqWriter:

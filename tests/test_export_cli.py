@@ -234,7 +234,13 @@ def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys):
     assert main([str(checkpoint), "-o", str(tmp_path / "no_dir" / "m.onnx"), "--quiet"]) == 2
     assert "does not exist" in _error(capsys)
     assert main([str(checkpoint), "--format", "trt", "-o", str(tmp_path / "m.onnx")]) == 2
-    assert "not available" in _error(capsys)
+    assert "-o must end in .plan or .engine" in _error(capsys)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # without TensorRT: one sentence, before anything is written
+        assert main([str(checkpoint), "--format", "trt", "-o", str(tmp_path / "m.plan"), "--quiet"]) == 2
+        assert "tensorrt is not installed" in _error(capsys)
+        assert not list(tmp_path.glob("m.*"))
     assert main([str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
     assert "opset" in _error(capsys)
     assert main([]) == 2

@@ -7,6 +7,7 @@ every rule has a violation case here, a source and a known target.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -285,47 +286,97 @@ def test_opset_ranges_by_tensorrt_version():
     assert next(r for r in RULES if r.id == "trt-opset").severity == "warning"
 
 
-def _with_float_biases(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each int32 bias DequantizeLinear replaced by its float32 value q * s (the TensorRT form of DEPLOY.md)."""
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    kept = []
-    for node in model.graph.node:
-        q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if q is not None and q.dtype == np.int32:
-            value = (q.astype(np.float64) * inits[node.input[1]].astype(np.float64)).astype(np.float32)
-            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        else:
-            kept.append(node)
+def _with_int32_biases(model: onnx.ModelProto, graph) -> onnx.ModelProto:
+    """The file as fatq wrote it before the float-bias change: each float32 bias constant of a Conv/Gemm
+    replaced by a DequantizeLinear of its int32 q at scale s_x * s_w (ONNX Runtime's int32 form)."""
+    from export.qdq_writer import bias_step
+
+    model = copy.deepcopy(model)
+    layers = {f"{n.name}.bias": n for n in graph.nodes if n.op in ("qconv", "qlinear")}
+    kept = [init for init in model.graph.initializer if init.name not in layers]
+    dqs = []
+    for init in model.graph.initializer:
+        node = layers.get(init.name)
+        if node is None:
+            continue
+        step = bias_step(node)
+        kept += [
+            numpy_helper.from_array(node.params["bias_int32"].astype(np.int32), f"{init.name}.q"),
+            numpy_helper.from_array(step, f"{init.name}.scale"),
+            numpy_helper.from_array(np.zeros_like(step, np.int32), f"{init.name}.zero"),
+        ]
+        names = [f"{init.name}.q", f"{init.name}.scale", f"{init.name}.zero"]
+        dqs.append(helper.make_node("DequantizeLinear", names, [init.name], name=f"{init.name}/dq", axis=0))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = dqs + list(model.graph.node)
     del model.graph.node[:]
-    model.graph.node.extend(kept)
+    model.graph.node.extend(nodes)
     return model
 
 
-def test_todays_int32_bias_file_is_a_trt_finding_and_its_float_bias_form_is_clean():
+def _bias_inputs(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [inits.get(n.input[2]) for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+
+
+def test_the_tensorrt_file_is_clean_and_the_int32_bias_form_is_a_trt_finding():
     graph = lower(fold(trained_like("resnet20", 4)))
-    today = write_qdq(graph, opset=20)
-    findings = lint(today, "trt")
+    written = write_qdq(graph)
+    biases = _bias_inputs(written)
+    assert len(biases) == 21 and all(b is not None and b.data_type == TensorProto.FLOAT for b in biases)
+    assert written.opset_import[0].version == 20
+    for target in TARGETS:
+        assert lint(written, target) == [], target
+    before = _with_int32_biases(written, graph)
+    findings = lint(before, "trt")
     bias_dqs = [f for f in findings if f.rule == "trt-dq-input-int8"]
     assert len(bias_dqs) == 21  # 20 convs and the classifier
     assert all("bias" in f.node and "INT32" in f.message for f in bias_dqs)
     assert {f.rule for f in findings} == {"trt-dq-input-int8", "trt-bias-float"}
-    assert lint(today, "ort") == [] and lint(today, "openvino") == []
-    fixed = _with_float_biases(today)
-    for target in TARGETS:
-        assert lint(fixed, target) == [], target
+    assert lint(before, "ort") == [] and lint(before, "openvino") == []
 
 
 @pytest.mark.parametrize(
     ("name", "bits", "options"), [("resnet20", 2, {"shortcut": "B"}), ("vgg_small", 3, {}), ("mobilenetv2", 4, {})]
 )
-def test_other_architectures_only_break_the_bias_rules(name, bits, options):
-    # no false positives on option-B shortcuts, max-pool, depthwise convs: today's only TensorRT problem is the bias
+def test_other_architectures_tensorrt_files_are_clean(name, bits, options):
+    # no false positives on option-B shortcuts, max-pool, depthwise convs
     _, graph = lowered_case(name, bits, json.dumps(options))
-    today = write_qdq(graph, opset=20)
-    assert {f.rule for f in lint(today, "trt")} == {"trt-dq-input-int8", "trt-bias-float"}
-    fixed = _with_float_biases(today)
+    written = write_qdq(graph)
+    assert all(b is not None and b.data_type == TensorProto.FLOAT for b in _bias_inputs(written))
     for target in TARGETS:
-        assert lint(fixed, target) == [], target
+        assert lint(written, target) == [], target
+    assert {f.rule for f in lint(_with_int32_biases(written, graph), "trt")} == {"trt-dq-input-int8", "trt-bias-float"}
+
+
+def test_uint8_casts_and_per_channel_activations_are_findings():
+    # moved from the retired export/graph_check.py tests
+    model = _graph()
+    model.graph.initializer.append(numpy_helper.from_array(np.full(C, 0.05, np.float32), "vec_scale"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(C, np.int8), "vec_zp"))
+    model.graph.node.append(
+        helper.make_node("QuantizeLinear", ["output", "vec_scale", "vec_zp"], ["oq"], name="q_out", axis=1)
+    )
+    model.graph.node.append(helper.make_node("Cast", ["output"], ["as_u8"], name="cast", to=TensorProto.UINT8))
+    for target in TARGETS:
+        assert "q_out" in _found(model, target, "per-channel-axis")
+        assert "cast" in _found(model, target, "no-uint8")
+
+
+def test_the_exporter_refuses_a_graph_that_breaks_a_rule():
+    # moved from the retired export/graph_check.py tests: the float file is clean, a broken zero point refused
+    from export.float_writer import write_float
+    from export.fold import dequantized
+
+    model = trained_like("resnet20", 4)
+    folded = fold(model)
+    assert lint(write_float(dequantized(folded)), "trt") == []
+    qdq = write_qdq(lower(folded))
+    zero_points = [init for init in qdq.graph.initializer if init.data_type == TensorProto.INT8 and not init.dims]
+    zero_points[0].CopyFrom(numpy_helper.from_array(np.int8(1), zero_points[0].name))
+    with pytest.raises(FatqError, match="zero-point-zero"):
+        assert_clean(qdq, "trt")
 
 
 def test_main_lint_groups_findings_by_rule_and_names_the_source(tmp_path, capsys):
@@ -374,3 +425,22 @@ def test_assert_clean_refuses_errors_and_returns_warnings():
     (warning,) = assert_clean(_graph(opset=21), "trt")
     assert warning.rule == "trt-opset"
     assert assert_clean(_graph(bias="int32"), "ort") == []
+
+
+def test_fatq_export_lint_flags_target_and_trt_version(tmp_path, capsys):
+    from engines.export_cli import main
+
+    old = tmp_path / "int32-bias.onnx"
+    onnx.save(_graph(bias="int32"), str(old))
+    assert main(["--lint", str(old)]) == 1  # default target trt
+    assert "[trt-dq-input-int8] error" in capsys.readouterr().out
+    assert main(["--lint", str(old), "--target", "ort"]) == 0
+    assert "clean (ONNX Runtime rules)" in capsys.readouterr().err
+    good = tmp_path / "good.onnx"
+    onnx.save(_graph(opset=24), str(good))
+    assert main(["--lint", str(good), "--target", "trt", "--trt-version", "10.15"]) == 0
+    assert main(["--lint", str(good), "--target", "trt"]) == 1  # opset 24 is outside 10.0's 9-20: a warning
+    capsys.readouterr()
+    assert main(["--lint", str(good), "--trt-version", "9.0"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 9.0" in err and "Traceback" not in err

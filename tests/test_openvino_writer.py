@@ -14,7 +14,7 @@ from export_helpers import compare_written, input_shape_for, lowered_case, train
 from export.deploy_graph import tensor_quant
 from export.engine_exact import make_engine_exact
 from export.formats import format_of
-from export.graph_check import check_model
+from export.lint_rules import lint
 from export.onnx_builder import read_metadata
 from export.openvino_writer import FAKE_QUANTIZE_LEVELS, OPENVINO_DOMAIN, levels, write_openvino
 from export.pipeline import deploy_graph
@@ -110,7 +110,7 @@ def test_4bit_quantizers_are_one_fake_quantize_on_their_own_grid():
     read = read_metadata(onnx_model)
     assert set(json.loads(read["fake_quantized_tensors"])) == set(fake)
     # not portable, and the rules say so
-    assert check_model(onnx_model)
+    assert lint(onnx_model, "trt")
 
 
 def test_other_bit_widths_keep_the_portable_form(tmp_path):

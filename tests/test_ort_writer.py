@@ -10,9 +10,10 @@ import pytest
 import torch
 from export_helpers import WRITER_CASES, compare_written, input_shape_for, lowered_case, trained_like
 
+from engines.ort_runner import OrtRunner
 from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from export.fold import fold
-from export.graph_check import check_model
+from export.lint_rules import lint
 from export.lower import lower
 from export.onnx_builder import read_metadata
 from export.ort_writer import AddCheck, Uint8Tensor, inexact_adds, uint8_tensors, write_ort
@@ -39,12 +40,16 @@ def test_every_integer_identical_to_the_reference(name, bits, options, tmp_path)
 
 
 @pytest.mark.parametrize(("name", "bits", "options"), WRITER_CASES[:2])
-def test_same_logits_as_the_portable_qdq_file(name, bits, options):
+def test_same_logits_as_the_portable_qdq_file(name, bits, options, tmp_path):
     _, graph = lowered_case(name, bits, json.dumps(options))
     x = torch.randn(5, *input_shape_for(name)).numpy()
-    portable = _session(write_qdq(graph)).run(None, {"input": x})[0]
+    path = tmp_path / "portable.onnx"
+    onnx.save(write_qdq(graph), str(path))
+    with OrtRunner(path, threads=1) as runner:  # int8 kernels on AVX2-only CPUs (engines/host.py)
+        portable = runner.infer({"input": x})["logits"]
     targeted = _session(write_ort(graph)).run(None, {"input": x})[0]
-    np.testing.assert_array_equal(targeted, portable)
+    # the same integers; the portable file's classifier is a float Gemm (float bias): float32 sums
+    np.testing.assert_allclose(targeted, portable, rtol=0, atol=1e-5)
 
 
 def test_graph_is_uint8_qoperator_without_float_chains():
@@ -54,8 +59,16 @@ def test_graph_is_uint8_qoperator_without_float_chains():
     convs = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
     assert ops.count("QLinearConv") == len(convs)
     assert "Conv" not in ops
-    # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits
-    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") <= 6
+    # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits, plus a
+    # float Add (DQ, DQ, Add, Clip, Q) for each residual whose QLinearAdd the installed ORT rounds differently
+    # on this CPU (write_ort measures it: none on the AVX-512 VNNI machine, one on the AVX2-only CI machine)
+    # (and a DQ -> Q pair on each side of a conv written int8 x int8 because its u8 x s8 pairs could saturate)
+    float_adds = json.loads(read_metadata(onnx_model)["float_residual_adds"])
+    int8_zero_points = {i.name for i in onnx_model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    int8_convs = sum(n.op_type == "QLinearConv" and n.input[2] in int8_zero_points for n in onnx_model.graph.node)
+    assert int8_convs == 2  # the 8-bit stem conv and its copy for the first shortcut quantizer
+    assert ops.count("QuantizeLinear") == 2 + len(float_adds) + 2 * int8_convs
+    assert ops.count("DequantizeLinear") <= 6 + 2 * len(float_adds) + 2 * int8_convs
     domains = {n.domain for n in onnx_model.graph.node}
     assert domains == {"", "com.microsoft"}
     # every quantized tensor's zero point is recorded, and it is where the integer range starts
@@ -63,14 +76,16 @@ def test_graph_is_uint8_qoperator_without_float_chains():
     for tensor in DeployReference(graph).quant:
         assert recorded[tensor]["zero_point"] == -tensor_quant(graph.quant_of(tensor))["qmin"], tensor
     # the portable rules (TensorRT's) flag it: uint8 by design
-    assert any("uint8" in str(f) for f in check_model(onnx_model))
+    assert any(f.rule == "no-uint8" for f in lint(onnx_model, "trt"))
 
 
 def test_metadata_names_the_format_and_keeps_the_callers_entries():
     _, graph = lowered_case("resnet20", 4, "{}")
     read = read_metadata(write_ort(graph, metadata={"arch": "resnet20"}))
     assert read["arch"] == "resnet20"
-    assert json.loads(read["float_residual_adds"]) == []
+    # residual quantizers whose QLinearAdd this CPU's ORT kernel rounds differently (measured at export time)
+    quantizers = {n.name for n in graph.nodes if n.op == "quantize"}
+    assert set(json.loads(read["float_residual_adds"])) <= quantizers
     assert set(json.loads(read["uint8_tensors"])) == set(DeployReference(graph).quant)
 
 
