@@ -16,7 +16,7 @@ Tensor names may themselves contain ": ", so a line splits at its last one.
 The version code is TensorRT's ``NV_TENSORRT_VERSION``: major*1000 + minor*100 + patch up to 8.x
 (8.6.1 -> 8601) and major*10000 + minor*100 + patch from 10.0 (10.3.0 -> 100300). TensorRT
 ignores a cache whose code differs from its own. The 10.x rule is taken from the public
-headers and is checked against a real TensorRT only by ``tests/test_trt_calibrator.py``
+headers and is checked against a real TensorRT only by ``tests/calibration/test_trt_calibrator.py``
 (marked ``trt``).
 """
 

@@ -9,7 +9,7 @@ handed back through ``read_calibration_cache`` instead of calibrating.
 
 ``tensorrt`` and ``pycuda`` are imported inside :func:`make_entropy_calibrator` (the class must
 subclass ``tensorrt.IInt8EntropyCalibrator2``, so it is defined there too). Nothing here can run
-without an NVIDIA GPU and the ``trt`` extra; ``tests/test_trt_calibrator.py`` (marked ``trt``)
+without an NVIDIA GPU and the ``trt`` extra; ``tests/calibration/test_trt_calibrator.py`` (marked ``trt``)
 exercises it where both exist and skips elsewhere. It has not been run on TensorRT in this
 workplace.
 """

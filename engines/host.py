@@ -36,7 +36,7 @@ def saturating_u8s8() -> bool:
     Without VNNI, MLAS multiplies u8 x s8 with ``vpmaddubsw``, whose int16 sum of two products
     saturates once 2 * 255 * |w| > 32767 (|w| >= 65, e.g. an 8-bit stem conv or classifier); VNNI's
     ``vpdpbusd`` accumulates in int32. Measured on an AMD EPYC (AVX2 only) with ONNX Runtime 1.32:
-    a QGemm with 8-bit weights off by up to ~6e4 accumulator steps (tests/test_ort_int32_bias.py).
+    a QGemm with 8-bit weights off by up to ~6e4 accumulator steps (tests/engines/test_ort_int32_bias.py).
     """
     flags = cpu_flags()
     return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}

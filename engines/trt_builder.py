@@ -2,7 +2,7 @@
 
 **Not run in this project.** No machine here has both a CUDA GPU and the tensorrt wheels
 (DEPLOY.md), so this module was written from the TensorRT 10/11 Python API documentation and
-is exercised only by ``tests/test_trt.py`` (marker ``trt``) on a machine that has both. The
+is exercised only by ``tests/gpu/test_trt_gpu.py`` (marker ``trt``) on a machine that has both. The
 pure parts (typing choice, builder flags, sidecar checks) are tested everywhere.
 
 Typing (how precision is chosen), decided by :func:`choose_typing` and recorded in the sidecar:

@@ -4,7 +4,7 @@
 (name-based I/O: ``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``) and cuda-python's runtime bindings
 (``cuda.bindings.runtime``, each call returning an ``(err, value...)`` tuple). It runs only
-where ``tensorrt``, ``cuda-python`` and a GPU are present (``tests/test_trt.py``, marker ``trt``).
+where ``tensorrt``, ``cuda-python`` and a GPU are present (``tests/gpu/test_trt_gpu.py``, marker ``trt``).
 
 Before deserializing, the plan's sidecar is checked against the running TensorRT version and
 GPU (:func:`engines.trt_builder.check_plan`): a mismatch is refused with the reason.

@@ -30,7 +30,7 @@ from export.qdq_writer import write_qdq
 
 DEPLOY_GRAPH = ".deploy.npz"  # the folded deploy graph the file was written from (export.deploy_graph)
 REFERENCE = ".reference.pt"  # the PyTorch model an engine-exact int8 file computes (export.engine_exact)
-# the fatq-bench engines (engines.registry; tests/test_formats.py keeps the two in step) that read standard ONNX
+# the fatq-bench engines (engines.registry; tests/export/test_formats.py keeps the two in step) that read standard ONNX
 PORTABLE_ENGINES = ("ort", "ort-cuda", "ort-trt", "openvino", "trt")
 
 

@@ -105,7 +105,7 @@ def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
 
     Never a DequantizeLinear of int32: TensorRT's IDequantizeLayer takes INT8/FP8/INT4 inputs only
     (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; DEPLOY.md, corrected), and ONNX
-    Runtime 1.32's fused Gemm reads such a bias wrongly on AVX2 CPUs (tests/test_ort_int32_bias.py).
+    Runtime 1.32's fused Gemm reads such a bias wrongly on AVX2 CPUs (tests/engines/test_ort_int32_bias.py).
     """
     weight, w_scale, w_zero = weight_initializers(b, node)
     per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}

@@ -195,3 +195,19 @@ def export_fp32_twin(model: nn.Module, path: Path, normalization: dict = NORMALI
 
     onnx.save(write_float(dequantized(fold(model.eval())), metadata={"normalization": normalization}), str(path))
     return path
+
+
+# OpenVINO's int8 results on an x86 CPU with AVX2 but no VNNI differ from the deploy reference
+# (94.5 % top-1 agreement measured on the CI model on an AMD EPYC; the symptom of the u8 x s8 int16
+# saturation that engines/host.saturating_u8s8 describes for ONNX Runtime, not traced inside OpenVINO).
+# Its exactness is asserted where it holds; docs/parity.md states the exception.
+OPENVINO_INT8_NOT_EXACT_HERE = (
+    "OpenVINO's int8 kernels on this CPU (AVX2 without VNNI) are not exact against the deploy reference "
+    "(docs/parity.md); exactness is tested on CPUs with VNNI"
+)
+
+
+def openvino_int8_exact_here() -> bool:
+    from engines.host import saturating_u8s8
+
+    return not saturating_u8s8()
