@@ -61,3 +61,12 @@ def tiny_image_folder(tmp_path) -> Path:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fatq.models import create_model
+
 BN_EPS = 1e-5
 
 
@@ -136,3 +138,50 @@ class ReferenceForward:
 
 def _natural(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def reference_state(arch: str, bits: int, seed: int = 0, negative_stem: bool = False) -> dict:
+    """A random state dict in the reference code's format (keys of fat-reference/README.md).
+
+    Built from a fatq FP32 model's tensor shapes only to get the layer list; every reference key
+    is written here by name. ``negative_stem`` shifts the stem weights so that min(W) < −max(W).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shapes = create_model(arch, bits=32, shortcut="B") if arch.startswith("resnet") else create_model(arch, bits=32)
+    state = {}
+    for key, value in shapes.state_dict().items():
+        key = key.replace("shortcut.", "downsample.")
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(value.shape, generator=gen)
+        elif key.endswith("running_mean") or key.endswith(".bias"):
+            state[key] = 0.1 * torch.randn(value.shape, generator=gen)
+        elif value.dim() == 1:  # BN gamma
+            state[key] = 0.5 + torch.rand(value.shape, generator=gen)
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+    if bits == 32:
+        return state
+    convs = [k.removesuffix(".weight") for k, v in state.items() if v.dim() in (2, 4)]
+    stem, classifier = convs[0], convs[-1]
+    for prefix in convs:
+        out_channels = state[f"{prefix}.weight"].shape[0]
+        mask = (1.0 + torch.randn(out_channels, out_channels, generator=gen)) / out_channels
+        if prefix in (stem, classifier):
+            state[f"{prefix}.transform.weight"] = mask  # present in reference files, unused by their forward
+            continue
+        state[f"{prefix}.act_alpha"] = torch.tensor(0.5 + 2.5 * torch.rand((), generator=gen).item())
+        state[f"{prefix}.weight_quant.wgt_alpha"] = torch.tensor(1.5 + 1.5 * torch.rand((), generator=gen).item())
+        state[f"{prefix}.weight_quant.transform.weight"] = mask
+    w = state[f"{stem}.weight"]
+    w = -w if w.min() < -w.max() else w  # max(W) >= |min(W)|: integers inside [-127, 127]
+    state[f"{stem}.weight"] = w - 0.6 * w.abs().max() if negative_stem else w
+    assert (state[f"{stem}.weight"].min() < -state[f"{stem}.weight"].max()) == negative_stem
+    return state
+
+
+def save_reference(tmp_path, state: dict, name: str = "ref.pth.tar") -> str:
+    path = tmp_path / name
+    torch.save({"epoch": 7, "state_dict": state, "best_top1_acc": torch.tensor(50.0), "optimizer": {}}, path)
+    return str(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_reference_import import reference_state, save_reference
+from reference_forward import reference_state, save_reference
 
 from export.edge_weights import describe, fit_edge_weights_to_int8, refuse_wide_activations
 from export.fold import fold

@@ -14,17 +14,20 @@ from fatq.checkpoint import model_from_checkpoint
 from fatq.train import parameter_digest
 
 
-def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=6)  # 18 train images
+def _torchrun(tmp_path, args: list[str]):
+    """Two gloo ranks of a W4A4 resnet20 fatq-train run in ``tmp_path``: (completed process, JSON summary)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "fatq.cli_train", "--arch", "resnet20", "--bits", "4", "--data-dir", str(data)]
-    command += ["--epochs", "1", "--batch-size", "8", "--device", "cpu", "--quiet", "--job-dir", "job"]
-    command += ["--json", "out.json"]
+    command += ["-m", "fatq.cli_train", "--arch", "resnet20", "--bits", "4", *args]
+    command += ["--device", "cpu", "--quiet", "--job-dir", "job", "--json", "out.json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((tmp_path / "out.json").read_text())
 
-    summary = json.loads((tmp_path / "out.json").read_text())
+
+def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6)  # 18 train images
+    result, summary = _torchrun(tmp_path, ["--data-dir", str(data), "--epochs", "1", "--batch-size", "8"])
     digests = summary["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     # what rank 0 saved is what both ranks hold
@@ -43,16 +46,8 @@ def test_two_gloo_ranks_stream_an_image_folder_through_distributed_sampler(tmp_p
     from test_streaming import make_jpeg_folder
 
     data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=5)  # 10 train / 10 val JPEGs
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "fatq.cli_train", "--arch", "resnet20", "--bits", "4", "--dataset", "imagefolder"]
-    command += ["--data-dir", str(data), "--loader", "stream", "--image-size", "24", "--workers", "1"]
-    command += ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet", "--job-dir", "job"]
-    command += ["--json", "out.json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    summary = json.loads((tmp_path / "out.json").read_text())
+    args = ["--dataset", "imagefolder", "--data-dir", str(data), "--loader", "stream", "--image-size", "24"]
+    _, summary = _torchrun(tmp_path, [*args, "--workers", "1", "--epochs", "1", "--batch-size", "4"])
     digests = summary["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1] and summary["steps"] == 3  # 5 per rank, 2 per rank-batch
     last = torch.load(tmp_path / "job" / "last.pt", weights_only=True)

@@ -11,13 +11,7 @@ from PIL import Image
 from fatq.checkpoint import model_from_checkpoint
 from fatq.cli_train import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gray_folder(root, size: int):
