@@ -14,6 +14,7 @@ happens on the first :meth:`infer` of a new shape, so benchmarks must warm up pe
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def openvino_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines()]
     reason = " ".join(line for line in lines if line and not _LOCATION_LINE.match(line))
     return reason.rstrip(".") or type(exc).__name__
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """The process's one ``openvino.Core``, kept until the process exits; every OpenVINO use in fatq takes it.
+
+    Why one: OpenVINO's CPU plugin (2026.4.1, measured) installs a signal stack (``sigaltstack``) on the
+    thread that compiles a model and, when its Core goes away, restores the stack that was installed
+    before it. Two Cores released in creation order therefore leave the thread's signal stack pointing
+    at freed memory, and the next signal with a Python handler (Python installs its handlers with
+    ``SA_ONSTACK``; PyTorch's DataLoader installs one for SIGCHLD) writes its frame there: heap
+    corruption, then a segmentation fault far away. A single Core that is never released avoids it.
+    """
+    return import_extra("openvino").Core()
 
 
 def _model_file(model) -> ModelFile:
@@ -83,7 +98,7 @@ class OpenVinoRunner(Runner):
 
     def _activate(self) -> None:
         ov = import_extra("openvino")
-        self._core = ov.Core()
+        self._core = openvino_core()
         source = self.model_file
         try:
             if source.kind == OPENVINO_IR:
@@ -146,7 +161,7 @@ class OpenVinoRunner(Runner):
 
     def cpu_has_native_bf16(self) -> bool:
         """Whether the CPU plugin lists BF16 among its optimization capabilities."""
-        core = self._core or import_extra("openvino").Core()
+        core = self._core or openvino_core()
         return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
     def info(self) -> RunnerInfo:

@@ -238,3 +238,33 @@ def test_a_model_in_memory_runs_as_its_file_does(qdq_onnx, runner_cls):
         np.testing.assert_array_equal(got[name], value)
         np.testing.assert_array_equal(again[name], value)
     assert inspect_model(path).precision == "int8" and inspect_model(path).data is None
+
+
+# Two OpenVINO runners released in creation order, then Python signal handlers firing (PyTorch's DataLoader
+# installs one for SIGCHLD): with a Core per runner, OpenVINO left the thread's signal stack on freed memory
+# and this crashed the process (see engines.openvino_runner.openvino_core).
+_SIGNAL_AFTER_RUNNERS = """
+import os, signal, sys
+import numpy as np
+from engines.openvino_runner import OpenVinoRunner
+first, second = (OpenVinoRunner(sys.argv[1], threads=2).activate() for _ in range(2))
+for runner in (first, second):
+    runner.infer({"input": np.zeros((1, 3, 8, 8), np.float32)})
+first.close(); del first
+second.close(); del second
+import gc; gc.collect()
+signal.signal(signal.SIGCHLD, lambda *_: None)
+for _ in range(20):
+    os.kill(os.getpid(), signal.SIGCHLD)
+print("survived")
+"""
+
+
+def test_openvino_runners_leave_a_valid_signal_stack(float_onnx):
+    pytest.importorskip("openvino")
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_RUNNERS, str(float_onnx[0])], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-500:])

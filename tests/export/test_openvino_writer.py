@@ -12,6 +12,7 @@ import torch
 from engine_helpers import OPENVINO_INT8_NOT_EXACT_HERE, openvino_int8_exact_here
 from export_helpers import compare_written, input_shape_for, lowered_case, trained_like
 
+from engines.openvino_runner import openvino_core
 from export.deploy_graph import tensor_quant
 from export.engine_exact import make_engine_exact
 from export.formats import format_of
@@ -29,7 +30,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, name: str) -> np.ndarr
     """Logits of ``model`` in OpenVINO on the CPU, compiled for the static shape of ``x``."""
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, str(path))
-    core = ov.Core()
+    core = openvino_core()  # one Core per process (see its docstring)
     read = core.read_model(str(path))
     read.reshape({"input": list(x.shape)})
     compiled = core.compile_model(read, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

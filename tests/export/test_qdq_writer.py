@@ -136,11 +136,13 @@ def test_float_writer_matches_fp32_model():
 
 
 def test_openvino_runs_the_int8_file(tmp_path):
-    ov = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
+    from engines.openvino_runner import openvino_core
+
     _, graph = lowered_case("resnet20", 4, "{}")
     path = tmp_path / "m.onnx"
     onnx.save(write_qdq(graph), str(path))
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 2})
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 2})
     x = torch.randn(16, 3, 32, 32)
     out = compiled(x.numpy())[compiled.output(0)]
     expected = DeployReference(graph)(x).numpy()
