@@ -33,14 +33,17 @@ fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" "$out/resnet2
   --engine ort --engine openvino \
   --batch-sizes 1,64 --threads 2 --data-dir "$data" --reference "$out/resnet20-w4a4.reference.pt" \
   --max-accuracy-drop 1.0 --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png"
-# ... and the parity gate on the int8 engines (OpenVINO only on CPUs where its int8 kernels are exact:
-# not on AVX2 without VNNI, docs/parity.md; the benchmark above still reports it)
-gated=("$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" "$out/resnet20-w4a4-ov.onnx" --engine ort --engine openvino)
-if [ "$(python -c 'from engines.host import saturating_u8s8; print(int(saturating_u8s8()))')" = 1 ]; then
-  gated=("$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" --engine ort)
-  echo "demo: AVX2 without VNNI: the parity gate runs ONNX Runtime only on this CPU (docs/parity.md)"
-fi
-fatq-bench "${gated[@]}" --batch-sizes 64 --iterations 5 \
+# ... and the parity gate on the int8 engines: ONNX Runtime at 99.9 %; OpenVINO at the stated bound of
+# tools/ci_parity.sh (it rounds residual sums with its own float arithmetic, docs/parity.md), and only on
+# CPUs where its int8 kernels are exact (not on AVX2 without VNNI; the benchmark above still reports it)
+fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ort.onnx" --engine ort --batch-sizes 64 --iterations 5 \
   --threads 2 --data-dir "$data" --reference "$out/resnet20-w4a4.reference.pt" --min-agreement 99.9 \
-  --json "$out/parity.json" --quiet
+  --json "$out/parity-ort.json" --quiet
+if [ "$(python -c 'from engines.host import saturating_u8s8; print(int(saturating_u8s8()))')" = 1 ]; then
+  echo "demo: AVX2 without VNNI: the parity gate runs ONNX Runtime only on this CPU (docs/parity.md)"
+else
+  fatq-bench "$out/resnet20-w4a4.onnx" "$out/resnet20-w4a4-ov.onnx" --engine openvino --batch-sizes 64 \
+    --iterations 5 --threads 2 --data-dir "$data" --reference "$out/resnet20-w4a4.reference.pt" \
+    --min-agreement "${FATQ_CI_OPENVINO_MIN_AGREEMENT:-97.0}" --json "$out/parity-openvino.json" --quiet
+fi
 echo "demo: artifacts in $out"
