@@ -583,9 +583,11 @@ def _main(argv: list[str] | None) -> int:
         raise FatqError("--eval-only and --resume exclude each other.")
     ctx = distributed.setup(args.device)
     try:
-        if args.eval_only:
-            return run_eval_only(args, argv, ctx)
-        return run_training(args, argv, ctx)
+        status = run_eval_only(args, argv, ctx) if args.eval_only else run_training(args, argv, ctx)
+        # leave the process group together: gloo aborts a rank (std::terminate) whose peer has already
+        # closed its connections; not on error paths, where a failed rank would never reach the barrier
+        distributed.barrier(ctx)
+        return status
     finally:
         distributed.shutdown(ctx)
 
