@@ -1,0 +1,327 @@
+"""fatq's int8 files against the engines' own 8-bit PTQ graphs of the same network, side by side.
+
+For each network (a public FP32 CIFAR-10 checkpoint) this script builds:
+
+- the FP32 ONNX file a user has (``torch.onnx.export`` of the FP32 model, dynamic batch);
+- the peers' graphs at their documented best settings, from that file and 512 training images:
+  - OpenVINO: NNCF ``nncf.quantize`` (default preset) -> OpenVINO IR (``.xml`` + ``.bin``);
+  - ONNX Runtime: ``quant_pre_process`` then ``quantize_static`` U8S8 (activations QUInt8, weights QInt8),
+    per-channel, MinMax, as QDQ and as QOperator (ORT's documented x86 setting, DEPLOY.md);
+- fatq's W4A4 and W8A8 models, fine-tuned ``--max-steps`` steps from the same FP32 checkpoint with
+  ``fatq-train``, exported as the file each engine runs fastest: ``onnx-ort`` for ONNX Runtime,
+  ``onnx-openvino`` for OpenVINO, plus the portable ``onnx`` file on both;
+
+then times everything in ONE ``fatq-bench`` call (interleaved rounds, same threads, batch 1 and 64, top-1 on
+the test split) and measures each fatq file's top-1 agreement with its ``.reference.pt`` in a second call.
+It prints one table per network: images/s at batch 64, median ms at batch 1, top-1, agreement, size on
+disk, and fatq / the engine's best peer (OpenVINO: NNCF; ONNX Runtime: the faster of the two U8S8 files).
+
+Usage::
+
+    python benchmarks/peers.py --data-dir ../shared/datasets --pretrained-dir ../shared/pretrained \\
+        --archs resnet20 --bits 4,8 --work-dir peers-out
+
+Needs the ``[bench]`` extra (nncf). The CPU's model and flags and the package versions are printed with
+the table and saved in ``WORK_DIR/peers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script below
+from ptq_vs_ort import export_fp32_onnx  # noqa: E402
+
+from calibration.ptq import NormalizedBatches  # noqa: E402
+from engines.host import cpu_flags, cpu_name  # noqa: E402
+from fatq.checkpoint import init_from_pretrained  # noqa: E402
+from fatq.data import load_split  # noqa: E402
+from fatq.models import create_model  # noqa: E402
+
+PUBLIC_CHECKPOINTS = {"resnet20": "resnet20-cifar10-fp32.th", "resnet56": "resnet56-cifar10-fp32.th"}
+FLAGS_SHOWN = ("avx2", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+# fatq export formats per engine (the portable file runs on both)
+FATQ_FORMATS = {"onnx": "", "onnx-ort": "-ort", "onnx-openvino": "-ov"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=os.environ.get("FATQ_DATA_DIR"), help="CIFAR-10 (JPEG archive)")
+    p.add_argument("--pretrained-dir", type=Path, default=os.environ.get("FATQ_PRETRAINED_DIR"))
+    p.add_argument("--archs", default="resnet20", help=f"comma-separated, of {', '.join(PUBLIC_CHECKPOINTS)}")
+    p.add_argument("--bits", default="4,8", help="fatq bit-widths (W=A), comma-separated")
+    p.add_argument("--max-steps", type=int, default=150, help="fatq-train steps from the FP32 checkpoint")
+    p.add_argument("--calib-images", type=int, default=512, help="training images the peers calibrate on")
+    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, help="evaluate on this many test images (default all)")
+    p.add_argument("--work-dir", type=Path, default=Path("peers-out"))
+    args = p.parse_args(argv)
+    if args.data_dir is None or not Path(args.data_dir).exists():
+        sys.exit("peers.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
+    if args.pretrained_dir is None or not Path(args.pretrained_dir).is_dir():
+        sys.exit("peers.py: --pretrained-dir (or FATQ_PRETRAINED_DIR) must name the public FP32 checkpoints.")
+    unknown = set(args.archs.split(",")) - set(PUBLIC_CHECKPOINTS)
+    if unknown:
+        sys.exit(f"peers.py: no public FP32 checkpoint for {', '.join(sorted(unknown))}.")
+    return args
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        sys.exit(f"peers.py: {name} is not on PATH; install fatq with `pip install -e '.[bench]'`.")
+    return path
+
+
+def _run(command: list[str], ok=(0,)) -> None:
+    print("$", " ".join(command), flush=True)
+    code = subprocess.run(command).returncode
+    if code not in ok:
+        sys.exit(f"peers.py: {Path(command[0]).name} failed with exit status {code}.")
+
+
+# --- the peers' graphs -------------------------------------------------------------------------------
+
+
+class _OrtReader:
+    """onnxruntime.quantization CalibrationDataReader over the calibration batches."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {"input": batch}
+
+
+def ort_u8s8(fp32_onnx: Path, out: Path, batches: list[np.ndarray], quant_format: str) -> Path:
+    """ORT's documented x86 PTQ: quant_pre_process, then quantize_static U8S8 per-channel (QDQ or QOperator)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32_onnx), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        _OrtReader(batches),
+        quant_format=getattr(QuantFormat, quant_format),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    prepared.unlink()
+    return out
+
+
+def nncf_ir(fp32_onnx: Path, out_xml: Path, batches: list[np.ndarray]) -> Path:
+    """NNCF's default 8-bit PTQ of the FP32 file, saved as OpenVINO IR."""
+    try:
+        import nncf
+    except ImportError:
+        sys.exit("peers.py: nncf is not installed; `pip install -e '.[bench]'`.")
+    import openvino as ov
+
+    from engines.openvino_runner import openvino_core
+
+    model = openvino_core().read_model(str(fp32_onnx))
+    images = [batch[i : i + 1] for batch in batches for i in range(len(batch))]  # NNCF counts items, not images
+    quantized = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
+    ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+    return out_xml
+
+
+# --- fatq's files ------------------------------------------------------------------------------------
+
+
+def fatq_files(arch: str, bits: int, fp32_checkpoint: Path, args, work: Path) -> dict[str, Path]:
+    """Train W{bits}A{bits} briefly from the FP32 checkpoint and export it once per format."""
+    job = work / f"{arch}-w{bits}a{bits}"
+    if not (job / "last.pt").exists():
+        _run(
+            [_tool("fatq-train"), "--arch", arch, "--bits", str(bits), "--data-dir", str(args.data_dir),
+             "--pretrained", str(fp32_checkpoint), "--epochs", "1", "--max-steps", str(args.max_steps),
+             "--batch-size", "128", "--device", "cpu", "--quiet", "--job-dir", str(job)]
+        )  # fmt: skip
+    files = {}
+    for fmt, suffix in FATQ_FORMATS.items():
+        path = work / f"{arch}-w{bits}a{bits}{suffix}.onnx"
+        _run([_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet"])
+        files[fmt] = path
+    return files
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk (an IR's .xml and .bin together)."""
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+
+
+def bench(models: list[Path], args, normalization: dict, out: Path, reference: Path | None = None) -> dict:
+    """One fatq-bench call over ``models`` on ORT and OpenVINO; returns its JSON report."""
+    mean, std = (",".join(map(str, normalization[key])) for key in ("mean", "std"))
+    command = [_tool("fatq-bench"), *map(str, models), "--engine", "ort", "--engine", "openvino", "--quiet",
+               "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--json", str(out),
+               "--mean", mean, "--std", std]  # fmt: skip
+    if reference is None:
+        command += ["--batch-sizes", args.batch_sizes, "--iterations", str(args.iterations)]
+        command += ["--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+    else:  # agreement only: one short timing
+        command += ["--batch-sizes", "64", "--iterations", "1", "--warmup", "0", "--reference", str(reference)]
+    if args.limit:
+        command += ["--limit", str(args.limit)]
+    _run(command)
+    return json.loads(out.read_text())
+
+
+def rows_of(report: dict, roles: dict[str, str], sizes: dict[str, int], agreement: dict) -> list[dict]:
+    """One row per configuration: engine, graph role, images/s at 64, ms at 1, top-1, agreement, size."""
+    rows = []
+    for config in report["configs"]:
+        label = config["label"]
+        runs = {r["batch_size"]: r for r in report["runs"] if r["label"] == label}
+        rows.append(
+            {
+                "engine": config["engine"],
+                "graph": roles[Path(config["model"]).name],
+                "file": Path(config["model"]).name,
+                "images_per_s_64": runs[64]["throughput_ips"] if 64 in runs else None,
+                "median_ms_1": runs[1]["latency_ms"]["median"] if 1 in runs else None,
+                "top1": report["accuracy"].get(label, {}).get("top1"),
+                "agreement": agreement.get((config["engine"], Path(config["model"]).name)),
+                "size_bytes": sizes[Path(config["model"]).name],
+            }
+        )
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """fatq rows get ``vs_peer`` = images/s / the engine's best peer's images/s (batch 64)."""
+    for engine in {r["engine"] for r in rows}:
+        peers = [r["images_per_s_64"] for r in rows if r["engine"] == engine and r["graph"].startswith("peer")]
+        best = max((p for p in peers if p), default=None)
+        for row in rows:
+            if row["engine"] == engine and row["graph"].startswith("fatq") and best and row["images_per_s_64"]:
+                row["vs_peer"] = row["images_per_s_64"] / best
+
+
+def markdown(arch: str, rows: list[dict]) -> str:
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    lines = [
+        f"### {arch}",
+        "",
+        "| engine | graph | images/s (64) | ms (1) | top-1 % | agreement % | size KiB | fatq / best peer (64) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["engine"], r["graph"])):
+        lines.append(
+            f"| {r['engine']} | {r['graph']} | {fmt(r['images_per_s_64'], ',.0f')} | {fmt(r['median_ms_1'], '.3f')} "
+            f"| {fmt(r['top1'], '.2f')} | {fmt(r['agreement'], '.2f')} | {r['size_bytes'] / 1024:,.0f} "
+            f"| {fmt(r.get('vs_peer'), '.2f')}{'×' if r.get('vs_peer') else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import onnxruntime
+    import openvino
+
+    try:
+        import nncf
+
+        nncf_version = nncf.__version__
+    except ImportError:
+        nncf_version = None
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "flags": {flag: flag in flags for flag in FLAGS_SHOWN},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.get_version(),
+        "nncf": nncf_version,
+    }
+
+
+def run_arch(arch: str, args, work: Path) -> list[dict]:
+    fp32_checkpoint = args.pretrained_dir / PUBLIC_CHECKPOINTS[arch]
+    test = load_split(args.data_dir, "test", quiet=True)
+    train = load_split(args.data_dir, "train", quiet=True)
+    fp32 = create_model(arch, bits=32, num_classes=len(test.class_names))
+    normalization = init_from_pretrained(fp32, fp32_checkpoint)["normalization"]
+    fp32_onnx = work / f"{arch}-fp32.onnx"
+    export_fp32_onnx(fp32, fp32_onnx, tuple(test.images.shape[1:]))
+    batches = [b.numpy() for b in NormalizedBatches(train.images, normalization, args.calib_images // 64, 64, seed=0)]
+
+    roles = {fp32_onnx.name: "fp32 (torch.onnx.export)"}
+    models = [fp32_onnx]
+    for fmt in ("QDQ", "QOperator"):
+        path = ort_u8s8(fp32_onnx, work / f"{arch}-ort-u8s8-{fmt.lower()}.onnx", batches, fmt)
+        roles[path.name], models = f"peer: ORT quantize_static U8S8 {fmt}", [*models, path]
+    ir = nncf_ir(fp32_onnx, work / f"{arch}-nncf.xml", batches)
+    roles[ir.name], models = "peer: NNCF 8-bit (IR)", [*models, ir]
+    fatq = {}
+    for bits in map(int, args.bits.split(",")):
+        fatq[bits] = fatq_files(arch, bits, fp32_checkpoint, args, work)
+        for fmt, path in fatq[bits].items():
+            roles[path.name], models = f"fatq W{bits}A{bits} {fmt}", [*models, path]
+
+    report = bench(models, args, normalization, work / f"{arch}-bench.json")
+    agreement = {}  # each fatq file against the PyTorch model it computes (its own .reference.pt)
+    for path in (path for files in fatq.values() for path in files.values()):
+        reference = path.with_name(path.name.replace(".onnx", ".reference.pt"))
+        check = bench([path], args, normalization, work / f"{path.stem}-agreement.json", reference)
+        for config in check["configs"]:
+            found = check["agreement"].get(config["label"])
+            if found:
+                agreement[(config["engine"], path.name)] = found["top1_agreement_pct"]
+    rows = rows_of(report, roles, {m.name: _size(m) for m in models}, agreement)
+    add_ratios(rows)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    host = machine()
+    results = {"machine": host, "settings": {k: str(v) for k, v in vars(args).items()}, "archs": {}}
+    tables = []
+    for arch in args.archs.split(","):
+        results["archs"][arch] = run_arch(arch, args, args.work_dir)
+        tables.append(markdown(arch, results["archs"][arch]))
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in host["flags"].items())
+    header = (
+        f"CPU: {host['cpu']}, {host['cores']} cores; flags: {flags}. torch {host['torch']}, onnxruntime "
+        f"{host['onnxruntime']}, openvino {host['openvino']}, nncf {host['nncf']}; {args.threads} threads."
+    )
+    text = header + "\n\n" + "\n\n".join(tables) + "\n"
+    print(text)
+    (args.work_dir / "peers.md").write_text(text)
+    (args.work_dir / "peers.json").write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
