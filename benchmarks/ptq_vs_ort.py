@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from calibration.calibrators import CALIBRATORS
-from calibration.passes import calibrate
 from calibration.ptq import NormalizedBatches, evaluate_top1, fp32_twin, load_fp32_model, quantize_post_training
+from fatq.calibration_pass import calibrate
+from fatq.calibrators import CALIBRATORS
 from fatq.checkpoint import init_from_pretrained, load_fatq_checkpoint, model_from_checkpoint, save_checkpoint
 from fatq.data import ImageSplit, load_split, normalize
 from fatq.layers import QUANTIZED_LAYERS

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from calibration.calibrators import CALIBRATORS
 from calibration.ptq import (
     WEIGHT_METHODS,
     NormalizedBatches,
@@ -30,6 +29,7 @@ from calibration.ptq import (
     load_fp32_model,
     quantize_post_training,
 )
+from fatq.calibrators import CALIBRATORS
 from fatq.checkpoint import save_checkpoint
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.data import load_split

@@ -8,7 +8,7 @@ per-channel weights, and every activation quantizer given its range by calibrati
    minimises the squared weight error (``weight_method="mse"``);
 3. calibrate every activation quantizer (body inputs at b bits, first/last-layer inputs and
    residual Add inputs at 8 bits) with one of the calibrators, in one pass over the
-   calibration images, with the weights already quantized (see ``calibration.passes``);
+   calibration images, with the weights already quantized (see ``fatq.calibration_pass``);
 4. optionally (on by default in fatq-ptq) correct the biases so that every layer's per-channel
    output mean matches the FP32 model's on the calibration images (``calibration.bias_correction``).
 """
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from calibration.bias_correction import correct_biases
-from calibration.passes import activation_quantizers, calibrate
+from fatq.calibration_pass import activation_quantizers, calibrate
 from fatq.checkpoint import check_layout, init_from_pretrained, is_fatq_checkpoint, read_checkpoint_file
 from fatq.data import ImageSplit, normalize
 from fatq.errors import FatqError

@@ -4,7 +4,7 @@
     graph = DeployGraph.load(result.deploy_graph_path)     # what the file was written from
 
 Stages, each run once: load the checkpoint and build the model; calibrate the quantizers the
-model keeps float (:mod:`calibration.passes`, needs ``calibration.data``); fold
+model keeps float (:mod:`fatq.calibration_pass`, needs ``calibration.data``); fold
 (:mod:`export.fold`); for an int8 format lower (:mod:`export.lower`) and, unless ``engine_exact``
 is off, move the model onto the engine's grid (:mod:`export.engine_exact`, which lowers again only
 after it changed the model); for the float format dequantize. Then the metadata, the writer of
@@ -43,7 +43,7 @@ class CalibrationSettings:
         data: dataset directory or .tar.gz whose train split calibrates them (None: a model with
             such quantizers cannot be exported to an int8 format).
         batches: batches of :data:`CALIB_BATCH_SIZE` images.
-        method: minmax, percentile, entropy or mse (:mod:`calibration.calibrators`).
+        method: minmax, percentile, entropy or mse (:mod:`fatq.calibrators`).
     """
 
     data: str | Path | None = None
@@ -253,7 +253,7 @@ def _check_finite(model: torch.nn.Module) -> None:
 
 def _calibrate(model, data: dict, settings: CalibrationSettings, quiet: bool) -> dict | None:
     """Give disabled quantizers 8-bit ranges from real data; returns what was done (or None)."""
-    from calibration.passes import activation_quantizers
+    from fatq.calibration_pass import activation_quantizers
 
     disabled = [name for name, q in activation_quantizers(model).items() if not q.enabled]
     if not disabled:
@@ -265,7 +265,7 @@ def _calibrate(model, data: dict, settings: CalibrationSettings, quiet: bool) ->
         )
     if settings.batches < 1:
         raise FatqError("--calib-batches must be at least 1.")
-    from calibration.passes import calibrate
+    from fatq.calibration_pass import calibrate
     from fatq.data import load_split
 
     split = load_split(settings.data, "train", image_size=image_size(data))

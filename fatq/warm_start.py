@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fatq.calibration_pass import calibrate
 from fatq.quantizers import ActivationQuantizer
 
 # 4 batches of 128 images: enough for BN means/variances and α_a, and ~1 min of CPU for ResNet-20 here
@@ -55,13 +56,11 @@ def warm_start(model: nn.Module, batches: Sequence[Tensor], method: str = "mse")
     Args:
         model: a quantized fatq model just initialised from an FP32 (or other) checkpoint.
         batches: a few normalized training batches [B, C, H, W] on the model's device.
-        method: activation-range calibrator (calibration.calibrators: minmax, percentile, entropy, mse).
+        method: activation-range calibrator (fatq.calibrators: minmax, percentile, entropy, mse).
 
     Returns:
         {"batches", "images", "method", "act_alpha": {quantizer path: α_a}} for the run's records.
     """
-    from calibration.passes import calibrate
-
     quantizers = {n: q for n, q in model.named_modules() if isinstance(q, ActivationQuantizer) and q.enabled}
     for q in quantizers.values():
         q.enabled = False

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from calibration.cli_ptq import main
-from calibration.passes import activation_quantizers
 from calibration.ptq import NormalizedBatches, evaluate_top1, mse_weight_alphas, ptq_spec, set_weight_ranges
+from fatq.calibration_pass import activation_quantizers
 from fatq.checkpoint import CIFAR_NORMALIZATION, load_fatq_checkpoint, model_from_checkpoint, save_checkpoint
 from fatq.data import load_split, normalize
 from fatq.models import create_model

@@ -13,10 +13,10 @@ import pytest
 import torch
 from export_helpers import input_shape_for
 
-from calibration.passes import activation_quantizers, calibrate
 from export.lint_rules import lint
 from export.pipeline import deploy_graph
 from export.qdq_writer import write_qdq
+from fatq.calibration_pass import activation_quantizers, calibrate
 from fatq.models import create_model, list_models
 from fatq.qconfig import QuantSpec
 

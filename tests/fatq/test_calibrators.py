@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.calibrators import (
+from fatq.calibrators import (
     CALIBRATORS,
     EntropyCalibrator,
     MinMaxCalibrator,
@@ -17,8 +17,8 @@ from calibration.calibrators import (
     entropy_divergences,
     make_calibrator,
 )
-from calibration.histogram import MagnitudeHistogram
 from fatq.errors import FatqError
+from fatq.histogram import MagnitudeHistogram
 
 
 def _gaussian(n=200_000, seed=0, sigma=1.0):

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from calibration.calibrators import Calibrator, make_calibrator
+from fatq.calibrators import Calibrator, make_calibrator
 from fatq.errors import FatqError
 from fatq.io import progress
 from fatq.quantizers import ActivationQuantizer
@@ -113,7 +113,7 @@ def calibrate(
     Args:
         model: a fatq model (any ``nn.Module`` holding :class:`ActivationQuantizer` s).
         batches: iterable of normalized float tensors [B, C, H, W] (moved to the model's device).
-        method: a key of :data:`calibration.calibrators.CALIBRATORS`.
+        method: a key of :data:`fatq.calibrators.CALIBRATORS`.
         quantizers: module paths of the quantizers to calibrate; default every disabled one.
         quiet: no progress bar.
         **options: calibrator options (``percentile=99.99``, ``num_bins=2048``).

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from calibration.passes import activation_quantizers, calibrate
+from fatq.calibration_pass import activation_quantizers, calibrate
 from fatq.errors import FatqError
 from fatq.models import create_model
 from fatq.qconfig import QuantSpec

@@ -7,7 +7,7 @@ alpha a calibrator returns is in the units of the activation; the quantizer's sc
 alpha / levels with the project's level counts (``fatq.quantizers``: signed n = 2^(b-1) - 1,
 unsigned m = min(2^b - 1, 127)).
 
-The histogram methods share :class:`~calibration.histogram.MagnitudeHistogram` (2048 bins by
+The histogram methods share :class:`~fatq.histogram.MagnitudeHistogram` (2048 bins by
 default, power-of-two bin width, exact growth and merging). After growth the occupied part of
 the histogram spans between half and all of its bins; the entropy and MSE searches run over
 the occupied bins only.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from calibration.histogram import DEFAULT_BINS, MagnitudeHistogram
 from fatq.errors import FatqError
+from fatq.histogram import DEFAULT_BINS, MagnitudeHistogram
 from fatq.quantizers import check_bits, signed_levels, unsigned_levels
 
 MIN_ALPHA = 1e-8  # the floor ActivationQuantizer.set_range applies: a constant-zero tensor still gets a range
