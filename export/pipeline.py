@@ -30,7 +30,7 @@ from export.deploy_graph import DeployGraph
 from export.formats import DEPLOY_GRAPH, FORMATS, REFERENCE, OutputFormat, companion_path
 from export.onnx_builder import DEFAULT_OPSET
 from fatq.errors import FatqError
-from fatq.io import write_bytes_atomic
+from fatq.io import staged_files
 
 CALIB_BATCH_SIZE = 64
 
@@ -220,15 +220,11 @@ def export_checkpoint(
     if spec.lint_target is not None:  # engine-specific files use one engine's own ops by design: no portable rules
         assert_clean(onnx_model, spec.lint_target)
     companions = [companion_path(out, DEPLOY_GRAPH)] + ([reference] if projection is not None else [])
-    try:
-        graph.save(companions[0])
+    with staged_files([*companions, out]) as staged:  # no half export, even when killed: all files or none
+        graph.save(staged[companions[0]])
         if projection is not None:
-            _save_reference(model, data, reference, graph.meta)
-        write_bytes_atomic(out, onnx_model.SerializeToString())
-    except BaseException:
-        for path in companions:  # no half export: all files or none
-            path.unlink(missing_ok=True)
-        raise
+            _save_reference(model, data, staged[reference], graph.meta)
+        staged[out].write_bytes(onnx_model.SerializeToString())
     return ExportResult(
         out, spec, onnx_model, graph, model, data, uncalibrated, as_trained, time.perf_counter() - started, companions
     )

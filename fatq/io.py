@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from fatq.errors import FatqError
@@ -45,6 +46,55 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+STAGING_MARK = ".staging-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_staging(key: Path) -> None:
+    """Remove staging directories of ``key`` left by processes that no longer run (killed mid-write)."""
+    prefix = f".{key.name}{STAGING_MARK}"
+    for entry in key.parent.iterdir():
+        pid = entry.name[len(prefix) :]
+        if entry.is_dir() and entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(targets: Sequence[str | Path]) -> Iterator[dict[Path, Path]]:
+    """Write several files as one: yields {target: path to write it to}; moves them all into place on success.
+
+    The files are written in a hidden directory beside the last target (``.<name>.staging-<pid>``) and moved
+    into place in ``targets`` order, the last target last: its presence says the set is complete. On an error
+    nothing of the set is left and files already at the targets stay as they were. A process killed while
+    writing leaves only its staging directory, which the next call for the same last target removes; a kill
+    between the moves themselves (renames on one file system, microseconds apart) can leave the earlier
+    targets without the last one.
+    """
+    targets = [Path(t) for t in targets]
+    key = targets[-1]
+    if not key.parent.is_dir():
+        raise FatqError(f"directory {key.parent} does not exist (for {key.name}).")
+    _remove_stale_staging(key)
+    stage = key.parent / f".{key.name}{STAGING_MARK}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield {target: stage / target.name for target in targets}
+        for target in targets:
+            os.replace(stage / target.name, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
