@@ -52,7 +52,7 @@ from fatq.data import (
     split_dir,
 )
 from fatq.errors import FatqError
-from fatq.io import write_json_atomic
+from fatq.io import remove_stale_temp_files, write_json_atomic
 from fatq.models import create_model, list_models, model_info
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import QuantSpec
@@ -515,6 +515,7 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
         trainer.resume_from(checkpoint)
     if ctx.is_main:
         job_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(job_dir)  # a checkpoint save cut short by kill -9 before this run
         _write_config(job_dir, cfg, normalization, invocation)
     result = trainer.fit()
     digests = trainer.rank_digests()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise FatqError(f"directory {path.parent} does not exist (for {path.name}).")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    # the pid in the name lets remove_stale_temp_files tell a killed writer's file from a live one's
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -95,6 +97,24 @@ def staged_files(targets: Sequence[str | Path]) -> Iterator[dict[Path, Path]]:
             os.replace(stage / target.name, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+# .<name>.<pid>.<mkstemp's 8 characters>.tmp<suffix>, as atomic_path names its temp files
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files of :func:`atomic_path` in ``directory`` whose writer no longer runs (killed mid-write).
+
+    Returns the paths removed.
+    """
+    removed = []
+    for entry in Path(directory).iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and entry.is_file() and not _alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

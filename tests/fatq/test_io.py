@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from fatq.io import STAGING_MARK, staged_files
+from fatq.io import STAGING_MARK, remove_stale_temp_files, staged_files
 
 
 def _leftovers(directory):
@@ -59,3 +60,24 @@ def test_a_killed_writer_leaves_only_its_staging_which_the_next_write_removes(tm
 def test_missing_directory_is_one_sentence(tmp_path):
     with pytest.raises(Exception, match="does not exist"), staged_files([tmp_path / "no" / "m.onnx"]):
         pass
+
+
+# a checkpoint save killed mid-write: os._exit inside atomic_path's block leaves its temp file behind
+_KILLED_SAVE = """
+import os, sys
+from fatq.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a checkpoint")
+    os._exit(9)
+"""
+
+
+def test_temp_files_of_a_killed_save_are_removed_and_live_ones_kept(tmp_path):
+    last = tmp_path / "last.pt"
+    subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(last)], check=False)
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".last.pt.")]
+    assert len(stale) == 1 and not last.exists()
+    live = tmp_path / f".best.pt.{os.getpid()}.abcd1234.tmp.pt"  # this process is alive: not stale
+    live.write_bytes(b"being written")
+    assert remove_stale_temp_files(tmp_path) == stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
