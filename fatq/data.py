@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -64,12 +65,14 @@ def _extract_archive(archive: Path) -> Path:
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise FatqError(f"cannot extract {archive}: {exc}.") from None
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial extraction left in the cache
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            reason = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+            raise FatqError(f"cannot extract {archive}: {reason}.") from None
+        raise
     (tmp / ".complete").touch()
     if target.exists():  # another process won the race
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(target)

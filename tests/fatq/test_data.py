@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 
 import numpy as np
@@ -205,3 +206,12 @@ def test_an_all_grayscale_folder_stays_one_channel_and_mixed_sizes_can_be_resize
     resized = load_split(mixed, "train", dataset="imagefolder", mixed_sizes_to=4)
     assert resized.images.shape == (3, 3, 4, 4)
     assert load_split(make_image_folder(tmp_path / "same", 1, 2, 8), "train", "imagefolder").images.shape[-1] == 8
+
+
+def test_a_failed_extraction_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FATQ_CACHE_DIR", str(tmp_path / "cache"))
+    archive = tmp_path / "broken.tar.gz"
+    archive.write_bytes(os.urandom(4096))
+    with pytest.raises(FatqError, match=r"^cannot extract .*broken\.tar\.gz: [^\n]+\.$"):
+        load_split(archive, "test", dataset="imagefolder")
+    assert [p.name for p in (tmp_path / "cache" / "extracted").iterdir()] == []
