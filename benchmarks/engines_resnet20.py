@@ -27,30 +27,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
+from fatq_tools import run_tool, tool  # noqa: E402
+
 TARGETS = {"openvino": 1.5, "ort": 1.0}  # int8 / fp32 throughput at the largest batch
 MIN_AGREEMENT = 99.9
 # fatq-export format -> file name suffix (fatq-bench labels runs by the name before the first dot)
+GATE_OK = (0, 1)  # 1 = fatq-bench's gate; the table still shows why
 EXPORTS = {"onnx": "", "onnx-ort": "-ort", "onnx-openvino": "-ov", "onnx-fp32": "-fp32"}
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"{name} is not on PATH; install fatq with `pip install -e .`.")
-    return path
-
-
-def _run_tool(command: list[str]) -> None:
-    print("$", " ".join(command), flush=True)
-    result = subprocess.run(command)
-    if result.returncode not in (0, 1):  # 1 = fatq-bench's gate; the table still shows why
-        sys.exit(f"{Path(command[0]).name} failed with exit status {result.returncode}.")
 
 
 def _run(report: dict, label: str, batch: int) -> dict | None:
@@ -156,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fatq-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     files = {fmt: work / f"resnet20-w4a4{suffix}.onnx" for fmt, suffix in EXPORTS.items()}
-    export = _tool("fatq-export")
+    export = tool("fatq-export")
     for fmt, path in files.items():
-        _run_tool([export, str(args.checkpoint), "--format", fmt, "-o", str(path)])
+        run_tool([export, str(args.checkpoint), "--format", fmt, "-o", str(path)], ok=GATE_OK)
     # the PyTorch model the int8 file computes (fatq-export writes it beside the file; README, Export)
     reference = work / "resnet20-w4a4.reference.pt"
     report_path = work / "bench.json"
-    bench = [_tool("fatq-bench"), *map(str, files.values()), "--engine", "ort", "--engine", "openvino",
+    bench = [tool("fatq-bench"), *map(str, files.values()), "--engine", "ort", "--engine", "openvino",
              "--precision", "int8", "--precision", "fp32", "--precision", "bf16",
              "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--iterations", str(args.iterations),
              "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--reference", str(reference),
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
              "--quiet"]  # fmt: skip
     if args.limit:
         bench += ["--limit", str(args.limit)]
-    _run_tool(bench)
+    run_tool(bench, ok=GATE_OK)
     report = json.loads(report_path.read_text())
     host, settings, spec = report["host"], report["settings"], report["reference"]["spec"]
     print()

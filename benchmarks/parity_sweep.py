@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
+from fatq_tools import run_tool, tool  # noqa: E402
 
 FORMATS = {"onnx": "", "onnx-ort": "-ort", "onnx-openvino": "-ov"}
 
@@ -41,20 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"parity_sweep.py: {name} is not on PATH; install fatq with `pip install -e .`.")
-    return path
-
-
 def check(checkpoint: Path, fmt: str, out: Path, args) -> dict:
     """fatq-export --check of one format; returns the check part of its JSON report."""
     report = out.with_suffix(".json")
-    command = [_tool("fatq-export"), str(checkpoint), "--format", fmt, "-o", str(out), "--check", "--quiet"]
+    command = [tool("fatq-export"), str(checkpoint), "--format", fmt, "-o", str(out), "--check", "--quiet"]
     command += ["--check-images", str(args.check_images), "--data-dir", str(args.data_dir), "--json", str(report)]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, stdout=subprocess.DEVNULL)  # exit 1 = a failed check: still a row
+    run_tool(command, ok=(0, 1))  # 1 = a failed check: still a row
     return json.loads(report.read_text())["check"]
 
 
@@ -62,11 +55,10 @@ def openvino_agreement(onnx_path: Path, args) -> float | None:
     """Top-1 agreement of OpenVINO on the portable file with its .reference.pt (fatq-bench)."""
     report = onnx_path.with_name(onnx_path.stem + "-openvino.json")
     reference = onnx_path.with_name(onnx_path.stem + ".reference.pt")
-    command = [_tool("fatq-bench"), str(onnx_path), "--engine", "openvino", "--batch-sizes", "64", "--warmup", "0"]
+    command = [tool("fatq-bench"), str(onnx_path), "--engine", "openvino", "--batch-sizes", "64", "--warmup", "0"]
     command += ["--iterations", "1", "--data-dir", str(args.data_dir), "--limit", str(args.check_images)]
     command += ["--reference", str(reference), "--json", str(report), "--quiet"]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, stdout=subprocess.DEVNULL)
+    run_tool(command, ok=(0, 1))  # 1 = fatq-bench's gate (none is set here)
     agreement = json.loads(report.read_text())["agreement"]
     return next(iter(agreement.values()))["top1_agreement_pct"] if agreement else None
 

@@ -31,15 +31,17 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script below
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules below
+from fatq_tools import (
+    run_tool,  # noqa: E402
+    tool,  # noqa: E402
+)
 from ptq_vs_ort import export_fp32_onnx  # noqa: E402
 
 from calibration.ptq import NormalizedBatches  # noqa: E402
@@ -81,17 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"peers.py: {name} is not on PATH; install fatq with `pip install -e '.[bench]'`.")
-    return path
-
-
-def _run(command: list[str], ok=(0,)) -> None:
-    print("$", " ".join(command), flush=True)
-    code = subprocess.run(command).returncode
-    if code not in ok:
-        sys.exit(f"peers.py: {Path(command[0]).name} failed with exit status {code}.")
+    return tool(name, "[bench]")
 
 
 # --- the peers' graphs -------------------------------------------------------------------------------
@@ -153,7 +145,7 @@ def fatq_files(arch: str, bits: int, fp32_checkpoint: Path, args, work: Path) ->
     """Train W{bits}A{bits} briefly from the FP32 checkpoint and export it once per format."""
     job = work / f"{arch}-w{bits}a{bits}"
     if not (job / "last.pt").exists():
-        _run(
+        run_tool(
             [_tool("fatq-train"), "--arch", arch, "--bits", str(bits), "--data-dir", str(args.data_dir),
              "--pretrained", str(fp32_checkpoint), "--epochs", "1", "--max-steps", str(args.max_steps),
              "--batch-size", "128", "--device", "cpu", "--quiet", "--job-dir", str(job)]
@@ -161,7 +153,7 @@ def fatq_files(arch: str, bits: int, fp32_checkpoint: Path, args, work: Path) ->
     files = {}
     for fmt, suffix in FATQ_FORMATS.items():
         path = work / f"{arch}-w{bits}a{bits}{suffix}.onnx"
-        _run([_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet"])
+        run_tool([_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet"])
         files[fmt] = path
     return files
 
@@ -187,7 +179,7 @@ def bench(models: list[Path], args, normalization: dict, out: Path, reference: P
         command += ["--batch-sizes", "64", "--iterations", "1", "--warmup", "0", "--reference", str(reference)]
     if args.limit:
         command += ["--limit", str(args.limit)]
-    _run(command)
+    run_tool(command)
     return json.loads(out.read_text())
 
 

@@ -28,8 +28,9 @@ fatq-export "$work/train/last.pt" --format onnx-openvino -o "$work/resnet20-w4a4
 # OpenVINO's bound: it rounds a residual sum's quantizer with its own float arithmetic (it folds one
 # input scale into the other; issue 15, docs/parity.md), so sums within float error of a rounding boundary
 # can land on the other side. Measured on this gate's 60-step model, 10,000 images: 100.00 % on an Intel Xeon
-# with VNNI (2026-11-28), 98.03 % on an AMD EPYC with AVX-512 VNNI (2026-12-04; first differing tensor:
-# layer1.1.shortcut_quantizer, every conv output before it identical). Until residual sums are exact by
+# with VNNI (2026-11-28), 98.03 % on an AMD EPYC with AVX-512 VNNI (2026-12-04; every tensor before the first
+# residual sum identical, the first differences in the quantizers that read it: benchmarks/parity_sweep.py,
+# docs/parity.md). Until residual sums are exact by
 # construction, OpenVINO is gated at this stated bound; ONNX Runtime stays at 99.9 %.
 openvino_min_agreement="${FATQ_CI_OPENVINO_MIN_AGREEMENT:-97.0}"
 gate_parity() {  # gate_parity ENGINE MIN_AGREEMENT REFERENCE NAME FILE...
