@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained-dir", type=Path, default=os.environ.get("FATQ_PRETRAINED_DIR"))
     p.add_argument("--work-dir", type=Path, default=Path("paper-out"))
     p.add_argument("--groups", default="paper", help="comma-separated: paper, paper-start, mask-init, trt")
-    p.add_argument("--epochs", type=float, default=1.0, help="epochs of every training row (default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of every training row (default 1)")
     p.add_argument("--check-images", type=int, default=10000)
     p.add_argument("--only", default=None, help="comma-separated row names to run (default: every row)")
     args = p.parse_args(argv)

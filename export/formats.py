@@ -115,11 +115,14 @@ def companion_path(onnx_path: str | Path, suffix: str) -> Path:
 
 def format_of(model: onnx.ModelProto) -> OutputFormat | None:
     """The format a model was written in: its recorded ``format`` tag, else (a file without one,
-    e.g. not from fatq-export) the format whose custom op domain it imports; None for a standard
-    ONNX graph that records no fatq format."""
+    e.g. not from fatq-export) the format whose custom op domain one of its nodes uses; None for a
+    standard ONNX graph that records no fatq format.
+
+    Node domains, not opset imports: tools import domains they never use (ONNX Runtime's
+    ``quant_pre_process`` adds ``com.microsoft`` to every file it writes)."""
     tag = next((entry.value for entry in model.metadata_props if entry.key == "format"), None)
     for fmt in FORMATS.values():
         if tag == fmt.metadata_tag:
             return fmt
-    domains = {entry.domain for entry in model.opset_import}
+    domains = {node.domain for node in model.graph.node}
     return next((fmt for fmt in FORMATS.values() if fmt.domain in domains), None)

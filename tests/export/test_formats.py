@@ -25,6 +25,17 @@ def test_format_of_reads_the_recorded_tag(name):
     assert fmt.check_engine in fmt.engines
 
 
+def test_an_imported_domain_no_node_uses_does_not_make_a_file_engine_specific():
+    """ONNX Runtime's quant_pre_process imports com.microsoft into every file it writes."""
+    import onnx
+
+    model, graph = lowered_case("resnet20", 4, "{}")
+    written = FORMATS["onnx"].write(graph, DEFAULT_OPSET, {})
+    ort_domain = next(f.domain for f in FORMATS.values() if f.name == "onnx-ort")
+    written.opset_import.append(onnx.helper.make_opsetid(ort_domain, 1))
+    assert format_of(written) is None
+
+
 def test_companion_paths_and_tags_are_distinct():
     assert companion_path("runs/m.ort.onnx", DEPLOY_GRAPH).as_posix() == "runs/m.ort.deploy.npz"
     assert companion_path("m.onnx", REFERENCE).name == "m.reference.pt"
