@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--groups", default="paper", help="comma-separated: paper, paper-start, mask-init, trt")
     p.add_argument("--epochs", type=int, default=1, help="epochs of every training row (default 1)")
     p.add_argument("--check-images", type=int, default=10000)
-    p.add_argument("--only", default=None, help="comma-separated row names to run (default: every row)")
+    p.add_argument("--only", default=None, help="comma-separated row names to run, in this order (default: all)")
     args = p.parse_args(argv)
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("paper_table.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
@@ -133,9 +133,9 @@ def rows_of(args) -> list[Row]:
                                   bits, fp32, args, ["--mask-init", "unsaturated"]))  # fmt: skip
     if "trt" in groups:
         rows.append(train_row("fat-w4-target-trt", "trt", "FAT, --target trt", 4, fp32, args, ["--target", "trt"]))
-    if args.only:
-        wanted = set(args.only.split(","))
-        rows = [r for r in rows if r.name in wanted]
+    if args.only:  # in the order given
+        by_name = {r.name: r for r in rows}
+        rows = [by_name[name] for name in args.only.split(",") if name in by_name]
     return rows
 
 

@@ -168,7 +168,9 @@ def init_from_pretrained(model: nn.Module, path: str | Path) -> dict:
     """Initialise ``model`` from an FP32, higher-bit fatq, or public checkpoint (non-strict).
 
     Keys present in both are loaded (the progressive b+1 -> b initialisation also carries the
-    learned alphas and masks); quantizer keys the source lacks keep their initial values.
+    learned alphas and masks); quantizer keys the source lacks keep their initial values, and
+    quantizer keys the model lacks are dropped (a portable-placement source for a TensorRT-placement
+    model has branch quantizers; a FAT source for a ``--no-transform`` model has masks).
     Any other missing key, any unexpected key or any shape mismatch is an error: weights are
     never loaded silently into the wrong architecture.
 
@@ -189,7 +191,8 @@ def init_from_pretrained(model: nn.Module, path: str | Path) -> dict:
             {"normalization": IMAGENET_NORMALIZATION, "class_names": None, "format": "public"},
         )
     own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own and not any(p in k for p in QUANTIZER_KEY_PARTS)]
+    state = {k: v for k, v in state.items() if k in own}
     missing = [k for k in own if k not in state and not any(p in k for p in QUANTIZER_KEY_PARTS)]
     if unexpected or missing:
         raise CheckpointError(

@@ -55,7 +55,7 @@ from fatq.errors import FatqError
 from fatq.io import remove_stale_temp_files, write_json_atomic
 from fatq.models import create_model, list_models, model_info
 from fatq.provenance import __version__, git_commit
-from fatq.qconfig import QuantSpec
+from fatq.qconfig import MASK_INITS, TARGETS, QuantSpec
 from fatq.streaming import FileSplit, StreamBatches, estimated_decoded_bytes, sample_statistics, scan_split
 from fatq.train import (
     RunOptions,
@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shortcut", choices=("A", "B"), help="CIFAR ResNet shortcut: A (public checkpoints) or B (paper)")
     m.add_argument(
         "--no-transform", dest="transform", action="store_false", help="plain uniform quantizer (FAT ablation)"
+    )
+    m.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="quantizer placement: portable (default; both residual-Add inputs quantized, exact in every engine) "
+        "or trt (TensorRT's: only the shortcut input quantized, so Conv+BN+Add+ReLU fuse)",
+    )
+    m.add_argument(
+        "--mask-init",
+        choices=MASK_INITS,
+        help="FAT mask initialisation: paper (default; T = 1/C_out, sigmoid saturated at 1.0 in float32 for "
+        "long rows) or unsaturated (T = 3/(C_out sqrt(N)): the mask starts near 0.93 with a gradient)",
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, help="cifar10 (default) or any imagefolder with train/ and test|val/")

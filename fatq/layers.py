@@ -96,12 +96,22 @@ class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
         weight_quantizer: a weight quantizer module.
         input_quantizer: an :class:`ActivationQuantizer`.
         transform: apply the FAT transform before quantizing the weights.
+        mask_init: the transform's mask initialisation ("paper" or "unsaturated").
         *args, **kwargs: as for ``nn.Conv2d``.
     """
 
-    def __init__(self, *args, weight_quantizer: nn.Module, input_quantizer: nn.Module, transform: bool, **kwargs):
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: nn.Module,
+        input_quantizer: nn.Module,
+        transform: bool,
+        mask_init: str = "paper",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.weight_transform = FATTransform(self.out_channels) if transform else nn.Identity()
+        row = self.weight[0].numel()
+        self.weight_transform = FATTransform(self.out_channels, row, mask_init) if transform else nn.Identity()
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
 
@@ -116,9 +126,18 @@ class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
 class QuantLinear(_QuantizedWeightMixin, nn.Linear):
     """Linear with quantized input and weights (see :class:`QuantConv2d`)."""
 
-    def __init__(self, *args, weight_quantizer: nn.Module, input_quantizer: nn.Module, transform: bool, **kwargs):
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: nn.Module,
+        input_quantizer: nn.Module,
+        transform: bool,
+        mask_init: str = "paper",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.weight_transform = FATTransform(self.out_features) if transform else nn.Identity()
+        row = self.in_features
+        self.weight_transform = FATTransform(self.out_features, row, mask_init) if transform else nn.Identity()
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
 

@@ -32,6 +32,8 @@ EDGE_MODES = ("int8", "float")
 EDGE_WEIGHT_RULES = ("max_abs", "signed_max")
 ACT_CLAMPS = ("both", "top")
 WEIGHT_ROUNDINGS = ("scale", "reference")
+TARGETS = ("portable", "trt")
+MASK_INITS = ("paper", "unsaturated")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class QuantSpec:
             "top" (the reference code: clamp(x/α, max=1), m = 2^b − 1; post-ReLU inputs only).
         weight_rounding: operation order of the body weight integers: "scale" (round(W_t / (α_w/n)))
             or "reference" (round(clamp(W_t/α_w, −1, 1) · n), the reference code's; ties can differ).
+        target: quantizer placement. "portable": both inputs of every residual Add quantized to
+            8 bits (every engine computes the model exactly). "trt": TensorRT's placement (NVIDIA's
+            QDQ placement guide, ModelOpt's ONNX quantizer): the shortcut input of a residual Add is
+            quantized, the conv branch stays float, so TensorRT can fuse Conv+BN+Add+ReLU with an
+            int8 residual input; the model that trains is the graph TensorRT fuses.
+        mask_init: initial FAT mask layer T: "paper" (every entry 1/C_out, METHOD.md §1.4) or
+            "unsaturated" (3/(C_out·sqrt(N))): see :class:`fatq.transform.FATTransform`.
     """
 
     weight_bits: int = FLOAT_BITS
@@ -72,6 +81,8 @@ class QuantSpec:
     edge_weights: str = "max_abs"
     act_clamp: str = "both"
     weight_rounding: str = "scale"
+    target: str = "portable"
+    mask_init: str = "paper"
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight bits")
@@ -83,6 +94,8 @@ class QuantSpec:
             ("edge_weights", EDGE_WEIGHT_RULES),
             ("act_clamp", ACT_CLAMPS),
             ("weight_rounding", WEIGHT_ROUNDINGS),
+            ("target", TARGETS),
+            ("mask_init", MASK_INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise FatqError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -184,6 +197,7 @@ class LayerFactory:
             weight_quantizer=self._body_weight_quantizer(out_ch),
             input_quantizer=self._body_input_quantizer(signed_input),
             transform=self.spec.transform,
+            mask_init=self.spec.mask_init,
         )
 
     def linear(self, in_f: int, out_f: int, bias: bool = True, signed_input: bool = False) -> nn.Linear:
@@ -197,6 +211,7 @@ class LayerFactory:
             weight_quantizer=self._body_weight_quantizer(out_f),
             input_quantizer=self._body_input_quantizer(signed_input),
             transform=self.spec.transform,
+            mask_init=self.spec.mask_init,
         )
 
     def last_linear(self, in_f: int, out_f: int, bias: bool = True, signed_input: bool = False) -> nn.Linear:
@@ -212,8 +227,12 @@ class LayerFactory:
             transform=False,
         )
 
-    def residual_quantizer(self, signed: bool) -> nn.Module:
-        """8-bit quantizer on one input of a residual Add (Identity in the FP32 model)."""
-        if self.spec.is_float:
+    def residual_quantizer(self, signed: bool, branch: bool = False) -> nn.Module:
+        """8-bit quantizer on one input of a residual Add (Identity in the FP32 model).
+
+        ``branch``: the input is the conv branch, which TensorRT's placement (target "trt") leaves
+        float so that the conv, its BN, the Add and the ReLU fuse into one int8 kernel.
+        """
+        if self.spec.is_float or (branch and self.spec.target == "trt"):
             return nn.Identity()
         return ActivationQuantizer(8, signed, enabled=self.spec.residual_inputs == "int8", init_from_data=True)

@@ -112,6 +112,8 @@ class TrainConfig:
     act_bits: int = 4
     edge_inputs: str = "int8"
     transform: bool = True
+    target: str = "portable"
+    mask_init: str = "paper"
     shortcut: str | None = None
     dataset: str = "cifar10"
     image_size: int | None = None
@@ -166,6 +168,8 @@ class TrainConfig:
             act_bits=self.act_bits,
             edge_inputs=self.edge_inputs,
             transform=self.transform,
+            target=self.target,
+            mask_init=self.mask_init,
             act_alpha_init=alpha,
         )
 

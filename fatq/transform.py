@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+UNSATURATED_SCALE = 3.0  # S ≈ 3 · 0.886 at init: sigmoid ≈ 0.93, derivative ≈ 0.06
 
 
 class FATTransform(nn.Module):
@@ -11,16 +15,26 @@ class FATTransform(nn.Module):
 
     Args:
         out_channels: C_out of the layer whose weights are transformed.
+        row_length: N = numel / C_out, the length of the rows the FFT runs along.
+        init: "paper" or "unsaturated" (below).
 
-    The mask layer ``mask`` is ``Linear(C_out, C_out, bias=False)`` initialised to 1 / C_out and
-    mixes output channels at every frequency. The result is in standardized units (the learned
-    alpha_w of the quantizer, init 3.0, clips it at about 3 sigma).
+    The mask layer ``mask`` is ``Linear(C_out, C_out, bias=False)`` and mixes output channels at
+    every frequency. The result is in standardized units (the learned alpha_w of the quantizer,
+    init 3.0, clips it at about 3 sigma).
+
+    Initialisation: "paper" sets every entry of T to 1 / C_out (METHOD.md §1.4), so S is the mean
+    spectral magnitude over channels, about 0.886·sqrt(N) for standardized rows; sigmoid(S) rounds
+    to exactly 1.0 in float32 once S > ~16.6 (N ≳ 350), and such a mask gets no gradient.
+    "unsaturated" scales T by 3 / sqrt(N): S ≈ 2.7 and the mask starts near 0.93 with gradient.
     """
 
-    def __init__(self, out_channels: int):
+    def __init__(self, out_channels: int, row_length: int = 1, init: str = "paper"):
         super().__init__()
+        if init not in ("paper", "unsaturated"):
+            raise ValueError(f"mask init must be 'paper' or 'unsaturated', got {init!r}")
         self.mask = nn.Linear(out_channels, out_channels, bias=False)
-        nn.init.constant_(self.mask.weight, 1.0 / out_channels)
+        scale = 1.0 if init == "paper" else UNSATURATED_SCALE / math.sqrt(row_length)
+        nn.init.constant_(self.mask.weight, scale / out_channels)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Transform a weight [C_out, ...] into a tensor of the same shape, float32 (float64 for float64 input)."""

@@ -7,9 +7,12 @@ FP32 running statistics; the following BN then outputs values 5–30× too large
 steps have replaced them. The reference code starts the same way (the paper's start).
 
 :func:`warm_start` re-estimates what depends on that scale on a few training batches, without any
-gradient step: (1) BN running statistics with the quantized weights and float activations,
+gradient step: (0) for layers without the transform (``--no-transform``, the FAT ablation), α_w := 3·σ(W):
+their quantizer sees W itself, not W/σ, so the init α_w = 3.0 (3σ in FAT's standardized units) would
+clip at 15–100σ and round nearly every 2–4-bit weight to 0; this gives the ablation FAT's starting clip;
+(1) BN running statistics with the quantized weights and float activations,
 (2) activation ranges α_a from those float activations (the PTQ calibrators, MSE by default),
-(3) BN statistics again with every quantizer active. Parameters other than α_a are untouched.
+(3) BN statistics again with every quantizer active. Parameters other than α_a and those α_w are untouched.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fatq.calibration_pass import calibrate
-from fatq.quantizers import ActivationQuantizer
+from fatq.quantizers import ActivationQuantizer, UniformWeightQuantizer
 
 # 4 batches of 128 images: enough for BN means/variances and α_a, and ~1 min of CPU for ResNet-20 here
 DEFAULT_BATCHES = 4
@@ -61,6 +64,7 @@ def warm_start(model: nn.Module, batches: Sequence[Tensor], method: str = "mse")
     Returns:
         {"batches", "images", "method", "act_alpha": {quantizer path: α_a}} for the run's records.
     """
+    weight_alphas = untransformed_weight_alphas(model)  # (0)
     quantizers = {n: q for n, q in model.named_modules() if isinstance(q, ActivationQuantizer) and q.enabled}
     for q in quantizers.values():
         q.enabled = False
@@ -72,7 +76,35 @@ def warm_start(model: nn.Module, batches: Sequence[Tensor], method: str = "mse")
     model.eval()
     alphas = calibrate(model, batches, method=method, quantizers=list(quantizers), quiet=True)  # (2)
     reestimate_batchnorm(model, batches)  # (3) everything quantized
-    return {"batches": len(batches), "images": sum(len(b) for b in batches), "method": method, "act_alpha": alphas}
+    return {
+        "batches": len(batches),
+        "images": sum(len(b) for b in batches),
+        "method": method,
+        "act_alpha": alphas,
+        "weight_alpha_of_untransformed_layers": weight_alphas,
+    }
+
+
+@torch.no_grad()
+def untransformed_weight_alphas(model: nn.Module) -> dict[str, float]:
+    """Set α_w = spec.weight_alpha_init · σ(W) in every body layer without the FAT transform; {layer: α_w}.
+
+    FAT's quantizer reads W_t in units of σ(W), where α_w = 3 clips at 3σ; without the transform it reads
+    W in its own units, so the same clip is 3·σ(W).
+    """
+    spec = getattr(model, "spec", None)
+    factor = spec.weight_alpha_init if spec is not None else 3.0
+    alphas = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if (
+            isinstance(getattr(module, "weight_transform", None), nn.Identity)
+            and isinstance(quantizer, UniformWeightQuantizer)
+            and quantizer.alpha.numel() == 1
+        ):
+            quantizer.alpha.fill_(factor * module.weight.float().std().item())
+            alphas[name] = quantizer.alpha.item()
+    return alphas
 
 
 def training_batches(images: Tensor, normalization: dict, batch_size: int, count: int, seed: int) -> list[Tensor]:

@@ -62,7 +62,8 @@ class InvertedResidual(nn.Module):
             bottleneck) rather than a ReLU6 output (the stem).
 
     With stride 1 and in_ch == out_ch the block is residual and both Add inputs get an 8-bit
-    signed quantizer (``branch_quantizer``, ``shortcut_quantizer``), Identity in FP32.
+    signed quantizer (``branch_quantizer``, ``shortcut_quantizer``), Identity in FP32; under
+    TensorRT's placement (QuantSpec target "trt") only the shortcut is quantized.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*blocks)
         if self.use_res_connect:
-            self.branch_quantizer = layers.residual_quantizer(signed=True)
+            self.branch_quantizer = layers.residual_quantizer(signed=True, branch=True)
             self.shortcut_quantizer = layers.residual_quantizer(signed=signed_input)
 
     def forward(self, x: Tensor) -> Tensor:

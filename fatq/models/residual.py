@@ -18,7 +18,9 @@ class QuantizedBasicBlock(nn.Module):
 
     Both inputs of the Add pass through an 8-bit quantizer (``branch_quantizer`` on the main
     branch, signed since it is a BN output; ``shortcut_quantizer`` on the shortcut) so integer
-    engines see the whole block quantized; in the FP32 model both are Identity.
+    engines see the whole block quantized; in the FP32 model both are Identity. Under
+    TensorRT's placement (QuantSpec target "trt") the branch quantizer is Identity: the conv
+    branch stays float into the Add.
 
     Args:
         layers: the model's layer factory.
@@ -36,7 +38,7 @@ class QuantizedBasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv2 = layers.conv(planes, planes, 3, 1, 1)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.branch_quantizer = layers.residual_quantizer(signed=True)
+        self.branch_quantizer = layers.residual_quantizer(signed=True, branch=True)
         self.shortcut_quantizer = layers.residual_quantizer(signed=shortcut_signed)
 
     def shortcut_path(self, x: Tensor) -> Tensor:

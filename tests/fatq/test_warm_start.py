@@ -50,11 +50,32 @@ def test_warm_start_changes_only_statistics_and_activation_ranges():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     allowed = ("running_mean", "running_var", "num_batches_tracked", "input_quantizer.alpha", "_quantizer.alpha")
+    # (FAT layers: α_w stays; only --no-transform layers get α_w = 3σ(W))
     assert changed and all(k.endswith(allowed) for k in changed)
     body = model.layer1[0].conv1.input_quantizer
     assert record["act_alpha"]["layer1.0.conv1.input_quantizer"] == body.alpha.item() != 5.0
     assert all(q.enabled for q in model.modules() if isinstance(q, ActivationQuantizer))
     assert record["images"] == 16
+
+
+def test_untransformed_layers_start_with_the_clip_fat_starts_with():
+    """--no-transform: α_w = 3·σ(W) (FAT's 3.0 in units of σ); FAT layers keep α_w = 3.0."""
+    from fatq.qconfig import QuantSpec
+
+    fp32 = create_model("resnet20", bits=32)
+    ablation = create_model("resnet20", spec=QuantSpec.from_bits(4, transform=False))
+    ablation.load_state_dict(fp32.state_dict(), strict=False)
+    conv = ablation.layer2[0].conv2
+    zeros_before = (conv.weight_integers()[0] == 0).float().mean().item()
+    record = warm_start(ablation, batches(), method="minmax")
+    sigma = conv.weight.std().item()
+    assert abs(conv.weight_quantizer.alpha.item() - 3.0 * sigma) < 1e-6 * sigma
+    assert record["weight_alpha_of_untransformed_layers"]["layer2.0.conv2"] == conv.weight_quantizer.alpha.item()
+    zeros_after = (conv.weight_integers()[0] == 0).float().mean().item()
+    assert zeros_before > 0.95 and zeros_after < 0.3  # 4 bits, 3σ clip: |W| < 0.21σ rounds to 0 (~17 %)
+    fat = quantized_from_fp32()
+    assert warm_start(fat, batches(), method="minmax")["weight_alpha_of_untransformed_layers"] == {}
+    assert fat.layer2[0].conv2.weight_quantizer.alpha.item() == 3.0
 
 
 def test_training_batches_are_normalized_and_seeded():
