@@ -338,3 +338,16 @@ def test_torchvision_state_dict_files_load_and_compute_torchvisions_logits(tmp_p
     init_from_pretrained(quantized, tmp_path / f"{arch}.pth")
     classifier = "fc.weight" if arch != "mobilenetv2" else "classifier.1.weight"
     assert torch.equal(quantized.state_dict()[classifier], reference.state_dict()[classifier])
+
+
+def test_target_and_mask_init_are_part_of_the_run_and_the_model():
+    from fatq.cli_train import build_parser, resolve_config
+
+    args = ["--arch", "resnet20", "--data-dir", "d", "--target", "trt", "--mask-init", "unsaturated"]
+    cfg = resolve_config(build_parser().parse_args(args))
+    assert (cfg.target, cfg.mask_init) == ("trt", "unsaturated")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # saved with the run, so resume keeps them
+    spec = cfg.quant_spec()
+    assert (spec.target, spec.mask_init) == ("trt", "unsaturated")
+    default = resolve_config(build_parser().parse_args(args[:4])).quant_spec()
+    assert (default.target, default.mask_init) == ("portable", "paper")

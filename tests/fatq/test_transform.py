@@ -130,3 +130,27 @@ def test_weight_gradient_treats_statistics_as_constants(shape):
         f_minus = (fat_transform_reference(minus, mask, mean, std) * g).sum()
         numeric[index] = (f_plus - f_minus) / (2 * eps)
     np.testing.assert_allclose(w.grad.numpy(), numeric, rtol=1e-6, atol=1e-7)
+
+
+def _mask_and_grad(transform: FATTransform, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid(S) [C_out, N], dLoss/dT) for a loss that depends on every output weight."""
+    out = transform(weight)
+    (out * torch.randn_like(out, generator=torch.Generator().manual_seed(1))).sum().backward()
+    with torch.no_grad():
+        w = weight.float()
+        rows = ((w - w.mean()) / w.std()).reshape(w.shape[0], -1)
+        gate = torch.sigmoid(transform.mask(torch.fft.fft(rows, dim=-1).abs().t()).t())
+    return gate, transform.mask.weight.grad
+
+
+def test_the_paper_mask_init_saturates_long_rows_and_unsaturated_does_not():
+    """N = 576 (a 64-channel 3x3 conv): sigmoid(S) rounds to exactly 1.0 for most entries at T = 1/C_out,
+    which get no gradient; T = 3/(C_out sqrt(N)) starts every entry below 1 with a gradient."""
+    weight = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.05
+    gate, grad = _mask_and_grad(FATTransform(64, 576, "paper"), weight)
+    assert (gate == 1.0).float().mean() > 0.5
+    gate, grad = _mask_and_grad(FATTransform(64, 576, "unsaturated"), weight)
+    assert (gate < 1.0).all() and 0.85 < gate.mean() < 0.97
+    assert (grad != 0).all()
+    with pytest.raises(ValueError, match="mask init"):
+        FATTransform(4, 9, "zeros")
