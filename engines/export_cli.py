@@ -43,7 +43,7 @@ from fatq.io import write_json_atomic
 # --check bounds (top-1 agreement %, identical integers % per tensor): exact parity, and the bound of a
 # --target trt model in the CPU engines (see check_bounds; measured in docs/tensorrt.md)
 EXACT_BOUNDS = (99.9, 99.99)
-FLOAT_BRANCH_BOUNDS = (99.5, 99.0)
+FLOAT_BRANCH_BOUNDS = (99.5, 98.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
