@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Accuracy-parity check run by CI: train ResNet-20 W4A4 briefly from the public FP32 checkpoint,
 # export it to QDQ ONNX, and gate ONNX Runtime and OpenVINO against the PyTorch model on the full
-# JPEG CIFAR-10 test split. Exit status is fatq-bench's gate (1 = parity violated).
+# JPEG CIFAR-10 test split; then gate a second, differently made model (W4A4 PTQ) the same way.
+# Exit status is fatq-bench's gate (1 = parity violated).
 # Usage: tools/ci_parity.sh [WORK_DIR]   (needs FATQ_DATA_DIR and FATQ_PRETRAINED_DIR)
 set -euo pipefail
 : "${FATQ_DATA_DIR:?set FATQ_DATA_DIR to the directory holding cifar10-jpeg.tar.gz}"
 : "${FATQ_PRETRAINED_DIR:?set FATQ_PRETRAINED_DIR to the directory holding resnet20-cifar10-fp32.th}"
 work="${1:-$(mktemp -d)}"
-mkdir -p "$work"
+mkdir -p "$work" "$work/ptq"
 steps="${FATQ_CI_STEPS:-60}"
 
 fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$FATQ_DATA_DIR" \
@@ -59,6 +60,17 @@ gate_parity ort 99.9 "$targeted_ref" bench-parity-ort-file "$work/resnet20-w4a4-
 if [ "$openvino_gated" = 1 ]; then
   gate_parity openvino "$openvino_min_agreement" "$portable_ref" bench-parity-openvino "$work/resnet20-w4a4.onnx"
   gate_parity openvino "$openvino_min_agreement" "$targeted_ref" bench-parity-openvino-file "$work/resnet20-w4a4-ov.onnx"
+fi
+# Gate 1b (parity on a second, differently made model): a W4A4 PTQ model of the same network (fatq-ptq:
+# per-channel weight ranges, calibrated activation ranges, bias correction; no training), so that exact
+# parity is checked on more than the one model this script trains.
+fatq-ptq "$FATQ_PRETRAINED_DIR/resnet20-cifar10-fp32.th" --arch resnet20 --bits 4 --data-dir "$FATQ_DATA_DIR" \
+  -o "$work/ptq/resnet20-ptq4.pt" --quiet
+fatq-export "$work/ptq/resnet20-ptq4.pt" --format onnx -o "$work/ptq/resnet20-ptq4.onnx" --quiet
+gate_parity ort 99.9 "$work/ptq/resnet20-ptq4.reference.pt" bench-parity-ort-ptq "$work/ptq/resnet20-ptq4.onnx"
+if [ "$openvino_gated" = 1 ]; then
+  gate_parity openvino "$openvino_min_agreement" "$work/ptq/resnet20-ptq4.reference.pt" bench-parity-openvino-ptq \
+    "$work/ptq/resnet20-ptq4.onnx"
 fi
 # Gate 2 (accuracy): no engine loses more than 1 point of top-1 against the model as trained. Top-1
 # agreement with it is reported, not gated: a 4-bit model flips ~5 % of its predictions when its biases
