@@ -324,8 +324,7 @@ def _note_engine_exact_reference(models: list, settings: BenchSettings) -> None:
             print(
                 f"fatq-bench: note: {Path(model.path).name} computes {computed.name} (the model on the engine grid, "
                 f"see fatq-export); against {Path(settings.reference).name} expect lower agreement.",
-                file=sys.stderr,
-            )
+            )  # stdout: information, while stderr carries only an error's one sentence
 
 
 def _same_weights(first: Path, second: Path) -> bool:

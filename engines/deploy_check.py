@@ -282,15 +282,16 @@ def check_images(checkpoint: dict, data_dir, count: int | None, shape: list[int]
         shape: [C, H, W] of the graph input.
     """
     if data_dir:
-        from fatq.data import load_split
+        from fatq.data import check_classes, load_split
 
         split = load_split(data_dir, "test", image_size=image_size(checkpoint))
+        check_classes(checkpoint["num_classes"], checkpoint.get("class_names"), split.class_names, "the checkpoint")
         count = min(len(split), count or DEFAULT_CHECK_IMAGES)
         if count < 1:
             raise FatqError("--check-images must be at least 1.")
         chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]
         return normalized(split.images[chosen], checkpoint), split.labels[chosen], f"test split of {data_dir}"
-    count = count or 256
+    count = 256 if count is None else count
     if count < 1:
         raise FatqError("--check-images must be at least 1.")
     images = torch.randn(count, *shape, generator=torch.Generator().manual_seed(0))

@@ -36,6 +36,7 @@ from export.formats import FORMATS
 from export.lint_rules import DEFAULT_TRT_VERSION, TARGETS
 from export.onnx_builder import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from export.pipeline import CALIB_BATCH_SIZE, CalibrationSettings, export_checkpoint
+from fatq.calibrators import CALIBRATORS
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
 from fatq.io import write_json_atomic
@@ -83,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument(
         "--calib-batches", type=int, default=16, help=f"calibration batches of {CALIB_BATCH_SIZE} images (default 16)"
     )
-    calib.add_argument("--calib-method", default="percentile", help="minmax, percentile (default), entropy or mse")
+    calib.add_argument(
+        "--calib-method",
+        default="percentile",
+        choices=sorted(CALIBRATORS),
+        help="minmax, percentile (default), entropy or mse",
+    )
     check = parser.add_argument_group("check")
     check.add_argument(
         "--check",
@@ -183,9 +189,7 @@ def export(args, argv: list[str]) -> int:
     """Run the export (and ``--check``) the parsed flags ask for; returns the exit status."""
     if args.format == "trt":
         return export_plan(args, argv)
-    for flag, value in (("--min-agreement", args.min_agreement), ("--min-int8-identical", args.min_int8_identical)):
-        if value is not None and not 0 <= value <= 100:
-            raise FatqError(f"{flag} is a percentage between 0 and 100, got {value}.")
+    _check_arguments(args)
     result = export_checkpoint(
         args.checkpoint,
         args.format,
@@ -204,9 +208,14 @@ def export(args, argv: list[str]) -> int:
     report = result.report()
     status = 0
     if args.check:
-        images, labels, source = check_images(
-            result.checkpoint, args.data_dir, args.check_images, result.graph.input_shape
-        )
+        try:  # data the check cannot use: the export's files go too (a failed export leaves nothing)
+            images, labels, source = check_images(
+                result.checkpoint, args.data_dir, args.check_images, result.graph.input_shape
+            )
+        except FatqError:
+            for path in (out, *result.companions):
+                path.unlink(missing_ok=True)
+            raise
         min_agreement, min_identical = check_bounds(result.graph.meta, args.min_agreement, args.min_int8_identical)
         report["check"] = check_export(result, images, labels, source, min_agreement, min_identical, quiet=args.quiet)
         _print_check(report["check"])
@@ -214,6 +223,36 @@ def export(args, argv: list[str]) -> int:
     if args.json:
         write_json_atomic(args.json, report)
     return status
+
+
+def _check_arguments(args) -> None:
+    """Every flag and output location is usable, before anything is computed or written."""
+    from pathlib import Path
+
+    from export.pipeline import output_path
+    from fatq.output_check import check_distinct_outputs, check_output_file
+
+    for flag, value in (("--min-agreement", args.min_agreement), ("--min-int8-identical", args.min_int8_identical)):
+        if value is not None and not 0 <= value <= 100:
+            raise FatqError(f"{flag} is a percentage between 0 and 100, got {value}.")
+    if args.calib_batches < 1:
+        raise FatqError(f"--calib-batches must be at least 1, got {args.calib_batches}.")
+    if args.calib_data is not None and not Path(args.calib_data).exists():
+        raise FatqError(f"calibration data {args.calib_data} does not exist.")
+    if args.check_images is not None and args.check_images < 1:
+        raise FatqError(f"--check-images must be at least 1, got {args.check_images}.")
+    if args.check and args.data_dir is not None and not Path(args.data_dir).exists():
+        raise FatqError(f"data directory {args.data_dir} does not exist.")
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        raise FatqError(f"{checkpoint} is a directory; give the checkpoint file (e.g. {checkpoint}/best.pt).")
+    out = output_path(checkpoint, FORMATS[args.format], args.output)
+    companions = [out.with_name(out.stem + suffix) for suffix in (".deploy.npz", ".reference.pt")]
+    check_output_file(out, "ONNX file (-o)")
+    check_output_file(Path(args.json) if args.json else None, "JSON report (--json)")
+    check_distinct_outputs({"-o": out, "--json": args.json}, [checkpoint] if checkpoint.is_file() else [])
+    if args.json and Path(args.json).resolve() in {c.resolve() for c in companions}:
+        raise FatqError(f"--json {args.json} would overwrite a file of the export; choose another file.")
 
 
 def check_bounds(meta: dict, min_agreement: float | None, min_identical: float | None) -> tuple[float, float]:

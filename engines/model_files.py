@@ -181,6 +181,10 @@ def inspect_model(path: str | Path) -> ModelFile:
     model = _load_onnx(path)
     if model is None:
         raise _not_a_model(path)
+    if not any(init.data_location == init.EXTERNAL for init in model.graph.initializer):
+        from export.lint_rules import check_structure
+
+        check_structure(model, path)  # engines crash or mislead on malformed graphs
     return inspect_onnx(model, path)
 
 

@@ -862,7 +862,19 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise FatqError(f"{path} is not an ONNX model ({type(exc).__name__}).") from None
     if not model.graph.node:
         raise FatqError(f"{path} is not an ONNX model (no graph).")
+    check_structure(model, path)
     return model
+
+
+def check_structure(model: onnx.ModelProto, path: str | Path) -> None:
+    """FatqError with onnx.checker's first line when the graph is malformed (a node without its inputs,
+    an initializer whose bytes do not fit its dims, an unknown standard op): engines given such a file
+    fail in their own ways (OpenVINO 2026.4 crashes on a Conv without inputs)."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0].rstrip(".")
+        raise FatqError(f"{path} is not a valid ONNX model: {first}.") from None
 
 
 def format_findings(findings: list[Finding], target: str) -> list[str]:

@@ -19,8 +19,6 @@ bare dict of tensors. Both imply ImageNet normalization.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -51,11 +49,14 @@ QUANTIZER_KEY_PARTS = (
 def read_checkpoint_file(path: str | Path) -> dict:
     """``torch.load`` with weights_only=True on CPU; one clear error for missing/corrupt files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file (e.g. {path}/best.pt).")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    # torch.load's unpickler raises whatever the bytes trip (IndexError for a text file): any failure is unreadable
+    except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
             f"{path} is not a readable checkpoint (corrupt, truncated, or not a weights-only torch.save file: "
             f"{type(exc).__name__})."
@@ -66,7 +67,7 @@ def read_checkpoint_file(path: str | Path) -> dict:
         return {"state_dict": data}
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(f"{path} holds no state_dict; it is neither a fatq nor a supported public checkpoint.")
-    return data
+    return check_layout(data, path)
 
 
 def is_fatq_checkpoint(data: dict) -> bool:

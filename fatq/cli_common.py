@@ -30,6 +30,11 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         prog = Path(sys.argv[0]).name or "fatq"
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file system refusal the checks before the work did not foresee (disk full, ...)
+        prog = Path(sys.argv[0]).name or "fatq"
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or type(exc).__name__}{where}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

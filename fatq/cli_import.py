@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
+from fatq.output_check import check_output_file
 from fatq.models import list_models
 
 
@@ -34,6 +35,7 @@ def _main(argv: list[str] | None) -> int:
     output = Path(args.output)
     if output.resolve() == Path(args.checkpoint).resolve():
         raise FatqError("--output must differ from the input checkpoint.")
+    check_output_file(output, "output checkpoint (-o)")
     model, report = import_reference(args.checkpoint, args.arch, args.bits, args.shortcut)
     save_imported(model, report, output)
     bits = f"w{args.bits}a{args.bits}"

@@ -44,6 +44,7 @@ from fatq.checkpoint import (
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.data import (
     ImageSplit,
+    check_classes,
     channel_statistics,
     download_cifar10,
     list_image_files,
@@ -53,6 +54,7 @@ from fatq.data import (
 )
 from fatq.errors import FatqError
 from fatq.io import remove_stale_temp_files, write_json_atomic
+from fatq.output_check import check_distinct_outputs, check_output_dir, check_output_file
 from fatq.models import create_model, list_models, model_info
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import MASK_INITS, TARGETS, QuantSpec
@@ -325,13 +327,6 @@ def _stream_workers(requested: int | None) -> int:
     return max(1, (os.cpu_count() or 2) // local - 1)
 
 
-def _check_classes(model_classes: int, class_names: list[str] | None, data_names: list[str], source: str) -> None:
-    if model_classes != len(data_names):
-        raise FatqError(f"{source} has {model_classes} classes, the dataset has {len(data_names)}.")
-    if class_names is not None and list(class_names) != list(data_names):
-        raise FatqError(f"{source} was trained on classes {class_names[:3]}..., the dataset has {data_names[:3]}....")
-
-
 def provenance(args_argv: list[str], ctx: distributed.DistContext, **extra) -> dict:
     """How this invocation ran: command, versions, machine facts."""
     return {
@@ -400,7 +395,7 @@ def run_eval_only(args: argparse.Namespace, argv: list[str], ctx: distributed.Di
         model = create_model(arch, spec=spec, num_classes=len(test.class_names), in_channels=channels, **options)
         meta = init_from_pretrained(model, args.eval_only)
         normalization, class_names = meta["normalization"], meta["class_names"]
-    _check_classes(model.num_classes, class_names, test.class_names, str(args.eval_only))
+    check_classes(model.num_classes, class_names, test.class_names, str(args.eval_only))
     if model.in_channels != channels:
         raise FatqError(f"{args.eval_only} takes {model.in_channels}-channel images, the dataset has {channels}.")
     model.to(ctx.device)
@@ -493,7 +488,7 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     model = build_model(cfg, num_classes=len(train.class_names), in_channels=input_size[0])
     if checkpoint is not None:
         normalization = checkpoint["normalization"]
-        _check_classes(model.num_classes, checkpoint.get("class_names"), train.class_names, str(args.job_dir))
+        check_classes(model.num_classes, checkpoint.get("class_names"), train.class_names, str(args.job_dir))
         if checkpoint.get("input_size") and list(checkpoint["input_size"]) != list(input_size):
             raise FatqError(
                 f"the run being resumed trained on {checkpoint['input_size']} inputs, the data gives "
@@ -502,7 +497,7 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     elif cfg.pretrained:
         meta = init_from_pretrained(model, cfg.pretrained)
         normalization = meta["normalization"]
-        _check_classes(model.num_classes, meta["class_names"], train.class_names, cfg.pretrained)
+        check_classes(model.num_classes, meta["class_names"], train.class_names, cfg.pretrained)
         if cfg.warm_start and not model.spec.is_float:
             _warm_start(model, train, normalization, cfg.seed, quiet=args.quiet or not ctx.is_main)
     else:
@@ -583,6 +578,16 @@ def _write_config(job_dir: Path, cfg: TrainConfig, normalization: dict, invocati
     )
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--job-dir and --json can be written and overwrite no input, before any data is read."""
+    check_output_dir(Path(args.job_dir) if args.job_dir else None, "job directory (--job-dir)")
+    check_output_file(Path(args.json) if args.json else None, "JSON report (--json)")
+    inputs = [getattr(args, "pretrained", None), args.eval_only]
+    if args.job_dir:
+        inputs += [Path(args.job_dir) / name for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl")]
+    check_distinct_outputs({"--json": args.json}, [Path(p) for p in inputs if p and Path(p).is_file()])
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -590,8 +595,7 @@ def _main(argv: list[str] | None) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise FatqError(f"--{name.replace('_', '-')} must not be negative, got {value}.")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FatqError(f"directory {Path(args.json).parent} does not exist (for --json).")
+    _check_outputs(args)
     if args.eval_only and args.resume:
         raise FatqError("--eval-only and --resume exclude each other.")
     ctx = distributed.setup(args.device)

@@ -68,8 +68,12 @@ def _extract_archive(archive: Path) -> Path:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # no partial extraction left in the cache
         if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
-            reason = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
-            raise FatqError(f"cannot extract {archive}: {reason}.") from None
+            # tarfile's messages can span lines ("file could not be opened successfully:\n- method gz: ..."):
+            # keep the first line's words, or the kind of error when that line only introduces a list
+            first = str(exc).splitlines()[0].strip().rstrip(".:") if str(exc) else ""
+            if isinstance(exc, tarfile.ReadError):
+                first = "not a readable tar archive (corrupt, truncated, or another format)"
+            raise FatqError(f"cannot extract {archive}: {first or type(exc).__name__}.") from None
         raise
     (tmp / ".complete").touch()
     if target.exists():  # another process won the race
@@ -428,3 +432,11 @@ def eval_batches(
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         yield normalize(images[chosen], normalization["mean"], normalization["std"]), labels[chosen]
+
+
+def check_classes(model_classes: int, class_names: list[str] | None, data_names: list[str], source: str) -> None:
+    """FatqError when a dataset's classes are not the ones a model was trained on (count, then names)."""
+    if model_classes != len(data_names):
+        raise FatqError(f"{source} has {model_classes} classes, the dataset has {len(data_names)}.")
+    if class_names is not None and list(class_names) != list(data_names):
+        raise FatqError(f"{source} was trained on classes {class_names[:3]}..., the dataset has {data_names[:3]}....")

@@ -45,6 +45,24 @@ def check_output_file(path: Path | None, what: str) -> None:
         raise FatqError(f"cannot write the {what} {path} ({exc.strerror or type(exc).__name__}).") from None
 
 
+def check_output_dir(path: Path | None, what: str) -> None:
+    """FatqError unless directory ``path`` exists and is writable, or can be created (None: nothing to check)."""
+    if path is None:
+        return
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise FatqError(f"{existing} is a file, not a directory (for the {what} {path}).")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".fatq-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FatqError(f"cannot write the {what} {path} ({exc.strerror or type(exc).__name__}).") from None
+
+
 def check_distinct_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
     """FatqError when two outputs are the same file, or an output would overwrite an input.
 

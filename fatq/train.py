@@ -155,6 +155,7 @@ class TrainConfig:
             "weight alpha lr": finite(self.weight_alpha_lr) and self.weight_alpha_lr > 0,
             "transform lr": finite(self.transform_lr) and self.transform_lr > 0,
             "gamma": finite(self.gamma) and self.gamma > 0,
+            "seed": 0 <= self.seed < 2**63,
         }
         for name, ok in checks.items():
             if not ok:
