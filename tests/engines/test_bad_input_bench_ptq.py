@@ -79,26 +79,35 @@ def test_bench_output_paths_are_checked_before_any_work(float_onnx, tmp_path, ca
         _refused(bench_main, [str(float_onnx), flag, str(out), *FAST], capsys, "cannot write the", [out])
 
 
-def _unknown_op_onnx(path: Path) -> Path:
-    node = helper.make_node("FooBar", ["input"], ["logits"])
+def _unknown_op_onnx(path: Path, domain: str = "") -> Path:
+    """A one-node model whose op FooBar no engine knows; a standard-domain one fails onnx.checker first."""
+    node = helper.make_node("FooBar", ["input"], ["logits"], domain=domain)
     graph = helper.make_graph(
         [node],
         "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=imports), str(path))
     return path
 
 
 @pytest.mark.parametrize(
-    ("engine", "reason"),
-    [("ort", "No Op registered for FooBar"), ("openvino", "No conversion rule found for operations: FooBar")],
+    ("engine", "domain", "reason"),
+    [
+        ("ort", "", "not a valid ONNX model: No Op registered for FooBar"),
+        ("openvino", "", "not a valid ONNX model: No Op registered for FooBar"),
+        ("ort", "com.example", "com.example:FooBar(-1) is not a registered function/op"),
+        ("openvino", "com.example", "No conversion rule found for operations: com.example.FooBar"),
+    ],
 )
-def test_unknown_op_is_one_sentence_with_the_op_name(tmp_path, capsys, engine, reason):
+def test_unknown_op_is_one_sentence_with_the_op_name(tmp_path, capsys, engine, domain, reason):
+    """A standard op onnx.checker does not know is refused before any engine; a custom-domain op, which the
+    checker cannot judge, reaches the engine, whose load error is reported with its reason."""
     if engine == "openvino":
         pytest.importorskip("openvino")
-    model, out = _unknown_op_onnx(tmp_path / "foo.onnx"), tmp_path / "r.json"
+    model, out = _unknown_op_onnx(tmp_path / "foo.onnx", domain), tmp_path / "r.json"
     _refused(bench_main, [str(model), "--engine", engine, "--json", str(out), *FAST], capsys, reason, [out])
 
 
