@@ -514,7 +514,14 @@ def run_training(args: argparse.Namespace, argv: list[str], ctx: distributed.Dis
     data = TrainData(train, test, normalization, train.class_names, input_size)
     quiet = args.quiet or not ctx.is_main
     log = _metrics_logger(job_dir, cfg, quiet) if ctx.is_main else None
-    invocation = provenance(argv, ctx, resumed_from_step=checkpoint["step"] if checkpoint else None)
+    if checkpoint is not None and args.max_steps is None:
+        # where a run ends is part of the run: a resumed --max-steps run stops where it was meant to
+        args.max_steps = checkpoint.get("provenance", {}).get("max_steps")
+        if args.max_steps is not None and not quiet:
+            print(f"resuming a run that stops at step {args.max_steps} (--max-steps changes it)")
+    invocation = provenance(
+        argv, ctx, resumed_from_step=checkpoint["step"] if checkpoint else None, max_steps=args.max_steps
+    )
     decode = "cuda" if args.gpu_decode else "workers"
     options = RunOptions(job_dir, args.max_steps, args.save_every, workers, quiet, log, invocation, decode)
     trainer = Trainer(cfg, model, data, ctx, options)  # last checks (e.g. batch vs processes) before writing

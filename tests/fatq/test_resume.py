@@ -91,3 +91,15 @@ def test_streaming_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, mon
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
     resumed_momentum = [s["momentum_buffer"] for s in split["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(momentum, resumed_momentum, strict=True))
+
+
+def test_a_resumed_max_steps_run_stops_where_it_was_meant_to(tmp_path, monkeypatch):
+    """--max-steps is part of the run: the README's resume command (no --max-steps) keeps it."""
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6)  # 18 images, batch 4: 5 steps/epoch
+    common = ["--arch", "resnet20", "--bits", "4", "--data-dir", str(data), "--epochs", "2", "--batch-size", "4"]
+    assert main([*common, "--quiet", "--device", "cpu", "--job-dir", "run", "--max-steps", "3"]) == 0
+    assert main(["--job-dir", "run", "--resume", "--data-dir", str(data), "--quiet"]) == 0
+    assert _state(tmp_path / "run")["step"] == 3
+    assert main(["--job-dir", "run", "--resume", "--data-dir", str(data), "--quiet", "--max-steps", "4"]) == 0
+    assert _state(tmp_path / "run")["step"] == 4
