@@ -173,7 +173,7 @@ def test_note_when_the_reference_is_not_the_model_the_int8_file_computes(tmp_pat
     assert export_main([str(trained), "-o", str(onnx_path), "--quiet"]) == 0
     base = [str(onnx_path), "--engine", "ort", "--batch-sizes", "2", "--limit", "8", *FAST]
     assert main([*base, "--reference", str(trained)]) == 0
-    assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().err
+    assert "note: w4.onnx computes w4.reference.pt" in capsys.readouterr().out  # information: stdout
     assert main([*base, "--reference", str(companion_path(onnx_path, REFERENCE))]) == 0
     assert "note:" not in capsys.readouterr().err
     # the onnx-ort export of the same checkpoint computes the same model: no note either

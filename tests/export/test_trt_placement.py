@@ -89,3 +89,22 @@ def test_a_portable_checkpoint_initialises_a_trt_placement_model(tmp_path):
             assert torch.equal(own[key], value), key
     assert any("branch_quantizer" in k for k in portable.state_dict())
     assert not any("branch_quantizer" in k for k in own)
+
+
+def test_check_uses_the_float_branch_bound_and_exits_1_below_a_given_bound(tmp_path, capsys):
+    from engines.export_cli import FLOAT_BRANCH_BOUNDS
+    from engines.export_cli import main as export_main
+    from fatq.checkpoint import CIFAR_NORMALIZATION, save_checkpoint
+
+    path = tmp_path / "trt.pt"
+    save_checkpoint(path, trained_like("resnet20", None, **_trt(4)), CIFAR_NORMALIZATION, [f"c{i}" for i in range(10)])
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    args = [str(path), "-o", str(out), "--check", "--check-images", "16", "--json", str(report), "--quiet"]
+    export_main(args)
+    check = json.loads(report.read_text())["check"]
+    assert "placement trt" in capsys.readouterr().out
+    assert (check["min_agreement"], check["min_int8_identical"]) == FLOAT_BRANCH_BOUNDS
+    # the later tensors of random-input runs differ by more than 0.01 % (test above): an exact bound fails
+    assert check["int8_identical_pct_min"] < 100.0
+    assert export_main([*args, "--min-int8-identical", "100"]) == 1
+    assert json.loads(report.read_text())["check"]["passed"] is False
