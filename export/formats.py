@@ -24,7 +24,9 @@ import onnx
 
 from export.deploy_graph import DeployGraph
 from export.float_writer import write_float
+from export.openvino_writer import METADATA_KEY as OPENVINO_KEY
 from export.openvino_writer import OPENVINO_DOMAIN, write_openvino
+from export.ort_writer import METADATA_KEY as ORT_KEY
 from export.ort_writer import MS_DOMAIN, write_ort
 from export.qdq_writer import write_qdq
 
@@ -49,6 +51,8 @@ class OutputFormat:
         purpose: None for a portable file (DEPLOY.md's rules apply and are enforced on export);
             for an engine-specific one, what it is for (the lint note: the rules do not apply).
         domain: the custom op domain the writer imports (recognises files without a tag).
+        writer_key: the ``metadata_props`` entry the writer always adds (recognises its files without a
+            tag even when no node needed the custom domain, e.g. a VGG without residual Adds).
     """
 
     name: str
@@ -60,6 +64,7 @@ class OutputFormat:
     check_engine: str
     purpose: str | None = None
     domain: str | None = None
+    writer_key: str | None = None
 
     @property
     def only_engine(self) -> str | None:
@@ -90,7 +95,9 @@ FORMATS: dict[str, OutputFormat] = {
     for f in (
         # the TensorRT file, read by every portable engine (module docstring)
         OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort"),
-        OutputFormat("onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, MS_DOMAIN),
+        OutputFormat(
+            "onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, MS_DOMAIN, ORT_KEY
+        ),
         OutputFormat(
             "onnx-openvino",
             ".ov.onnx",
@@ -101,6 +108,7 @@ FORMATS: dict[str, OutputFormat] = {
             "openvino",
             _OPENVINO_OPS,
             OPENVINO_DOMAIN,
+            OPENVINO_KEY,
         ),
         OutputFormat("onnx-fp32", ".fp32.onnx", "fp32", False, write_float, PORTABLE_ENGINES, "ort"),
     )
@@ -115,8 +123,8 @@ def companion_path(onnx_path: str | Path, suffix: str) -> Path:
 
 def format_of(model: onnx.ModelProto) -> OutputFormat | None:
     """The format a model was written in: its recorded ``format`` tag, else (a file without one,
-    e.g. not from fatq-export) the format whose custom op domain one of its nodes uses; None for a
-    standard ONNX graph that records no fatq format.
+    e.g. not from fatq-export) the format whose custom op domain one of its nodes uses, or whose writer's
+    own metadata entry it carries; None for a standard ONNX graph that records no fatq format.
 
     Node domains, not opset imports: tools import domains they never use (ONNX Runtime's
     ``quant_pre_process`` adds ``com.microsoft`` to every file it writes)."""
@@ -125,4 +133,7 @@ def format_of(model: onnx.ModelProto) -> OutputFormat | None:
         if tag == fmt.metadata_tag:
             return fmt
     domains = {node.domain for node in model.graph.node}
-    return next((fmt for fmt in FORMATS.values() if fmt.domain in domains), None)
+    keys = {entry.key for entry in model.metadata_props}
+    return next(
+        (fmt for fmt in FORMATS.values() if fmt.domain and (fmt.domain in domains or fmt.writer_key in keys)), None
+    )

@@ -141,7 +141,7 @@ def test_calibration_of_float_edge_inputs(tmp_path, capsys):
     assert main([str(path), "--quiet"]) == 2
     err = _error(capsys)
     assert "conv1.input_quantizer" in err and "--calib-data" in err
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    data = make_image_folder(tmp_path / "data", classes=10, per_class=1)  # the checkpoint's classes
     out = tmp_path / "cal.onnx"
     args = [str(path), "-o", str(out), "--calib-data", str(data), "--calib-batches", "1", "--calib-method", "minmax"]
     report = tmp_path / "r.json"

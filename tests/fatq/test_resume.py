@@ -63,7 +63,7 @@ def test_resume_accepts_repeating_the_original_values(tmp_path, monkeypatch, fla
     common = ["--arch", "resnet20", "--data-dir", str(data), "--batch-size", "4", "--quiet", "--job-dir", "job"]
     value = "0.04" if flag == "--lr" else "0.0005"
     assert main([*common, "--epochs", "2", "--max-steps", "1", flag, value]) == 0
-    assert main([*common, "--epochs", "2", "--resume", flag, value]) == 0
+    assert main([*common, "--epochs", "2", "--resume", flag, value, "--max-steps", "2"]) == 0
     assert _state(tmp_path / "job")["step"] == 2
 
 
