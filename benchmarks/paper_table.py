@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-images", type=int, default=10000)
     p.add_argument("--device", default="cpu", help="training device: cpu (default) or cuda")
     p.add_argument("--only", default=None, help="comma-separated row names to run, in this order (default: all)")
+    p.add_argument("--table-only", action="store_true", help="tabulate the rows already built; run nothing")
     args = p.parse_args(argv)
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("paper_table.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
@@ -239,6 +240,10 @@ def main(argv=None) -> int:
         (args.work_dir / sub).mkdir(parents=True, exist_ok=True)
     results = []
     for row in rows_of(args):
+        if args.table_only:
+            saved = args.work_dir / "rows" / f"{row.name}.json"
+            results += [json.loads(saved.read_text())] if saved.is_file() else []
+            continue
         missing = [a for a in row.after if not (args.work_dir / "rows" / f"{a}.json").is_file()]
         if missing:
             print(f"paper_table.py: {row.name} skipped: {', '.join(missing)} not built.", flush=True)
