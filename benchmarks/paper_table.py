@@ -228,7 +228,8 @@ def table(results: list[dict]) -> str:
 
 def cpu_flags() -> str:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        with open("/proc/cpuinfo") as info:
+            flags = next(line for line in info if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return "unknown"
     return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_vnni", "amx_int8", "avx512_bf16"))

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--min-int8-identical",
         type=float,
-        help=f"min %% identical int8s per tensor (default {EXACT_BOUNDS[1]}; {FLOAT_BRANCH_BOUNDS[1]} for --target trt)",
+        help=f"min %% identical int8s per tensor (default {EXACT_BOUNDS[1]}; "
+        f"{FLOAT_BRANCH_BOUNDS[1]} for --target trt)",
     )
     parser.add_argument(
         "--as-trained",
@@ -263,8 +264,10 @@ def check_bounds(meta: dict, min_agreement: float | None, min_identical: float |
     trt_placement = meta.get("spec", {}).get("target") == "trt"
     bounds = FLOAT_BRANCH_BOUNDS if trt_placement else EXACT_BOUNDS
     if trt_placement and (min_agreement is None or min_identical is None):
-        print(f"placement trt: the CPU engines run the branch convs in float; check bounds {bounds[0]} % agreement, "
-              f"{bounds[1]} % identical integers (exact parity holds only for TensorRT's arithmetic, not run here)")  # fmt: skip
+        print(
+            f"placement trt: the CPU engines run the branch convs in float; check bounds {bounds[0]} % agreement, "
+            f"{bounds[1]} % identical integers (exact parity holds only for TensorRT's arithmetic, not run here)"
+        )
     return (
         bounds[0] if min_agreement is None else min_agreement,
         bounds[1] if min_identical is None else min_identical,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
-from fatq.output_check import check_output_file
 from fatq.models import list_models
+from fatq.output_check import check_output_file
 
 
 def build_parser() -> SentenceParser:

@@ -44,8 +44,8 @@ from fatq.checkpoint import (
 from fatq.cli_common import SentenceParser, run_cli
 from fatq.data import (
     ImageSplit,
-    check_classes,
     channel_statistics,
+    check_classes,
     download_cifar10,
     list_image_files,
     load_split,
@@ -54,8 +54,8 @@ from fatq.data import (
 )
 from fatq.errors import FatqError
 from fatq.io import remove_stale_temp_files, write_json_atomic
-from fatq.output_check import check_distinct_outputs, check_output_dir, check_output_file
 from fatq.models import create_model, list_models, model_info
+from fatq.output_check import check_distinct_outputs, check_output_dir, check_output_file
 from fatq.provenance import __version__, git_commit
 from fatq.qconfig import MASK_INITS, TARGETS, QuantSpec
 from fatq.streaming import FileSplit, StreamBatches, estimated_decoded_bytes, sample_statistics, scan_split

@@ -41,7 +41,7 @@ def _export_set(out: Path) -> list[Path]:
     ("make", "message"),
     [
         (lambda d: (d / "existing_dir").mkdir() or ["--json", str(d / "existing_dir")], "is a directory"),
-        (lambda d: (d / "somefile").touch() or ["--json", str(d / "somefile" / "r.json")], "is a file, not a directory"),
+        (lambda d: (d / "somefile").touch() or ["--json", str(d / "somefile" / "r.json")], "is a file, not a dir"),
         (lambda d: ["--json", str(d / "nodir" / "r.json")], "does not exist"),
         (lambda d: ["--json", str(d / "out.onnx")], "would overwrite"),
         (lambda d: ["--check", "--data-dir", str(d / "nope")], "does not exist"),

@@ -286,7 +286,8 @@ def test_clamp_alphas_raises_only_what_is_below_the_floor():
     clamp_alphas_(model)
     floor = float(torch.tensor(ALPHA_FLOOR))  # as float32 holds it
     assert [float(q.alpha.detach()) for q in quantizers[:2]] == [floor, floor]
-    assert torch.isnan(quantizers[2].alpha) and float(quantizers[3].alpha.detach()) == 2.5  # NaN is reported, not hidden
+    # NaN is reported, not hidden
+    assert torch.isnan(quantizers[2].alpha) and float(quantizers[3].alpha.detach()) == 2.5
 
 
 def test_imagenet_models_default_to_the_imagenet_recipe(tmp_path):
