@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -99,13 +98,16 @@ def model_figures(model) -> list[dict]:
     return [layer_figures(name, m.weight, m.weight_transform) for name, m in fat_layers(model).items()]
 
 
-def decay_factors(args) -> list[float]:
-    """T(t)/T(0) after each step t of the schedule, with zero gradient (weight decay only)."""
+def decay_factors(args, momentum: float | None = None) -> list[float]:
+    """T(t)/T(0) after each step t of the schedule, with zero gradient (weight decay only).
+
+    ``momentum`` overrides ``args.momentum`` (0: plain SGD, for comparison)."""
+    momentum = args.momentum if momentum is None else momentum
     t, v, factors = 1.0, 0.0, []
     milestones = (150 * args.epochs // 400 * args.steps_per_epoch, 225 * args.epochs // 400 * args.steps_per_epoch)
     for step in range(args.epochs * args.steps_per_epoch):
         lr = args.lr * 0.1 ** sum(step >= m for m in milestones)
-        v = args.momentum * v + args.weight_decay * t
+        v = momentum * v + args.weight_decay * t
         t -= lr * v
         factors.append(t)
     return factors
@@ -177,9 +179,7 @@ def main(argv=None) -> int:
     summary = {
         "decay_factor_after_1_epoch": one_epoch,
         "decay_factor_after_all_epochs": factors[-1],
-        "decay_factor_without_momentum_all_epochs": math.exp(
-            -args.weight_decay * args.lr * args.steps_per_epoch * (150 + 75 * 0.1 + 175 * 0.01) * args.epochs / 400
-        ),
+        "decay_factor_without_momentum_all_epochs": decay_factors(args, momentum=0.0)[-1],
         "step_leaving_saturation": leaving,
         "schedule": {k: getattr(args, k) for k in ("steps_per_epoch", "epochs", "lr", "weight_decay", "momentum")},
     }

@@ -230,6 +230,7 @@ def _check_arguments(args) -> None:
     """Every flag and output location is usable, before anything is computed or written."""
     from pathlib import Path
 
+    from export.formats import companion_path
     from export.pipeline import output_path
     from fatq.output_check import check_distinct_outputs, check_output_file
 
@@ -248,7 +249,7 @@ def _check_arguments(args) -> None:
     if checkpoint.is_dir():
         raise FatqError(f"{checkpoint} is a directory; give the checkpoint file (e.g. {checkpoint}/best.pt).")
     out = output_path(checkpoint, FORMATS[args.format], args.output)
-    companions = [out.with_name(out.stem + suffix) for suffix in (".deploy.npz", ".reference.pt")]
+    companions = [companion_path(out, suffix) for suffix in FORMATS[args.format].companions]
     check_output_file(out, "ONNX file (-o)")
     check_output_file(Path(args.json) if args.json else None, "JSON report (--json)")
     check_distinct_outputs({"-o": out, "--json": args.json}, [checkpoint] if checkpoint.is_file() else [])

@@ -36,6 +36,14 @@ class _QuantizedWeightMixin:
     weight_quantizer: nn.Module
     input_quantizer: nn.Module
 
+    def _init_weight_path(
+        self, out_channels: int, row_length: int, weight_quantizer, input_quantizer, transform: bool, mask_init: str
+    ) -> None:
+        """transform (FAT over rows of ``row_length``, or Identity) -> weight quantizer; the input quantizer."""
+        self.weight_transform = FATTransform(out_channels, row_length, mask_init) if transform else nn.Identity()
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
     def _cache_key(self) -> tuple:
         params = [self.weight, *self.weight_transform.parameters(), *self.weight_quantizer.parameters()]
         # a rule switch without parameters (SignedMaxWeightQuantizer.int8_fallback) also changes the integers
@@ -110,10 +118,8 @@ class QuantConv2d(_QuantizedWeightMixin, nn.Conv2d):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        row = self.weight[0].numel()
-        self.weight_transform = FATTransform(self.out_channels, row, mask_init) if transform else nn.Identity()
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
+        row = self.weight[0].numel()  # C_in/groups * k_h * k_w
+        self._init_weight_path(self.out_channels, row, weight_quantizer, input_quantizer, transform, mask_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in, H, W] -> [B, C_out, H', W']."""
@@ -136,10 +142,8 @@ class QuantLinear(_QuantizedWeightMixin, nn.Linear):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        row = self.in_features
-        self.weight_transform = FATTransform(self.out_features, row, mask_init) if transform else nn.Identity()
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
+        out, row = self.out_features, self.in_features
+        self._init_weight_path(out, row, weight_quantizer, input_quantizer, transform, mask_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C_in] -> [B, C_out]."""
