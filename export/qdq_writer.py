@@ -59,11 +59,11 @@ from export.onnx_builder import (
     INPUT_NAME,
     OUTPUT_NAME,
     OnnxBuilder,
-    clip_bounds,
     conv_attrs,
     emit_float_op,
     make_model,
     output_classes,
+    range_clip_bounds,
     scalar_or_vector,
 )
 from fatq.errors import FatqError
@@ -173,12 +173,12 @@ class QdqWriter:
             key = (x, stored["scale"], quant["qmin"], quant["qmax"])
             first = self.nudges.get(key, 0)  # an identical quantizer of the same tensor exists
             self.nudges[key] = first + readers
-            clipped = b.clip(x, *clip_bounds(quant, nudge=first), np.float32, f"{name}/range")
+            clipped = b.clip(x, *range_clip_bounds(quant, first), np.float32, f"{name}/range")
             for copy, out in enumerate(names):
                 source = (
                     clipped
                     if copy == 0
-                    else b.clip(clipped, *clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
+                    else b.clip(clipped, *range_clip_bounds(quant, first + copy), np.float32, f"{name}/copy")
                 )
                 b.quantize(source, stored["scale"], name, out)
         self.quant[output] = stored
@@ -220,7 +220,7 @@ class QdqWriter:
         if all(reader.op in FLOAT_READERS for reader in self.readers.get(node.output, [])):
             # Only float ops (a residual Add) read it: the clipped dequantized values are exactly
             # integers · s already, and a second Q → DQ round trip would add two passes for nothing.
-            lo, hi = clip_bounds(out_quant)
+            lo, hi = range_clip_bounds(out_quant)
             dq = b.dequantize(q, out_quant["scale"], node.name)
             self.float_name[node.output] = b.clip(dq, lo, hi, np.float32, f"{node.name}/range", node.output)
             return
