@@ -45,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
 from fatq_tools import tool  # noqa: E402
 
+from engines.host import int8_flags_summary  # noqa: E402
+
 PUBLIC_FP32 = "resnet20-cifar10-fp32.th"
 REFERENCE_FP32 = "fat-reference/resnet_20_32bit.pth.tar"
 REFERENCE_W4 = "fat-reference/resnet_20_4bit.pth.tar"
@@ -226,15 +228,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next(line for line in info if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_vnni", "amx_int8", "avx512_bf16"))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     for sub in ("rows", "logs", "jobs"):
@@ -253,7 +246,7 @@ def main(argv=None) -> int:
     text = table(results)
     header = (
         f"paper_table.py --groups {args.groups} --epochs {args.epochs}; {platform.processor() or platform.machine()}"
-        f", {os.cpu_count()} cores, {cpu_flags()}\n\n"
+        f", {os.cpu_count()} cores, {int8_flags_summary()}\n\n"
     )
     print(header + text)
     (args.work_dir / f"table-{args.groups.replace(',', '+')}.md").write_text(header + text)

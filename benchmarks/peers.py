@@ -12,7 +12,9 @@ For each network (a public FP32 CIFAR-10 checkpoint) this script builds:
   ``onnx-openvino`` for OpenVINO, plus the portable ``onnx`` file on both;
 
 then times everything in ONE ``fatq-bench`` call (interleaved rounds, same threads, batch 1 and 64, top-1 on
-the test split) and measures each fatq file's top-1 agreement with its ``.reference.pt`` in a second call.
+the test split) and measures each fatq file's top-1 agreement, in each engine, with the model that engine
+computes on it (its ``.reference.pt``; for ONNX Runtime on the float-bias portable file, the int32-bias deploy
+reference) in further calls.
 It prints one table per network: images/s at batch 64, median ms at batch 1, top-1, agreement, size on
 disk, and fatq / the engine's best peer (OpenVINO: NNCF; ONNX Runtime: the faster of the two U8S8 files).
 
@@ -46,6 +48,8 @@ from ptq_vs_ort import export_fp32_onnx  # noqa: E402
 
 from calibration.ptq import NormalizedBatches  # noqa: E402
 from engines.host import cpu_flags, cpu_name  # noqa: E402
+from engines.registry import ENGINES  # noqa: E402
+from export.formats import FORMATS  # noqa: E402
 from fatq.checkpoint import init_from_pretrained  # noqa: E402
 from fatq.data import load_split  # noqa: E402
 from fatq.models import create_model  # noqa: E402
@@ -166,10 +170,18 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
 
 
-def bench(models: list[Path], args, normalization: dict, out: Path, reference: Path | None = None) -> dict:
-    """One fatq-bench call over ``models`` on ORT and OpenVINO; returns its JSON report."""
+def bench(
+    models: list[Path],
+    args,
+    normalization: dict,
+    out: Path,
+    reference: Path | None = None,
+    engines: tuple[str, ...] = ("ort", "openvino"),
+    reference_mode: str = "eval",
+) -> dict:
+    """One fatq-bench call over ``models`` on ``engines``; returns its JSON report."""
     mean, std = (",".join(map(str, normalization[key])) for key in ("mean", "std"))
-    command = [_tool("fatq-bench"), *map(str, models), "--engine", "ort", "--engine", "openvino", "--quiet",
+    command = [_tool("fatq-bench"), *map(str, models), *(a for e in engines for a in ("--engine", e)), "--quiet",
                "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--json", str(out),
                "--mean", mean, "--std", std]  # fmt: skip
     if reference is None:
@@ -177,6 +189,7 @@ def bench(models: list[Path], args, normalization: dict, out: Path, reference: P
         command += ["--warmup", str(args.warmup), "--rounds", str(args.rounds)]
     else:  # agreement only: one short timing
         command += ["--batch-sizes", "64", "--iterations", "1", "--warmup", "0", "--reference", str(reference)]
+        command += ["--reference-mode", reference_mode]
     if args.limit:
         command += ["--limit", str(args.limit)]
     run_tool(command)
@@ -280,14 +293,20 @@ def run_arch(arch: str, args, work: Path) -> list[dict]:
             roles[path.name], models = f"fatq W{bits}A{bits} {fmt}", [*models, path]
 
     report = bench(models, args, normalization, work / f"{arch}-bench.json")
-    agreement = {}  # each fatq file against the PyTorch model it computes (its own .reference.pt)
-    for path in (path for files in fatq.values() for path in files.values()):
+    agreement = {}  # each fatq file in each engine against the model that engine computes on it
+    for fmt, path in ((fmt, path) for files in fatq.values() for fmt, path in files.items()):
         reference = path.with_name(path.name.replace(".onnx", ".reference.pt"))
-        check = bench([path], args, normalization, work / f"{path.stem}-agreement.json", reference)
-        for config in check["configs"]:
-            found = check["agreement"].get(config["label"])
-            if found:
-                agreement[(config["engine"], path.name)] = found["top1_agreement_pct"]
+        for engine in FORMATS[fmt].engines:
+            if engine not in ("ort", "openvino"):
+                continue
+            # ORT rounds the TensorRT file's float biases to int32: the deploy reference is what it computes
+            mode = "eval" if ENGINES[engine].bias_arithmetic == FORMATS[fmt].bias_arithmetic else "deploy"
+            out = work / f"{path.stem}-{engine}-agreement.json"
+            check = bench([path], args, normalization, out, reference, (engine,), mode)
+            for config in check["configs"]:
+                found = check["agreement"].get(config["label"])
+                if found:
+                    agreement[(config["engine"], path.name)] = found["top1_agreement_pct"]
     rows = rows_of(report, roles, {m.name: _size(m) for m in models}, agreement)
     add_ratios(rows)
     return rows

@@ -31,7 +31,7 @@ import torch
 from engines.gate import evaluate_gate
 from engines.host import cpu_name
 from engines.model_files import CHECKPOINT, ONNX, OPENVINO_IR, ModelFile, inspect_model, normalization_from_metadata
-from engines.registry import RunnerOptions
+from engines.registry import ENGINES, RunnerOptions
 from engines.run_plan import RunSpec, Skipped, make_runner, plan_runs
 from engines.runner import Runner
 from engines.timing import time_interleaved
@@ -327,6 +327,32 @@ def _note_engine_exact_reference(models: list, settings: BenchSettings) -> None:
             )  # stdout: information, while stderr carries only an error's one sentence
 
 
+def _note_bias_arithmetic(specs: list, settings: BenchSettings) -> None:
+    """Say so when an engine computes a file with other bias arithmetic than the ``--reference`` model.
+
+    A file written for float-bias engines (``bias_arithmetic`` "float" in its metadata: the TensorRT
+    file) computes its ``.reference.pt`` in TensorRT and OpenVINO, while ONNX Runtime rounds its
+    biases to int32 and computes the deploy reference (``--reference-mode deploy``) instead.
+    """
+    if settings.reference is None:
+        return
+    for spec in specs:
+        if spec.model.kind != ONNX or spec.engine not in ENGINES:
+            continue
+        written = spec.model.metadata.get("bias_arithmetic")
+        computes = ENGINES[spec.engine].bias_arithmetic
+        if written is None or computes is None:
+            continue
+        compared = written if settings.reference_mode == "eval" else "int32"  # deploy mode replays int32 biases
+        if computes != compared:
+            better = "deploy" if settings.reference_mode == "eval" else "eval"
+            print(
+                f"fatq-bench: note: {spec.engine} computes {Path(spec.model.path).name} with {computes} biases, the "
+                f"{settings.reference_mode}-mode reference with {compared} biases; expect lower agreement "
+                f"(--reference-mode {better} compares with the model {spec.engine} computes).",
+            )  # stdout, as the note above
+
+
 def _same_weights(first: Path, second: Path) -> bool:
     """Whether two fatq checkpoints hold identical weights (the portable and onnx-ort exports' references do)."""
     import torch
@@ -537,6 +563,7 @@ def run_benchmark(
     models = [p if isinstance(p, ModelFile) else inspect_model(p) for p in model_paths]
     _note_engine_exact_reference(models, settings)
     specs, skipped = plan_runs(models, engines, precisions)
+    _note_bias_arithmetic(specs, settings)
     batch_sizes = tuple(dict.fromkeys(settings.batch_sizes))
     options = dataclasses.replace(settings.runner_options, threads=settings.threads, max_batch=max(batch_sizes),
                                   opt_batch=max(batch_sizes))  # fmt: skip

@@ -39,7 +39,7 @@ from torch import nn
 from engines.model_files import in_memory_model, inspect_onnx
 from engines.registry import ENGINES, RunnerOptions
 from engines.runner import Runner
-from export.deploy_graph import DeployGraph
+from export.deploy_graph import DeployGraph, bias_arithmetic
 from export.formats import REFERENCE, companion_path, format_of
 from export.onnx_builder import INPUT_NAME, OUTPUT_NAME
 from export.ort_writer import uint8_tensors
@@ -71,14 +71,15 @@ class Observed:
         return value.astype(np.int32) - self.zero_point
 
 
-def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[str, Observed]:
+def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict], engine: str = "ort") -> dict[str, Observed]:
     """Where each quantized deploy tensor can be read without perturbing the optimized graph.
 
     Args:
         model: the exported QDQ model (or a ``--format onnx-ort`` model, whose uint8 tensors
             carry the deploy names and are listed with their zero points in its metadata, or a
-            ``--format onnx-openvino`` model, see :func:`_openvino_observable`).
+            ``--format onnx-openvino`` model).
         quant: {deploy tensor: {scale, qmin, qmax}} of the deploy graph.
+        engine: the engine that runs it ("ort" or "openvino": :func:`_openvino_observable`).
 
     Returns:
         {deploy tensor: :class:`Observed`}.
@@ -87,7 +88,7 @@ def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict]) -> dict[s
     if fmt is not None and fmt.name == "onnx-ort":  # QOperator ops: exposing an output does not change any fusion
         uint8 = uint8_tensors(model)
         return {t: Observed(t, TensorProto.UINT8, zero_point=uint8[t]["zero_point"]) for t in quant if t in uint8}
-    if fmt is not None and fmt.name == "onnx-openvino":
+    if engine == "openvino":
         return _openvino_observable(model, quant)
     producers = {out: node for node in model.graph.node for out in node.output}
     int8_constants = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT8}
@@ -175,9 +176,10 @@ def compare(
     threads: int | None = None,
     quiet: bool = False,
     as_trained: nn.Module | None = None,
+    engine: str | None = None,
+    also: dict[str, nn.Module] | None = None,
 ) -> dict:
-    """Compare the file's check engine (:mod:`export.formats`), the deploy reference and the
-    PyTorch model on ``images``.
+    """Compare an engine on the file, the deploy reference and the PyTorch model on ``images``.
 
     Args:
         onnx_path: the exported file.
@@ -191,30 +193,35 @@ def compare(
         as_trained: the model before the engine-exact moves (:mod:`export.engine_exact`); the
             engine is also compared with it, reported under ``"<engine>_vs_as_trained"`` and
             ``accuracy["checkpoint_as_trained"]``.
+        engine: the :data:`engines.registry.ENGINES` name to run (default: the format's
+            ``check_engine``). The deploy reference replays that engine's bias arithmetic.
+        also: {key: model} also compared with the engine, as ``"<engine>_vs_<key>"`` and ``accuracy[key]``.
 
     Returns:
         The report (see ``fatq-export --help``; keys documented in the README).
     """
     onnx_path = Path(onnx_path)
     onnx_model = onnx.load(str(onnx_path))
-    reference = DeployReference(graph)
-    quant = reference.quant
-    exposed = observable_tensors(onnx_model, quant)
     fmt = format_of(onnx_model)
-    check_engine = fmt.check_engine if fmt is not None else "ort"
+    check_engine = engine or (fmt.check_engine if fmt is not None else "ort")
+    reference = DeployReference(graph, ENGINES[check_engine].bias_arithmetic if graph.quantized else None)
+    quant = reference.quant
+    exposed = observable_tensors(onnx_model, quant, check_engine)
+    others = {"as_trained": as_trained} if as_trained is not None else {}
+    others.update(also or {})
     engine = ENGINES[check_engine].package  # the report's name: "onnxruntime", "openvino"
     production = _check_runner(check_engine, inspect_onnx(onnx_model, onnx_path), threads, onnx_path.name)
     debug_copy = with_outputs(onnx_model, {o.name: o.dtype for o in exposed.values()})
     debug = _check_runner(check_engine, in_memory_model(debug_copy, f"{onnx_path.stem}.debug.onnx"), threads, "debug")
     engine_version = production.info().engine_version
-    pairs = {k: RunningAgreement() for k in ("engine_model", "ref_model", "engine_ref", "engine_trained")}
-    correct = {engine: 0, "reference": 0, "checkpoint": 0, "checkpoint_as_trained": 0}
+    pairs = {k: RunningAgreement() for k in ("engine_model", "ref_model", "engine_ref", *others)}
+    correct = {engine: 0, "reference": 0, "checkpoint": 0, **{_accuracy_key(k): 0 for k in others}}
     same = dict.fromkeys(exposed, 0)
     total = dict.fromkeys(exposed, 0)
     debug_identical = True
     model.eval()
-    if as_trained is not None:
-        as_trained.eval()
+    for other in others.values():
+        other.eval()
     steps = (images.shape[0] + batch_size - 1) // batch_size
     for x, y in progress(_batches(images, labels, batch_size), total=steps, desc="checking", quiet=quiet):
         x = x.float().contiguous()
@@ -225,18 +232,17 @@ def compare(
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
             model_logits = model(x).float().numpy()
-            trained_logits = as_trained(x).float().numpy() if as_trained is not None else None
+            other_logits = {k: m(x).float().numpy() for k, m in others.items()}
         ref_logits = ref_logits.numpy()
         pairs["engine_model"].update(engine_logits, model_logits)
-        if trained_logits is not None:
-            pairs["engine_trained"].update(engine_logits, trained_logits)
+        for key, logits in other_logits.items():
+            pairs[key].update(engine_logits, logits)
         pairs["ref_model"].update(ref_logits, model_logits)
         pairs["engine_ref"].update(engine_logits, ref_logits)
         if y is not None:
             truth = y.numpy()
             runs = [(engine, engine_logits), ("reference", ref_logits), ("checkpoint", model_logits)]
-            if trained_logits is not None:
-                runs.append(("checkpoint_as_trained", trained_logits))
+            runs += [(_accuracy_key(k), logits) for k, logits in other_logits.items()]
             for key, logits in runs:
                 correct[key] += top1_correct(logits, truth)
         for tensor, observed in exposed.items():
@@ -254,20 +260,22 @@ def compare(
         **pairs["engine_model"].result(),
         "reference_vs_checkpoint": pairs["ref_model"].result(),
         f"{engine}_vs_reference": pairs["engine_ref"].result(),
-        "accuracy": {
-            k: (100.0 * v / count if labels is not None else None)
-            for k, v in correct.items()
-            if as_trained is not None or k != "checkpoint_as_trained"
-        },
+        "reference_arithmetic": reference.arithmetic if graph.quantized else None,
+        "accuracy": {k: (100.0 * v / count if labels is not None else None) for k, v in correct.items()},
         "int8_identical_pct": identical,
         "int8_identical_pct_min": min(identical.values()) if identical else None,
         "int8_tensors": len(identical),
         "unobserved_int8_tensors": sorted(set(quant) - set(exposed)),
         "debug_copy_logits_identical": debug_identical,
-        **({f"{engine}_vs_as_trained": pairs["engine_trained"].result()} if as_trained is not None else {}),
+        **{f"{engine}_vs_{key}": pairs[key].result() for key in others},
         "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(),
     }
     return report
+
+
+def _accuracy_key(key: str) -> str:
+    """The ``accuracy`` entry of a compared model (``as_trained`` keeps its historical name)."""
+    return "checkpoint_as_trained" if key == "as_trained" else key
 
 
 def check_images(checkpoint: dict, data_dir, count: int | None, shape: list[int]) -> tuple:
@@ -306,6 +314,7 @@ def check_export(
     min_agreement: float,
     min_int8_identical: float,
     quiet: bool = False,
+    engine: str | None = None,
 ) -> dict:
     """``fatq-export --check`` of what :func:`export.pipeline.export_checkpoint` wrote.
 
@@ -316,22 +325,45 @@ def check_export(
         min_agreement: top-1 agreement % engine vs model needed to pass.
         min_int8_identical: % of identical integers per observed tensor needed to pass.
         quiet: no progress bar.
+        engine: the engine to run (default: the format's ``check_engine``); one whose bias arithmetic
+            differs from the file's (ONNX Runtime on the TensorRT file) is compared with the model it
+            computes there, the deploy graph with its own arithmetic, and with the file's model too.
 
     Returns:
         The check report (:func:`compare`'s, plus ``data``, ``compared_model``, the bounds and ``passed``).
     """
     graph, model = result.graph, result.model
+    engine = engine or result.format.check_engine
+    also = {}
     if graph.quantized:
         label = "checkpoint, eval mode" + (" (calibrated)" if result.uncalibrated is not None else "")
         if "bias_projection" in graph.meta:
-            label += f", on the engine grid ({companion_path(result.output, REFERENCE).name})"
+            label += f", as the file's engines compute it ({companion_path(result.output, REFERENCE).name})"
         compared = model
+        computes = ENGINES[engine].bias_arithmetic
+        if computes != bias_arithmetic(graph):
+            compared, also = DeployReference(graph, computes), {"file_reference": model}
+            label = (
+                f"the deploy graph with {computes} biases: what {ENGINES[engine].package} computes on this file "
+                f"(it rounds the float biases to int32; the file's own model, with float biases, is compared as "
+                f"file_reference)"
+            )
     elif graph.meta.get("dequantized_from_quantized_model"):
         compared = float_baseline(model)
         label = "checkpoint, eval mode, activation quantizers disabled (the float baseline this file is)"
     else:
         compared, label = model, "checkpoint, eval mode"
-    report = compare(result.output, graph, compared, images, labels, quiet=quiet, as_trained=result.as_trained)
+    report = compare(
+        result.output,
+        graph,
+        compared,
+        images,
+        labels,
+        quiet=quiet,
+        as_trained=result.as_trained,
+        engine=engine,
+        also=also,
+    )
     report.update(data=source, compared_model=label)
     if result.uncalibrated is not None and labels is not None:
         # the accuracy effect of calibrating the quantizers the model kept float

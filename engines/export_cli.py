@@ -7,15 +7,17 @@
 
 Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
 deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for int8 files, OUT's
-``.reference.pt``: the checkpoint moved onto the engine's grid (:mod:`export.engine_exact`), i.e. the
-PyTorch model the file computes, which ``--check`` and ``fatq-bench --reference`` compare against. A
+``.reference.pt``: the PyTorch model the file's engines compute (:mod:`export.engine_exact`: the model as
+trained for the float-bias TensorRT and OpenVINO files, moved onto the int32 grid for ``onnx-ort``), which
+``--check`` and ``fatq-bench --reference`` compare against. A
 portable file is checked against the TensorRT rules of :mod:`export.lint_rules` before it is written;
 nothing is written on an error. ``--lint`` runs the same rule table on any file
 (:func:`export.lint_rules.main_lint`). ``--format trt`` writes the ``--format onnx`` file and builds a
 TensorRT plan from it (:func:`engines.trt_builder.build_plan_from_onnx`) where TensorRT and a GPU exist;
 elsewhere it exits 2 with one sentence before writing anything.
-``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files) against
-the deploy reference and the PyTorch model (:mod:`engines.deploy_check`) and exits 1 below ``--min-agreement``.
+``--check`` runs it in ONNX Runtime (OpenVINO for ``onnx-openvino`` files, or ``--check-engine``) against
+the deploy reference and the model that engine computes (:mod:`engines.deploy_check`) and exits 1 below
+``--min-agreement``.
 
 This module only parses, calls :func:`export.pipeline.export_checkpoint` (and
 :func:`engines.deploy_check.check_export`) and prints. It lives in ``engines`` rather than
@@ -41,6 +43,8 @@ from fatq.cli_common import SentenceParser, run_cli
 from fatq.errors import FatqError
 from fatq.io import write_json_atomic
 
+# the engines --check can run (engines.deploy_check observes their tensors)
+CHECK_ENGINES = ("ort", "openvino")
 # --check bounds (top-1 agreement %, identical integers % per tensor): exact parity, and the bound of a
 # --target trt model in the CPU engines (see check_bounds; measured in docs/tensorrt.md)
 EXACT_BOUNDS = (99.9, 99.99)
@@ -97,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the file in ONNX Runtime (OpenVINO for onnx-openvino) against the reference and the model",
     )
     check.add_argument(
+        "--check-engine",
+        choices=CHECK_ENGINES,
+        help="run --check in this engine instead (one that reads the format): e.g. openvino on the TensorRT "
+        "file computes its float biases as TensorRT does",
+    )
+    check.add_argument(
         "--check-images",
         type=int,
         help=f"images to check (default {DEFAULT_CHECK_IMAGES} with --data-dir, else 256 random)",
@@ -117,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--as-trained",
         action="store_true",
-        help="export the model exactly as trained: do not move its biases onto the engine's int32 grid "
-        "nor its BN scales off rounding ties (export/engine_exact.py); no .reference.pt is written and "
-        "--check compares with the model as trained",
+        help="export the model exactly as trained: for an int32-bias format (onnx-ort) do not move its biases "
+        "onto the engine's int32 grid nor its BN scales off rounding ties (export/engine_exact.py; float-bias "
+        "formats move nothing anyway); no .reference.pt is written and --check compares with the model as trained",
     )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
     lint = parser.add_argument_group("lint")
@@ -218,7 +228,9 @@ def export(args, argv: list[str]) -> int:
                 path.unlink(missing_ok=True)
             raise
         min_agreement, min_identical = check_bounds(result.graph.meta, args.min_agreement, args.min_int8_identical)
-        report["check"] = check_export(result, images, labels, source, min_agreement, min_identical, quiet=args.quiet)
+        report["check"] = check_export(
+            result, images, labels, source, min_agreement, min_identical, quiet=args.quiet, engine=args.check_engine
+        )
         _print_check(report["check"])
         status = 0 if report["check"]["passed"] else 1
     if args.json:
@@ -241,6 +253,10 @@ def _check_arguments(args) -> None:
         raise FatqError(f"--calib-batches must be at least 1, got {args.calib_batches}.")
     if args.calib_data is not None and not Path(args.calib_data).exists():
         raise FatqError(f"calibration data {args.calib_data} does not exist.")
+    if args.check_engine and not args.check:
+        raise FatqError("--check-engine applies to --check; add --check.")
+    if args.check_engine and args.check_engine not in FORMATS[args.format].engines:
+        raise FatqError(f"--format {args.format} files do not run in {args.check_engine}.")
     if args.check_images is not None and args.check_images < 1:
         raise FatqError(f"--check-images must be at least 1, got {args.check_images}.")
     if args.check and args.data_dir is not None and not Path(args.data_dir).exists():
@@ -289,8 +305,9 @@ def _print_check(r: dict) -> None:
         ("reference vs checkpoint", r["reference_vs_checkpoint"]),
         (f"{engine} vs reference", r[f"{engine}_vs_reference"]),
     )
-    if f"{engine}_vs_as_trained" in r:
-        rows += ((f"{engine} vs as trained", r[f"{engine}_vs_as_trained"]),)
+    for key, label in (("file_reference", "file's model"), ("as_trained", "as trained")):
+        if f"{engine}_vs_{key}" in r:
+            rows += ((f"{engine} vs {label}", r[f"{engine}_vs_{key}"]),)
     for label, row in rows:
         print(
             f"  {label:<28} {row['top1_agreement_pct']:>11.3f}% {row['max_abs_logit_diff']:>13.6f} "

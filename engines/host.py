@@ -30,6 +30,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def int8_flags_summary(flags: tuple[str, ...] = ("avx512_vnni", "amx_int8", "avx512_bf16")) -> str:
+    """ "avx512_vnni yes, amx_int8 no, ...": the CPU features that change the engines' int8 and bf16
+    kernels, printed with every performance or parity table."""
+    have = cpu_flags()
+    return ", ".join(f"{flag} {'yes' if flag in have else 'no'}" for flag in flags)
+
+
 def saturating_u8s8() -> bool:
     """Whether ONNX Runtime's uint8 x int8 kernels saturate here: an x86 CPU with AVX2 but no VNNI.
 

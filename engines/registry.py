@@ -66,6 +66,11 @@ class EngineSpec:
         factory: builds the runner of one (model, precision).
         custom_ops: for an engine that has its own ONNX ops (an engine-specific export), what they
             are, for the reason other engines skip such a file.
+        bias_arithmetic: how it adds a QDQ conv's float bias (:mod:`export.reference`): "int32"
+            (ONNX Runtime's CPU kernels round it to int32 at s_x · s_w and add it to the accumulator)
+            or "float" (added to the dequantized accumulator: TensorRT by its documentation, OpenVINO
+            measured); None for engines that run checkpoints. The integer model an engine computes
+            on a file is the file's deploy graph replayed with this arithmetic.
     """
 
     name: str
@@ -75,6 +80,7 @@ class EngineSpec:
     package: str
     factory: RunnerFactory
     custom_ops: str | None = None
+    bias_arithmetic: str | None = None
 
 
 def _ort(provider: str) -> RunnerFactory:
@@ -138,9 +144,11 @@ ENGINES: dict[str, EngineSpec] = {
             "onnxruntime",
             _ort("cpu"),
             custom_ops="ONNX Runtime's CPU contrib ops (an onnx-ort export)",
+            bias_arithmetic="int32",
         ),
-        EngineSpec("ort-cuda", (ONNX,), (), (), "onnxruntime", _ort("cuda")),
-        EngineSpec("ort-trt", (ONNX,), (), (), "onnxruntime", _ort("trt")),
+        # the CUDA provider runs QDQ nodes as float ops (bias in float); not run here (no GPU)
+        EngineSpec("ort-cuda", (ONNX,), (), (), "onnxruntime", _ort("cuda"), bias_arithmetic="float"),
+        EngineSpec("ort-trt", (ONNX,), (), (), "onnxruntime", _ort("trt"), bias_arithmetic="float"),
         EngineSpec(
             "openvino",
             (ONNX, OPENVINO_IR),
@@ -149,8 +157,9 @@ ENGINES: dict[str, EngineSpec] = {
             "openvino",
             _openvino,
             custom_ops="OpenVINO's own ops (an onnx-openvino export)",
+            bias_arithmetic="float",
         ),
-        EngineSpec("trt", (ONNX, TRT_PLAN), ("fp16",), (TRT_PLAN,), "tensorrt", _trt),
+        EngineSpec("trt", (ONNX, TRT_PLAN), ("fp16",), (TRT_PLAN,), "tensorrt", _trt, bias_arithmetic="float"),
         EngineSpec("torch", (CHECKPOINT,), (), (CHECKPOINT,), "torch", _torch("cpu")),
         EngineSpec("torch-cuda", (CHECKPOINT,), ("fp16",), (), "torch", _torch("cuda")),
     )

@@ -49,6 +49,15 @@ INTEGER_OPS = FOLDED_OPS | {"qconv", "qlinear", "pad_channels"}
 INTEGER_PRESERVING_OPS = frozenset({"maxpool", "flatten", "subsample_pad", "pad_channels"})
 
 
+BIAS_ARITHMETICS = ("int32", "float")
+
+
+def bias_arithmetic(graph: DeployGraph) -> str:
+    """How the engines a graph was exported for add conv biases (:mod:`export.reference`): its
+    ``meta["bias_arithmetic"]``, else "int32" (a graph rebuilt from a checkpoint, or an older file)."""
+    return graph.meta.get("bias_arithmetic", "int32")
+
+
 def tensor_quant(out_quant: dict) -> dict:
     """How a quantized tensor is stored: {scale, qmin, qmax} of the integers it holds.
 

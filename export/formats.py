@@ -9,9 +9,13 @@ The portable file ``--format onnx`` *is* the TensorRT file (a choice, not a sepa
 ``onnx-trt``): TensorRT's ONNX parser is the strictest of the three engines, so the one file it
 accepts is written for it — float32 Conv/Gemm biases (never a DequantizeLinear of int32), int8
 DequantizeLinear inputs, zero zero points, float32 constant scales and Clip bounds, no uint8,
-opset 20 — and ONNX Runtime and OpenVINO read the same file. The exporter refuses to write it
-unless :func:`export.lint_rules.assert_clean` finds nothing against the TensorRT rules (target
-``"trt"``, :attr:`OutputFormat.lint_target`). The engine-specific files keep their own forms.
+opset 20 — and ONNX Runtime and OpenVINO read the same file. Its biases are the trained float
+biases, which TensorRT and OpenVINO add in float (its ``.reference.pt`` is that model); ONNX
+Runtime rounds them to int32 itself and so computes the int32-bias model of the same deploy graph,
+which ``--check`` compares it with (the ``onnx-ort`` file is the exact answer for ONNX Runtime).
+The exporter refuses to write it unless :func:`export.lint_rules.assert_clean` finds nothing
+against the TensorRT rules (target ``"trt"``, :attr:`OutputFormat.lint_target`).
+The engine-specific files keep their own forms.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class OutputFormat:
         domain: the custom op domain the writer imports (recognises files without a tag).
         writer_key: the ``metadata_props`` entry the writer always adds (recognises its files without a
             tag even when no node needed the custom domain, e.g. a VGG without residual Adds).
+        bias_arithmetic: how the engines the file is written for add a conv's bias (:mod:`export.reference`):
+            "float" (TensorRT, OpenVINO: the trained float bias, after the dequantized accumulator) or
+            "int32" (ONNX Runtime's kernels); its ``.reference.pt`` is the model computed that way.
     """
 
     name: str
@@ -65,6 +72,7 @@ class OutputFormat:
     purpose: str | None = None
     domain: str | None = None
     writer_key: str | None = None
+    bias_arithmetic: str = "int32"
 
     @property
     def only_engine(self) -> str | None:
@@ -94,7 +102,7 @@ FORMATS: dict[str, OutputFormat] = {
     f.name: f
     for f in (
         # the TensorRT file, read by every portable engine (module docstring)
-        OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort"),
+        OutputFormat("onnx", ".onnx", "qdq-int8", True, write_qdq, PORTABLE_ENGINES, "ort", bias_arithmetic="float"),
         OutputFormat(
             "onnx-ort", ".ort.onnx", "ort-uint8", True, write_ort, ("ort",), "ort", _ORT_KERNELS, MS_DOMAIN, ORT_KEY
         ),
@@ -109,6 +117,7 @@ FORMATS: dict[str, OutputFormat] = {
             _OPENVINO_OPS,
             OPENVINO_DOMAIN,
             OPENVINO_KEY,
+            bias_arithmetic="float",
         ),
         OutputFormat("onnx-fp32", ".fp32.onnx", "fp32", False, write_float, PORTABLE_ENGINES, "ort"),
     )

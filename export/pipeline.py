@@ -6,10 +6,11 @@
 Stages, each run once: load the checkpoint and build the model; calibrate the quantizers the
 model keeps float (:mod:`fatq.calibration_pass`, needs ``calibration.data``); fold
 (:mod:`export.fold`); for an int8 format lower (:mod:`export.lower`) and, unless ``engine_exact``
-is off, move the model onto the engine's grid (:mod:`export.engine_exact`, which lowers again only
-after it changed the model); for the float format dequantize. Then the metadata, the writer of
-the format (:mod:`export.formats`), the TensorRT rules for portable files
-(:func:`export.lint_rules.assert_clean`, target ``"trt"``), and the files: all of them or none.
+is off, move the model onto what the format's engines compute (:mod:`export.engine_exact`, with the
+format's ``bias_arithmetic``; it lowers again only after it changed the model); for the float
+format dequantize. Then the metadata, the writer of the format (:mod:`export.formats`), the
+TensorRT rules for portable files (:func:`export.lint_rules.assert_clean`, target ``"trt"``), and the
+files: all of them or none.
 
 ``fatq-export`` (:mod:`engines.export_cli`) parses its flags into this call and prints the result.
 """
@@ -206,13 +207,17 @@ def export_checkpoint(
         if engine_exact:
             as_trained = copy.deepcopy(model) if keep_as_trained else None
             input_size = list(data["input_size"])
-            graph, projection = make_engine_exact(model, lambda m: deploy_graph(m, input_size), graph=graph)
+            graph, projection = make_engine_exact(
+                model, lambda m: deploy_graph(m, input_size), graph=graph, arithmetic=spec.bias_arithmetic
+            )
     else:
         graph = dequantized(folded)
     if command is None:
         command = _equivalent_command(checkpoint, fmt, output, opset, calibration, engine_exact)
     graph.meta.update(_metadata(data, checkpoint, graph, spec, opset, calibrated, command))
     graph.meta["edge_weight_requantization"] = edge_requantized or "none"
+    if spec.int8:  # how the engines the file is for add biases: what the writer stores, the reference replays
+        graph.meta["bias_arithmetic"] = spec.bias_arithmetic
     reference = companion_path(out, REFERENCE)
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference.name, **projection}

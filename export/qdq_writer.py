@@ -8,9 +8,9 @@ This is the TensorRT file (``--format onnx``, :mod:`export.formats`), and ONNX R
 too. QDQ conventions (DEPLOY.md, corrected 2026-12-01; :mod:`export.lint_rules` target "trt"): symmetric
 int8 with zero point 0 everywhere (one per scale), no uint8; every DequantizeLinear reads int8;
 per-channel (axis 0) weight scales, per-tensor activation scales, float32 constants; Conv/Gemm bias as
-a float32 constant float32(q_b · float32(s_x · s_w,c)) (:func:`float_bias`), never a DequantizeLinear of
-int32, which TensorRT's IDequantizeLayer cannot take. ONNX Runtime re-derives q_b from it and still
-fuses DQ → Conv → Q into QLinearConv; the classifier Gemm it runs in float. b-bit activation ranges
+a float32 constant (:func:`float_bias`), never a DequantizeLinear of int32, which TensorRT's
+IDequantizeLayer cannot take. ONNX Runtime derives an int32 bias q_b = round(b / (s_x · s_w,c)) from it
+and still fuses DQ → Conv → Q into QLinearConv; the classifier Gemm it runs in float. b-bit activation ranges
 are enforced by a constant float32 Clip.
 
 Patterns, with s the scale of the quantizer and [lo, hi] its (relu/clip-narrowed) integer range:
@@ -53,7 +53,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, bias_arithmetic, tensor_quant
 from export.onnx_builder import (
     DEFAULT_OPSET,
     INPUT_NAME,
@@ -88,20 +88,24 @@ def bias_step(node: DeployNode) -> np.ndarray:
     return np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
 
 
-def float_bias(node: DeployNode) -> np.ndarray:
-    """The bias the TensorRT file stores: float32(q_b · float32(s_x · s_w,c)), [C_out] float32.
+def float_bias(node: DeployNode, arithmetic: str) -> np.ndarray:
+    """The float32 bias a QDQ file stores for a qconv/qlinear node, [C_out].
 
-    The product is rounded once (computed in float64, where it is exact); ONNX Runtime re-derives
-    round(b / (s_x · s_w,c)) = q_b from it (its WeightBiasQuantization), since the float32 rounding
-    moves b by at most 2^-24 · |b| < half a step while |q_b| < 2^23.
+    "float" (files for TensorRT and OpenVINO, :mod:`export.reference`): the layer's folded bias as
+    trained, which those engines add to the dequantized accumulator. "int32": float32(q_b ·
+    float32(s_x · s_w,c)), the int32 bias rounded once (computed in float64, where it is exact);
+    ONNX Runtime re-derives round(b / (s_x · s_w,c)) = q_b from it (its WeightBiasQuantization),
+    since the float32 rounding moves b by at most 2^-24 · |b| < half a step while |q_b| < 2^23.
     """
+    if arithmetic == "float":
+        return node.params["bias"].astype(np.float32)
     step = bias_step(node).astype(np.float64)
     return (node.params["bias_int32"].astype(np.float64) * step).astype(np.float32)
 
 
-def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
+def dequantized_weights(b: OnnxBuilder, node: DeployNode, arithmetic: str) -> tuple[str, str]:
     """DequantizeLinear of a qconv/qlinear node's int8 weight (per channel, axis 0), and its bias as a
-    float32 constant [C_out] (:func:`float_bias`).
+    float32 constant [C_out] (:func:`float_bias` of ``arithmetic``).
 
     Never a DequantizeLinear of int32: TensorRT's IDequantizeLayer takes INT8/FP8/INT4 inputs only
     (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; DEPLOY.md, corrected), and ONNX
@@ -110,7 +114,7 @@ def dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
     weight, w_scale, w_zero = weight_initializers(b, node)
     per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
     w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
-    return w, b.initializer(f"{node.name}.bias", float_bias(node))
+    return w, b.initializer(f"{node.name}.bias", float_bias(node, arithmetic))
 
 
 def int32_bias_dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
@@ -201,7 +205,7 @@ class QdqWriter:
     def weighted(self, node: DeployNode) -> None:
         b, attrs = self.b, node.attrs
         x = self.as_float(node.inputs[0], node.name)
-        w, bias = dequantized_weights(b, node)
+        w, bias = dequantized_weights(b, node, bias_arithmetic(self.graph))
         out_quant = attrs["out_quant"]
         y_name = None if out_quant is not None else self.float_output(node)
         if node.op == "qconv":

@@ -12,6 +12,15 @@ Integer graphs (:func:`export.lower.lower`) run exactly as ONNX Runtime's CPU ke
 - ``add``, ``relu``, ``clip``, ``global_avgpool``: float32 on dequantized values q · s.
 - ``maxpool``, ``flatten``, ``subsample_pad``, ``pad_channels`` of a quantized tensor act on its integers.
 
+Float biases (``bias_arithmetic="float"``, the files for TensorRT and OpenVINO, whose int8 convs
+dequantize the accumulator and add the bias in float; :data:`export.formats.FORMATS`):
+``qconv`` / ``qlinear`` compute y = float32(acc) · float32(s_x · s_w,c) + b in float32 with the
+layer's folded float bias b (never rounded to int32), then the output quantizer as ``quantize``
+does: q_y = clamp(round_half_even(y / s_y), qmin, qmax). Engines order these float32 operations
+differently (TensorRT folds 1/s_y into its epilogue); :mod:`export.engine_exact` keeps every
+value y / s_y the accumulator can reach away from rounding boundaries, so the order does not
+change an integer.
+
 Folded float graphs (FP32 models, :func:`export.fold.dequantized`) run as plain float32 convs.
 
 Exactness of the integer sums: a float32 conv of integer-valued tensors is exact while every
@@ -29,7 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
+from export.deploy_graph import (
+    BIAS_ARITHMETICS,
+    INTEGER_PRESERVING_OPS,
+    DeployGraph,
+    DeployNode,
+    bias_arithmetic,
+    tensor_quant,
+)
 from fatq.errors import FatqError
 
 EXACT_FLOAT32_LIMIT = 2**24
@@ -49,14 +65,18 @@ class DeployReference(nn.Module):
 
     Args:
         graph: the graph to run.
+        arithmetic: "int32" or "float" biases (module docstring); None: :func:`bias_arithmetic`.
 
     ``forward(x)``: x float32 [N, C, H, W] (normalized image) -> logits float32 [N, classes].
     :meth:`run` also returns every quantized tensor's integers.
     """
 
-    def __init__(self, graph: DeployGraph):
+    def __init__(self, graph: DeployGraph, arithmetic: str | None = None):
         super().__init__()
         self.graph = graph
+        self.arithmetic = arithmetic or bias_arithmetic(graph)
+        if self.arithmetic not in BIAS_ARITHMETICS:
+            raise FatqError(f"bias arithmetic must be one of {BIAS_ARITHMETICS}, got {self.arithmetic!r}.")
         # how each quantized tensor is stored (integers, scale): what DequantizeLinear reads
         self.quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
         for index, node in enumerate(graph.nodes):
@@ -75,6 +95,10 @@ class DeployReference(nn.Module):
             bound = fan_in * max(abs(in_quant["qmin"]), abs(in_quant["qmax"])) * float(np.abs(weight).max(initial=0))
             dtype = torch.float32 if bound < EXACT_FLOAT32_LIMIT else torch.float64
             buffers = {"weight": _buffer(weight, dtype), "bias": _buffer(params["bias_int32"], torch.float64)}
+            if self.arithmetic == "float":
+                buffers["bias"] = _buffer(params["bias"].astype(np.float32), torch.float32)
+                buffers["scale"] = _buffer(np.float32(attrs["input_scale"]) * params["weight_scale"], torch.float32)
+                return buffers
             if attrs["out_quant"] is not None:
                 multiplier = requant_multiplier(
                     attrs["input_scale"], params["weight_scale"], attrs["out_quant"]["scale"]
@@ -160,13 +184,18 @@ class DeployReference(nn.Module):
         else:
             acc = F.linear(q_x, weight)
             shape = (1, -1)
-        # int32 accumulator + int32 bias, converted to float32 (round to nearest even, as cvtdq2ps)
-        total = (acc.double() + bias.view(shape)).float()
-        y = total * scale.view(shape)
         out_quant = attrs["out_quant"]
-        if out_quant is None:
-            return y
-        q = torch.round(y).clamp_(out_quant["qmin"], out_quant["qmax"])
+        if self.arithmetic == "float":  # dequantized accumulator + float bias, then the output quantizer
+            y = acc.float() * scale.view(shape) + bias.view(shape)
+            if out_quant is None:
+                return y
+            q = torch.round(y / torch.tensor(out_quant["scale"], dtype=torch.float32))
+        else:  # int32 accumulator + int32 bias, converted to float32 (round to nearest even, as cvtdq2ps)
+            y = (acc.double() + bias.view(shape)).float() * scale.view(shape)
+            if out_quant is None:
+                return y
+            q = torch.round(y)
+        q = q.clamp_(out_quant["qmin"], out_quant["qmax"])
         expand = out_quant.get("expand", 1)
         return q * expand if expand != 1 else q
 

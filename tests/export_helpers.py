@@ -79,8 +79,11 @@ def lowered_case(name: str, bits: int, options: str):
     return model, deploy_graph(model, input_shape_for(name))
 
 
-def compare_written(onnx_model, name: str, model: nn.Module, graph, path, unobserved: frozenset = frozenset()) -> dict:
-    """Save a written model to ``path`` and run ``fatq-export --check``'s comparison on 6 random inputs.
+def compare_written(
+    onnx_model, name: str, model: nn.Module, graph, path, unobserved: frozenset = frozenset(), spread: float = 1.0
+) -> dict:
+    """Save a written model to ``path`` and run ``fatq-export --check``'s comparison on 6 random inputs
+    (normal, times ``spread``: 3 saturates the image quantizer on ~10 % of the values).
 
     Also asserts what holds for every writer: each quantized tensor but ``unobserved`` is observed,
     and exposing the intermediate tensors left the logits unchanged.
@@ -92,7 +95,8 @@ def compare_written(onnx_model, name: str, model: nn.Module, graph, path, unobse
 
     onnx.checker.check_model(onnx_model, full_check=True)
     onnx.save(onnx_model, str(path))
-    report = compare(path, graph, model, torch.randn(6, *input_shape_for(name)), batch_size=3, quiet=True)
+    inputs = torch.randn(6, *input_shape_for(name), generator=torch.Generator().manual_seed(0)) * spread
+    report = compare(path, graph, model, inputs, batch_size=3, quiet=True)
     assert report["int8_tensors"] == len(DeployReference(graph).quant) - len(unobserved)
     assert set(report["unobserved_int8_tensors"]) == set(unobserved)
     assert report["debug_copy_logits_identical"]

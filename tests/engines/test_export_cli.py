@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,25 +60,48 @@ def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
         assert key in check
     assert check["images"] == 12 and check["passed"] is True
     assert check["int8_identical_pct_min"] == 100.0 and len(check["int8_identical_pct"]) == check["int8_tensors"]
-    assert set(check["accuracy"]) == {"onnxruntime", "reference", "checkpoint", "checkpoint_as_trained"}
+    # ONNX Runtime rounds the TensorRT file's float biases to int32: compared with that model, and with the file's
+    accuracy = {"onnxruntime", "reference", "checkpoint", "checkpoint_as_trained", "file_reference"}
+    assert set(check["accuracy"]) == accuracy and check["reference_arithmetic"] == "int32"
     assert check["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
     assert "top1_agreement_pct" in check["onnxruntime_vs_as_trained"]
+    assert "int32 biases" in check["compared_model"] and "top1_agreement_pct" in check["onnxruntime_vs_file_reference"]
     assert main([*args, "--min-agreement", "100.1"]) == 2  # not a percentage: refused before any work
 
 
+def test_openvino_check_of_the_tensorrt_file_compares_with_the_model_as_trained(checkpoint, tmp_path):
+    pytest.importorskip("openvino")
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    args = [str(checkpoint), "-o", str(out), "--check", "--check-engine", "openvino", "--check-images", "16"]
+    assert main([*args, "--json", str(report), "--quiet"]) == 0
+    check = json.loads(report.read_text())["check"]
+    assert check["engine"] == "openvino" and check["reference_arithmetic"] == "float"
+    assert check["openvino_vs_as_trained"]["top1_agreement_pct"] == 100.0 and check["int8_identical_pct_min"] == 100.0
+    assert main([*args[:-2], "--format", "onnx-ort", "--check-engine", "openvino", "--quiet"]) == 2  # ORT-only file
+
+
+def _moved_tensors(reference: Path, checkpoint: Path) -> list[str]:
+    saved, original = (load_fatq_checkpoint(p)["state_dict"] for p in (reference, checkpoint))
+    return [k for k, v in saved.items() if isinstance(v, torch.Tensor) and not torch.equal(v, original[k])]
+
+
 def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_path):
-    out = tmp_path / "m.onnx"
-    assert main([str(checkpoint), "-o", str(out), "--quiet"]) == 0
+    # int32-bias file (ONNX Runtime): biases moved onto the int32 grid, BN scales off rounding ties
+    out = tmp_path / "m.ort.onnx"
+    assert main([str(checkpoint), "--format", "onnx-ort", "-o", str(out), "--quiet"]) == 0
     saved = load_fatq_checkpoint(companion_path(out, REFERENCE))
     assert saved["derived_from"]["source_checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert 0 < saved["bias_projection"]["max_shift_levels"] < 0.5
-    original = load_fatq_checkpoint(checkpoint)["state_dict"]
-    moved = [
-        k for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, original[k])
-    ]
+    moved = _moved_tensors(companion_path(out, REFERENCE), checkpoint)
     assert moved and all(k.endswith((".bias", ".weight")) and "bn" in k or k == "linear.bias" for k in moved)
     meta = json.loads(read_metadata(onnx.load(str(out)))["bias_projection"])
-    assert meta["reference_checkpoint"] == "m.reference.pt"
+    assert meta["reference_checkpoint"] == "m.ort.reference.pt" and meta["bias_arithmetic"] == "int32"
+    # float-bias file (TensorRT, OpenVINO): nothing moves, the file stores the trained biases
+    portable = tmp_path / "m.onnx"
+    assert main([str(checkpoint), "-o", str(portable), "--quiet"]) == 0
+    assert _moved_tensors(companion_path(portable, REFERENCE), checkpoint) == []
+    meta = read_metadata(onnx.load(str(portable)))
+    assert meta["bias_arithmetic"] == "float" and json.loads(meta["bias_projection"])["moved"] == "nothing"
     kept = tmp_path / "kept.onnx"
     assert main([str(checkpoint), "-o", str(kept), "--as-trained", "--quiet"]) == 0
     assert not companion_path(kept, REFERENCE).exists()
@@ -95,12 +119,6 @@ def test_onnx_runtime_format_computes_the_same_model(checkpoint, tmp_path, capsy
     check = json.loads(report.read_text())["check"]
     assert check["passed"] and check["int8_identical_pct_min"] == 100.0
     assert check["onnxruntime_vs_reference"]["max_abs_logit_diff"] <= 1e-5
-    # the portable file of the same checkpoint moves the model the same way: one reference for both
-    portable = tmp_path / "p.onnx"
-    assert main([str(checkpoint), "-o", str(portable), "--quiet"]) == 0
-    targeted = load_fatq_checkpoint(companion_path(written, REFERENCE))["state_dict"]
-    for key, value in load_fatq_checkpoint(companion_path(portable, REFERENCE))["state_dict"].items():
-        assert torch.equal(value, targeted[key]) if isinstance(value, torch.Tensor) else value == targeted[key], key
     capsys.readouterr()
     assert main(["--lint", str(written)]) == 1  # uint8 and zero points: not for TensorRT, and lint says why
     assert "onnx-ort" in capsys.readouterr().err
@@ -117,7 +135,7 @@ def test_openvino_format_is_checked_in_openvino(checkpoint, tmp_path, capsys):
     check = json.loads(report.read_text())["check"]
     assert check["engine"] == "openvino" and "openvino_version" in check
     assert set(check["accuracy"]) == {"openvino", "reference", "checkpoint", "checkpoint_as_trained"}
-    assert check["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert check["openvino_vs_reference"]["top1_agreement_pct"] == 100.0 and check["reference_arithmetic"] == "float"
     assert status == (0 if check["passed"] else 1) and "unobserved" in capsys.readouterr().out
     assert main(["--lint", str(written)]) == 1  # OpenVINO's own op: not for TensorRT, and lint says why
     assert "onnx-openvino" in capsys.readouterr().err

@@ -125,3 +125,24 @@ def test_make_engine_exact_model_agrees_with_the_deploy_reference():
     with torch.no_grad():
         difference = (model(x) - DeployReference(graph)(x)).abs().max().item()
     assert difference < 1e-4
+
+
+@pytest.mark.parametrize("name, bits", CASES)
+def test_float_bias_arithmetic_moves_nothing_and_the_model_is_what_it_computes(name, bits):
+    """TensorRT/OpenVINO add the trained float bias: the model as trained is the reference, unchanged."""
+    model = trained_like(name, bits)
+    before = copy.deepcopy(model.state_dict())
+    graph, report = make_engine_exact(model, _lowered, arithmetic="float")
+    assert report["bias_arithmetic"] == "float" and report["moved"] == "nothing"
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
+    assert report["near_ties"]["channels"] >= 0 and isinstance(report["near_ties"]["layers"], list)
+    x = torch.randn(32, *input_shape_for(name), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = model(x), DeployReference(graph, "float")(x)
+    assert (expected.argmax(1) == got.argmax(1)).all() and (expected - got).abs().max().item() < 1e-3
+
+
+def test_unknown_bias_arithmetic_is_refused():
+    with pytest.raises(FatqError, match="bias arithmetic"):
+        make_engine_exact(trained_like("resnet20", 4), _lowered, arithmetic="fixed")

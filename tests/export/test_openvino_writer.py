@@ -52,11 +52,11 @@ def _exported(name: str, bits: int):
     return model, graph
 
 
-def _check(name: str, bits: int, tmp_path) -> tuple[dict, onnx.ModelProto, object]:
+def _check(name: str, bits: int, tmp_path, spread: float = 1.0) -> tuple[dict, onnx.ModelProto, object]:
     model, graph = _exported(name, bits)
     onnx_model = write_openvino(graph)
     path = tmp_path / "model.ov.onnx"
-    report = compare_written(onnx_model, name, model, graph, path, _clip_enforced(onnx_model, graph))
+    report = compare_written(onnx_model, name, model, graph, path, _clip_enforced(onnx_model, graph), spread)
     assert report["engine"] == "openvino"
     return report, onnx_model, graph
 
@@ -70,16 +70,18 @@ def test_every_integer_identical_to_the_reference_without_residual_sums(tmp_path
 
 
 @pytest.mark.skipif(not openvino_int8_exact_here(), reason=OPENVINO_INT8_NOT_EXACT_HERE)
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
-def test_residual_models_agree_with_the_reference(name, tmp_path):
-    # OpenVINO computes a residual sum's quantizer with its own float rounding (it folds one input's
-    # scale into the other), so a sum within float error of a rounding boundary can land on the
-    # other side, in this file as in the portable one; everything upstream of the first sum is exact.
-    report, _, graph = _check(name, 4, tmp_path)
+@pytest.mark.parametrize(
+    ("name", "spread"),
+    # 3x wider inputs saturate the 8-bit stem quantizer on many values, which OpenVINO computed as 126 instead of
+    # 127 while the range Clips sat exactly on the grid (range_clip_bounds). MobileNetV2 at 3x is not exact: its
+    # first residual sum (signed 4-bit quantizer) takes a value 4.3e-6 levels above a rounding boundary there,
+    # within OpenVINO's float error for a signed quantizer (~1e-5 levels; docs/parity.md)
+    [("resnet20", 3.0), ("mobilenetv2", 1.0)],
+)
+def test_residual_models_identical_to_the_reference(name, spread, tmp_path):
+    report, _, _ = _check(name, 4, tmp_path, spread)
     assert report["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
-    first_sum = next(i for i, node in enumerate(graph.nodes) if node.op == "add")
-    upstream = {node.output for node in graph.nodes[:first_sum]} & set(report["int8_identical_pct"])
-    assert upstream and all(report["int8_identical_pct"][t] == 100.0 for t in upstream)
+    assert report["int8_identical_pct"] and min(report["int8_identical_pct"].values()) == 100.0
 
 
 def test_same_logits_as_the_portable_qdq_file_without_residual_sums(tmp_path):

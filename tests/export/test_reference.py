@@ -83,6 +83,32 @@ def test_qconv_follows_the_onnxruntime_requantization():
     np.testing.assert_array_equal(out, expected.astype(np.float32) * np.float32(out_scale))
 
 
+def test_qconv_with_float_biases_adds_the_bias_after_the_dequantized_accumulator():
+    """The float-bias arithmetic of TensorRT and OpenVINO: float32(acc)·float32(s_x·s_w) + b, then Q(s_y);
+    the int32 bias is not used (it is set to a wrong value here to show that)."""
+    rng = np.random.default_rng(2)
+    weight = rng.integers(-7, 8, (5, 3, 3, 3))
+    weight_scale = rng.uniform(0.01, 0.05, 5).astype(np.float32)
+    in_scale, out_scale = 0.043, 0.37
+    graph = _conv_graph(
+        weight, weight_scale, [10**6] * 5, in_scale, (-127, 127), {"scale": out_scale, "qmin": 0, "qmax": 15}
+    )
+    bias = rng.normal(0, 1.5, 5).astype(np.float32)
+    graph.nodes[1].params["bias"] = bias
+    graph.meta["bias_arithmetic"] = "float"
+    x = torch.from_numpy(rng.normal(0, 2, (2, 3, 6, 6)).astype(np.float32))
+
+    reference = DeployReference(graph)
+    out = reference(x).numpy()
+
+    assert reference.arithmetic == "float" and DeployReference(graph, "int32").arithmetic == "int32"
+    q = np.clip(np.round(x.numpy() / np.float32(in_scale)), -127, 127)
+    step = (np.float32(in_scale) * weight_scale).reshape(1, -1, 1, 1)
+    y = _numpy_conv_int(q, weight, 1).astype(np.float32) * step + bias.reshape(1, -1, 1, 1)
+    expected = np.clip(np.round(y / np.float32(out_scale)), 0, 15)
+    np.testing.assert_array_equal(out, expected.astype(np.float32) * np.float32(out_scale))
+
+
 @pytest.mark.parametrize("fan_in_channels", [64, 512])
 def test_integer_sums_are_exact_on_both_sides_of_the_float32_bound(fan_in_channels):
     """64 channels x 9 x 127 x 127 < 2^24 runs in float32, 512 channels does not and runs in float64;
