@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check(checkpoint: Path, fmt: str, engine: str, out: Path, args) -> dict:
     """fatq-export --check of one format in one engine; returns the check part of its JSON report."""
     report = out.with_name(f"{out.stem}-{engine}.json")
+    if report.is_file() and out.is_file():  # measured by an earlier run of this sweep into the same --work-dir
+        return json.loads(report.read_text())["check"]
     command = [tool("fatq-export"), str(checkpoint), "--format", fmt, "-o", str(out), "--check", "--quiet"]
     command += ["--check-engine", engine, "--check-images", str(args.check_images), "--data-dir", str(args.data_dir)]
     command += ["--json", str(report)] + (["--calib-data", str(args.calib_data)] if args.calib_data else [])

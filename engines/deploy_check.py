@@ -231,8 +231,13 @@ def compare(
         debug_identical &= bool(np.array_equal(debug_out[OUTPUT_NAME], engine_logits))
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
-            model_logits = model(x).float().numpy()
-            other_logits = {k: m(x).float().numpy() for k, m in others.items()}
+            # a module compared twice (the model as trained when nothing moved) runs once per batch
+            logits_by_module: dict[int, np.ndarray] = {}
+            for module in (model, *others.values()):
+                if id(module) not in logits_by_module:
+                    logits_by_module[id(module)] = module(x).float().numpy()
+            model_logits = logits_by_module[id(model)]
+            other_logits = {k: logits_by_module[id(m)] for k, m in others.items()}
         ref_logits = ref_logits.numpy()
         pairs["engine_model"].update(engine_logits, model_logits)
         for key, logits in other_logits.items():
