@@ -282,6 +282,55 @@ def float_near_ties(graph: DeployGraph) -> dict:
     return {"channels": int(sum(len(c) for c in tied.values())), "layers": sorted(p for p, c in tied.items() if len(c))}
 
 
+# float error of an engine's residual-sum quantizer, in output levels per unit of (128 + |t| + Σ|terms|/s):
+# four half-ulps; 128 covers OpenVINO's int8 FakeQuantize, which computes (x + 128·s) / s (offset by its input_low)
+_SUM_ERROR = 2.0**-22
+
+
+def residual_near_ties(graph: DeployGraph) -> dict:
+    """Reachable residual sums that lie within an engine's float error of a quantizer's rounding boundary.
+
+    A residual Add of two quantized tensors takes the values a·s_a + b·s_b for every integer pair (a, b) in
+    their ranges (at most 255 × 255); a quantizer that reads the sum (directly or after a ReLU/Clip) rounds
+    t = (a·s_a + b·s_b) / s. Engines compute t in other float32 orders than PyTorch; OpenVINO's signed int8
+    FakeQuantize adds 128·s first, an error of up to ~(128 + |t|)·2^-24 levels. A pair closer than
+    (128 + |t| + (|a·s_a| + |b·s_b|) / s)·2^-22 to a boundary may round the other way in some engine: on one
+    random MobileNetV2 W4A4 with inputs 3× wider than normal, OpenVINO rounded t = 0.5000043 down.
+
+    Returns:
+        {"pairs": reachable pairs at risk (summed over the quantizers), "of": pairs examined, "quantizers":
+        {quantizer: pairs at risk}} (only quantizers with some).
+    """
+    quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant")}
+    consumers = graph.consumers()
+    at_risk, examined, quantizers = 0, 0, {}
+    for node in graph.nodes:
+        if node.op != "add" or not all(tensor in quant for tensor in node.inputs):
+            continue
+        terms = [
+            np.arange(quant[t]["qmin"], quant[t]["qmax"] + 1) * float(np.float32(quant[t]["scale"]))
+            for t in node.inputs
+        ]
+        sums = (terms[0][:, None] + terms[1][None, :]).ravel()
+        magnitude = (np.abs(terms[0])[:, None] + np.abs(terms[1])[None, :]).ravel()
+        readers, through_relu = list(consumers.get(node.output, [])), False
+        while len(readers) == 1 and readers[0].op in ("relu", "clip"):  # monotone and exact: follow to the quantizer
+            through_relu = True
+            readers = list(consumers.get(readers[0].output, []))
+        for reader in (r for r in readers if r.op == "quantize"):
+            q = reader.attrs["out_quant"]
+            scale = float(np.float32(q["scale"]))
+            t = sums / scale
+            distance = np.abs(t - (np.floor(t) + 0.5))
+            inside = (t > q["qmin"] - 0.5) & (t < q["qmax"] + 0.5) & ((t > 0) if through_relu else True)
+            near = inside & (distance < (128 + np.abs(t) + magnitude / scale) * _SUM_ERROR)
+            examined += int(inside.sum())
+            if near.any():
+                quantizers[reader.name] = int(near.sum())
+                at_risk += int(near.sum())
+    return {"pairs": at_risk, "of": examined, "quantizers": quantizers}
+
+
 def make_engine_exact(
     model: nn.Module, lower_model, graph: DeployGraph | None = None, arithmetic: str = "int32"
 ) -> tuple[DeployGraph, dict]:
@@ -300,11 +349,12 @@ def make_engine_exact(
     """
     if arithmetic == "float":
         graph = lower_model(model) if graph is None else graph
-        return graph, {"bias_arithmetic": "float", "moved": "nothing", "near_ties": float_near_ties(graph)}
+        report = {"bias_arithmetic": "float", "moved": "nothing", "near_ties": float_near_ties(graph)}
+        return graph, {**report, "residual_near_ties": residual_near_ties(graph)}
     if arithmetic != "int32":
         raise FatqError(f"bias arithmetic must be 'int32' or 'float', got {arithmetic!r}.")
     graph, ties = avoid_ties(model, lower_model, graph)
     report = project_biases(model, graph)
     final = lower_model(model)
     verify_projection(graph, final)
-    return final, {"bias_arithmetic": "int32", **report, "ties": ties}
+    return final, {"bias_arithmetic": "int32", **report, "ties": ties, "residual_near_ties": residual_near_ties(final)}

@@ -17,6 +17,7 @@ from export.engine_exact import (
     engine_bias,
     make_engine_exact,
     project_biases,
+    residual_near_ties,
     verify_projection,
 )
 from export.fold import fold
@@ -146,3 +147,33 @@ def test_float_bias_arithmetic_moves_nothing_and_the_model_is_what_it_computes(n
 def test_unknown_bias_arithmetic_is_refused():
     with pytest.raises(FatqError, match="bias arithmetic"):
         make_engine_exact(trained_like("resnet20", 4), _lowered, arithmetic="fixed")
+
+
+def _sum_graph(scale_a: float, scale_b: float, scale_out: float):
+    """input -> two quantizers -> add -> relu -> quantize: a residual sum of two quantized tensors."""
+    from export.deploy_graph import DeployGraph, DeployNode
+
+    def quantize(name, source, scale, qmin, qmax):
+        attrs = {"scale": scale, "qmin": qmin, "qmax": qmax, "out_quant": {"scale": scale, "qmin": qmin, "qmax": qmax}}
+        return DeployNode(name, "quantize", [source], name, attrs)
+
+    nodes = [
+        quantize("a", "input", scale_a, -127, 127),
+        quantize("b", "input", scale_b, 0, 127),
+        DeployNode("add", "add", ["a", "b"], "add", {}),
+        DeployNode("relu", "relu", ["add"], "relu", {}),
+        quantize("out", "relu", scale_out, 0, 15),
+    ]
+    return DeployGraph(nodes, "input", [1, 2, 2], "out", dialect="integer")
+
+
+def test_residual_near_ties_counts_sums_on_a_rounding_boundary():
+    # 0.25·a + 0.5·b hits every multiple of 0.25: t = k + 0.5 exactly for many pairs at scale 1
+    on_grid = residual_near_ties(_sum_graph(0.25, 0.5, 1.0))
+    assert on_grid["pairs"] > 0 and set(on_grid["quantizers"]) == {"out"}
+    # an independent count: pairs with relu'd t inside the range at exactly k + 0.5
+    a, b = np.meshgrid(np.arange(-127, 128) * 0.25, np.arange(0, 128) * 0.5, indexing="ij")
+    t = (a + b).ravel()
+    assert on_grid["pairs"] == int(((t > 0) & (t < 15.5) & (t % 1 == 0.5)).sum())
+    # scales without that structure leave no sum within float error of a boundary
+    assert residual_near_ties(_sum_graph(0.0213, 0.0391, 0.2379))["pairs"] == 0
