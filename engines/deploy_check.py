@@ -205,6 +205,8 @@ def compare(
     fmt = format_of(onnx_model)
     check_engine = engine or (fmt.check_engine if fmt is not None else "ort")
     reference = DeployReference(graph, ENGINES[check_engine].bias_arithmetic if graph.quantized else None)
+    if isinstance(model, DeployReference) and model.graph is graph and model.arithmetic == reference.arithmetic:
+        reference = model  # compared with the deploy reference itself: one module, run once per batch
     quant = reference.quant
     exposed = observable_tensors(onnx_model, quant, check_engine)
     others = {"as_trained": as_trained} if as_trained is not None else {}
@@ -232,7 +234,7 @@ def compare(
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
             # a module compared twice (the model as trained when nothing moved) runs once per batch
-            logits_by_module: dict[int, np.ndarray] = {}
+            logits_by_module: dict[int, np.ndarray] = {id(reference): ref_logits.float().numpy()}
             for module in (model, *others.values()):
                 if id(module) not in logits_by_module:
                     logits_by_module[id(module)] = module(x).float().numpy()
