@@ -66,8 +66,7 @@ class ExportResult:
             unless exported as trained).
         checkpoint: the loaded checkpoint dict.
         uncalibrated: the model before calibration, when calibration changed it; else None.
-        as_trained: the model before the engine-exact moves (``model`` itself when nothing moved), when
-            ``keep_as_trained`` asked for it.
+        as_trained: the model before the engine-exact moves, when ``keep_as_trained`` asked for it.
         seconds: wall time of the export.
     """
 
@@ -206,9 +205,7 @@ def export_checkpoint(
             raise FatqError(f"{checkpoint} holds an FP32 model; export it with --format onnx-fp32.")
         graph = lower(folded)
         if engine_exact:
-            # float-bias formats move nothing: the model as trained is the model itself (no copy to run)
-            moves = spec.bias_arithmetic != "float"
-            as_trained = (copy.deepcopy(model) if moves else model) if keep_as_trained else None
+            as_trained = copy.deepcopy(model) if keep_as_trained else None
             input_size = list(data["input_size"])
             graph, projection = make_engine_exact(
                 model, lambda m: deploy_graph(m, input_size), graph=graph, arithmetic=spec.bias_arithmetic
