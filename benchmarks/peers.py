@@ -40,15 +40,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules below
-from fatq_tools import (
-    run_tool,  # noqa: E402
-    tool,  # noqa: E402
+from fatq_tools import (  # noqa: E402
+    engine_agreement,
+    run_tool,
+    tool,
 )
 from ptq_vs_ort import export_fp32_onnx  # noqa: E402
 
 from calibration.ptq import NormalizedBatches  # noqa: E402
 from engines.host import cpu_flags, cpu_name  # noqa: E402
-from engines.registry import ENGINES  # noqa: E402
 from export.formats import FORMATS  # noqa: E402
 from fatq.checkpoint import init_from_pretrained  # noqa: E402
 from fatq.data import load_split  # noqa: E402
@@ -170,28 +170,17 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
 
 
-def bench(
-    models: list[Path],
-    args,
-    normalization: dict,
-    out: Path,
-    reference: Path | None = None,
-    engines: tuple[str, ...] = ("ort", "openvino"),
-    reference_mode: str = "eval",
-) -> dict:
-    """One fatq-bench call over ``models`` on ``engines``; returns its JSON report."""
+def _limit(args) -> list[str]:
+    return ["--limit", str(args.limit)] if args.limit else []
+
+
+def bench(models: list[Path], args, normalization: dict, out: Path) -> dict:
+    """One timed fatq-bench call over ``models`` on ORT and OpenVINO; returns its JSON report."""
     mean, std = (",".join(map(str, normalization[key])) for key in ("mean", "std"))
-    command = [_tool("fatq-bench"), *map(str, models), *(a for e in engines for a in ("--engine", e)), "--quiet",
+    command = [_tool("fatq-bench"), *map(str, models), "--engine", "ort", "--engine", "openvino", "--quiet",
                "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--json", str(out),
-               "--mean", mean, "--std", std]  # fmt: skip
-    if reference is None:
-        command += ["--batch-sizes", args.batch_sizes, "--iterations", str(args.iterations)]
-        command += ["--warmup", str(args.warmup), "--rounds", str(args.rounds)]
-    else:  # agreement only: one short timing
-        command += ["--batch-sizes", "64", "--iterations", "1", "--warmup", "0", "--reference", str(reference)]
-        command += ["--reference-mode", reference_mode]
-    if args.limit:
-        command += ["--limit", str(args.limit)]
+               "--mean", mean, "--std", std, "--batch-sizes", args.batch_sizes, "--iterations", str(args.iterations),
+               "--warmup", str(args.warmup), "--rounds", str(args.rounds), *_limit(args)]  # fmt: skip
     run_tool(command)
     return json.loads(out.read_text())
 
@@ -295,18 +284,9 @@ def run_arch(arch: str, args, work: Path) -> list[dict]:
     report = bench(models, args, normalization, work / f"{arch}-bench.json")
     agreement = {}  # each fatq file in each engine against the model that engine computes on it
     for fmt, path in ((fmt, path) for files in fatq.values() for fmt, path in files.items()):
-        reference = path.with_name(path.name.replace(".onnx", ".reference.pt"))
-        for engine in FORMATS[fmt].engines:
-            if engine not in ("ort", "openvino"):
-                continue
-            # ORT rounds the TensorRT file's float biases to int32: the deploy reference is what it computes
-            mode = "eval" if ENGINES[engine].bias_arithmetic == FORMATS[fmt].bias_arithmetic else "deploy"
-            out = work / f"{path.stem}-{engine}-agreement.json"
-            check = bench([path], args, normalization, out, reference, (engine,), mode)
-            for config in check["configs"]:
-                found = check["agreement"].get(config["label"])
-                if found:
-                    agreement[(config["engine"], path.name)] = found["top1_agreement_pct"]
+        for engine in (e for e in FORMATS[fmt].engines if e in ("ort", "openvino")):
+            found = engine_agreement(path, engine, args.data_dir, args.threads, _limit(args))
+            agreement[(engine, path.name)] = found["top1_agreement_pct"]
     rows = rows_of(report, roles, {m.name: _size(m) for m in models}, agreement)
     add_ratios(rows)
     return rows

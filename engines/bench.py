@@ -31,7 +31,7 @@ import torch
 from engines.gate import evaluate_gate
 from engines.host import cpu_name
 from engines.model_files import CHECKPOINT, ONNX, OPENVINO_IR, ModelFile, inspect_model, normalization_from_metadata
-from engines.registry import ENGINES, RunnerOptions
+from engines.registry import ENGINES, RunnerOptions, reference_mode
 from engines.run_plan import RunSpec, Skipped, make_runner, plan_runs
 from engines.runner import Runner
 from engines.timing import time_interleaved
@@ -345,7 +345,7 @@ def _note_bias_arithmetic(specs: list, settings: BenchSettings) -> None:
             continue
         compared = written if settings.reference_mode == "eval" else "int32"  # deploy mode replays int32 biases
         if computes != compared:
-            better = "deploy" if settings.reference_mode == "eval" else "eval"
+            better = reference_mode(written, spec.engine)
             print(
                 f"fatq-bench: note: {spec.engine} computes {Path(spec.model.path).name} with {computes} biases, the "
                 f"{settings.reference_mode}-mode reference with {compared} biases; expect lower agreement "

@@ -166,6 +166,14 @@ ENGINES: dict[str, EngineSpec] = {
 }
 
 
+def reference_mode(file_bias_arithmetic: str | None, engine: str) -> str:
+    """The fatq-bench ``--reference-mode`` that compares ``engine`` with the model it computes on a file
+    whose ``.reference.pt`` is given: "deploy" (int32 biases) for an int32 engine on a float-bias file (ONNX
+    Runtime on the TensorRT file rounds its float biases itself), else "eval"."""
+    computes = ENGINES[engine].bias_arithmetic
+    return "deploy" if file_bias_arithmetic == "float" and computes == "int32" else "eval"
+
+
 def default_engine(model: ModelFile) -> str:
     """fatq-bench's engine for ``model`` when no ``--engine`` is given."""
     return next(e.name for e in ENGINES.values() if model.kind in e.default_for)
