@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--as-trained",
         action="store_true",
-        help="export the model exactly as trained: for an int32-bias format (onnx-ort) do not move its biases "
-        "onto the engine's int32 grid nor its BN scales off rounding ties (export/engine_exact.py; float-bias "
-        "formats move nothing anyway); no .reference.pt is written and --check compares with the model as trained",
+        help="export the model exactly as trained: do not move residual-sum ranges off rounding ties, nor (onnx-ort) "
+        "biases onto the int32 grid and BN scales off ties (export/engine_exact.py); no .reference.pt is written, "
+        "the report counts the residual sums an engine may round another way, and --check compares with the model "
+        "as trained",
     )
     parser.add_argument("--json", help="write the export (and check) report as JSON here")
     lint = parser.add_argument_group("lint")

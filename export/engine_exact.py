@@ -31,7 +31,12 @@ trained, and the model as trained is the model those engines compute (see :func:
 
 Every file: a quantizer that reads a residual sum rounds t = (a·s_a + b·s_b) / s, which engines compute
 in other float orders (:class:`_SumLattice`); :func:`avoid_sum_ties` scales such a quantizer's range by
-1 + ε until no reachable pair (a, b) lies within that float error of a rounding boundary.
+1 + ε until no reachable pair (a, b) lies within that float error of a rounding boundary. That is a real
+change of the model: a 4-bit network passes the few activations it moves across a boundary on, and the
+moved model agreed with the model as trained on 96.8–97.6 % of the top-1 predictions of a ResNet-20 W4A4
+(measured with ε steps of 1e-5 down to 1e-7), as the int32 bias rounding does. ``fatq-export --as-trained``
+keeps the model bit for bit instead, and the engines then agree with it except where a residual-sum pair
+at risk is hit (counted in the export report, ``residual_near_ties``).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def export_checkpoint(
         :class:`ExportResult`. FatqError on bad input; nothing is written then.
     """
     from export.edge_weights import fit_edge_weights_to_int8, refuse_wide_activations
-    from export.engine_exact import make_engine_exact
+    from export.engine_exact import make_engine_exact, residual_near_ties
     from export.fold import dequantized, fold
     from export.lint_rules import assert_clean
     from export.lower import lower
@@ -221,6 +221,8 @@ def export_checkpoint(
     reference = companion_path(out, REFERENCE)
     if projection is not None:
         graph.meta["bias_projection"] = {"reference_checkpoint": reference.name, **projection}
+    elif spec.int8:  # exported as trained: say how many residual sums an engine may round another way
+        graph.meta["residual_near_ties"] = residual_near_ties(graph)
     onnx_model = spec.write(graph, opset, graph.meta)
     if spec.lint_target is not None:  # engine-specific files use one engine's own ops by design: no portable rules
         assert_clean(onnx_model, spec.lint_target)

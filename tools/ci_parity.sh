@@ -15,7 +15,8 @@ fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$FATQ_DATA_DIR
   --pretrained "$FATQ_PRETRAINED_DIR/resnet20-cifar10-fp32.th" --epochs 1 --max-steps "$steps" \
   --device cpu --job-dir "$work/train" --json "$work/train.json" --quiet
 # The int8 export also writes resnet20-w4a4.reference.pt, the PyTorch model the file's engines compute
-# (export/engine_exact.py): for this TensorRT file, whose biases are float, the model as trained.
+# (export/engine_exact.py): for this TensorRT file, whose biases are float, the model as trained with its
+# residual-sum ranges moved off rounding ties.
 fatq-export "$work/train/last.pt" --format onnx -o "$work/resnet20-w4a4.onnx" --quiet
 fatq-export "$work/train/last.pt" --format onnx-fp32 -o "$work/resnet20-w4a4-fp32.onnx" --quiet
 # The engine-specific files: ONNX Runtime's uint8 QOperator ops with int32 biases (export/ort_writer.py;
@@ -47,7 +48,7 @@ if [ "$(python -c 'from engines.host import saturating_u8s8; print(int(saturatin
 fi
 # Gate 1 (parity): each int8 engine, on each int8 file it reads, against the model it computes there:
 # - OpenVINO adds the portable (TensorRT) file's float biases in float, as TensorRT does: its .reference.pt
-#   (the model as trained, calibrated; the onnx-openvino file's is the same model), eval mode;
+#   (the onnx-openvino file's is the same model), eval mode;
 # - ONNX Runtime rounds those float biases to int32 itself: the deploy reference of the same checkpoint
 #   (--reference-mode deploy, int32 biases); on its own onnx-ort file, that file's .reference.pt (biases on
 #   the int32 grid, export/engine_exact.py), eval mode.

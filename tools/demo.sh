@@ -18,7 +18,7 @@ mkdir -p "$out"
 fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$data" \
   --pretrained "$weights/resnet20-cifar10-fp32.th" --epochs 1 --device cpu --job-dir "$out/train"
 # writes resnet20-w4a4.reference.pt too: the PyTorch model TensorRT and OpenVINO compute on this file (README,
-# Export); --check runs ONNX Runtime, which rounds the file's float biases to int32, against the model it computes
+# docs/export.md); --check runs ONNX Runtime, which rounds the file's float biases to int32, against the model it computes
 # (the deploy graph with int32 biases) and exits 1 below 99.9 % top-1 agreement on the test images
 fatq-export "$out/train/best.pt" --format onnx -o "$out/resnet20-w4a4.onnx" \
   --check --check-images 10000 --data-dir "$data" --json "$out/export-check.json"

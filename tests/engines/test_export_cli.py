@@ -106,7 +106,8 @@ def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_pat
     kept = tmp_path / "kept.onnx"
     assert main([str(checkpoint), "-o", str(kept), "--as-trained", "--quiet"]) == 0
     assert not companion_path(kept, REFERENCE).exists()
-    assert "bias_projection" not in read_metadata(onnx.load(str(kept)))
+    kept_meta = read_metadata(onnx.load(str(kept)))
+    assert "bias_projection" not in kept_meta and json.loads(kept_meta["residual_near_ties"])["of"] > 0
 
 
 def test_onnx_runtime_format_computes_the_same_model(checkpoint, tmp_path, capsys):
