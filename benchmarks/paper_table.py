@@ -215,7 +215,7 @@ def cell(value, digits=2) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| row | method | bits | model top-1 % | int8 file in ORT top-1 % | ORT vs .reference.pt % | build s |",
+        "| row | method | bits | model top-1 % | int8 file in ORT top-1 % | ORT vs the model it computes % | build s |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in results:
