@@ -93,7 +93,7 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        identical = "–" if r["min_identical"] is None else f"{r['min_identical']:.4f}"
+        identical = "–" if r["min_identical"] is None else f"{r['min_identical']:.5f}"
         trained = "–" if r["as_trained"] is None else f"{r['as_trained']:.2f}"
         lines.append(
             f"| {r['model']} | {r['file']} | {r['engine']} | {r['compared']} | {r['agreement']:.2f} | {identical} "
