@@ -252,10 +252,15 @@ class _FloatLattice:
         self.offset = node.params["bias"].astype(np.float32).astype(np.float64) / self.scale
         self.boundaries = np.arange(out_quant["qmin"], out_quant["qmax"], dtype=np.float64) + 0.5
 
-    def clear(self) -> np.ndarray:
-        """Whether every reachable value keeps TIE_MARGIN + 3e-7·t from every boundary t; bool [channels]."""
-        offset, multiplier = self.offset[:, None], self.multiplier[:, None]
-        n = np.clip(np.round((self.boundaries - offset) / multiplier), self.low[:, None], self.high[:, None])
+    def clear(self, channel: int | slice = slice(None), shift: np.ndarray | float = 0.0) -> np.ndarray:
+        """Whether every reachable value (with the bias moved by ``shift`` real units, [J]) keeps
+        TIE_MARGIN + 3e-7·t from every boundary t; bool [channels] (all channels) or [J] (one channel)."""
+        offset = self.offset[channel] + np.asarray(shift, dtype=np.float64) / self.scale
+        multiplier = np.broadcast_to(self.multiplier[channel], np.shape(offset))
+        low = np.broadcast_to(self.low[channel], np.shape(offset))
+        high = np.broadcast_to(self.high[channel], np.shape(offset))
+        offset, multiplier, low, high = (v[..., None] for v in (offset, multiplier, low, high))
+        n = np.clip(np.round((self.boundaries - offset) / multiplier), low, high)
         value = n * multiplier + offset
         # 3e-7·t: float32 roundings of acc·step, + b and / s_y that engines order differently
         return (np.abs(value - self.boundaries) >= TIE_MARGIN + 3e-7 * self.boundaries).all(axis=-1)
@@ -277,6 +282,54 @@ def _float_tied_channels(lattices: list[_FloatLattice]) -> np.ndarray:
     tied = ~np.logical_and.reduce([lattice.clear() for lattice in lattices])
     dense = np.logical_or.reduce([lattice.multiplier < 4 * TIE_MARGIN for lattice in lattices])
     return np.flatnonzero(tied & ~dense)
+
+
+def _bias_shift(lattices: list[_FloatLattice], channel: int) -> float | None:
+    """The smallest tried bias shift (real units) that clears every lattice of ``channel``, or None.
+
+    Shifts are multiples of the finest output step of the group (ε · s_y, |ε| ≤ 3e-3 levels)."""
+    unit = min(lattice.scale for lattice in lattices)
+    for start in range(0, _EPSILONS.size, 40):
+        shifts = _EPSILONS[start : start + 40] * unit
+        ok = np.logical_and.reduce([lattice.clear(channel, shifts) for lattice in lattices])
+        if ok.any():
+            return float(shifts[np.argmax(ok)])
+    return None
+
+
+def avoid_float_ties(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
+    """For float-bias engines: shift the bias of channels with a near-tie until none is left.
+
+    The bias is continuous there (no int32 grid), so the knob is the bias itself: BatchNorm β (or the layer's
+    own bias), moved by at most 3e-3 output levels. Dense channels (an 8-bit output with a fine multiplier)
+    cannot be cleared and are left, reported as unresolved. Arguments as :func:`avoid_ties`.
+
+    Returns:
+        (the graph of the final model, {"channels_moved", "max_shift_levels", "unresolved": [layer]}).
+    """
+    modules = dict(model.named_modules())
+    moved: dict[tuple[str, int], float] = {}
+    worst = 0.0
+    graph = lower_model(model) if graph is None else graph
+    for _ in range(_MAX_ROUNDS):
+        changes = []
+        for path, lattices in _float_lattices(graph).items():
+            if not isinstance(getattr(modules.get(path), "bias", None), torch.Tensor):
+                continue  # no bias parameter to move: left as is, reported below
+            for channel in _float_tied_channels(lattices):
+                shift = _bias_shift(lattices, int(channel))
+                if shift is not None:
+                    changes.append((path, int(channel), shift))
+                    worst = max(worst, abs(shift) / min(lattice.scale for lattice in lattices))
+        if not changes:
+            break
+        with torch.no_grad():
+            for path, channel, shift in changes:
+                modules[path].bias[channel] += shift
+                moved[(path, channel)] = moved.get((path, channel), 0.0) + shift
+        graph = lower_model(model)
+    unresolved = sorted(p for p, lattices in _float_lattices(graph).items() if len(_float_tied_channels(lattices)))
+    return graph, {"channels_moved": len(moved), "max_shift_levels": worst, "unresolved": unresolved}
 
 
 def float_near_ties(graph: DeployGraph) -> dict:
@@ -419,12 +472,10 @@ def make_engine_exact(
 
     Both: :func:`avoid_sum_ties` (residual-sum quantizer scales off the rounding boundaries).
     "int32" (ONNX Runtime): then :func:`avoid_ties` and :func:`project_biases`, verified.
-    "float" (TensorRT, OpenVINO): nothing else moves. These engines add the trained bias in float, so
-    the model as trained is, up to those scales, the model they compute (measured with OpenVINO 2026.4.1:
-    identical logits and integers on the 1-epoch ResNet-20 W4A4, docs/parity.md). Shifting biases off
-    the conv near-ties :func:`float_near_ties` counts (for an engine with another float order, e.g.
-    TensorRT, not run here) cost agreement with the model as trained in OpenVINO (98.05 % on 2,000 test
-    images, measured), so it is not done; the count is reported.
+    "float" (TensorRT, OpenVINO): then :func:`avoid_float_ties` (biases off the conv near-ties; these
+    engines add the trained bias in float, so no bias moves onto a grid). Without the moves OpenVINO
+    computed the model as trained exactly on the 1-epoch ResNet-20 W4A4 but not on others (docs/parity.md);
+    ``fatq-export --as-trained`` skips them. What dense channels leave is counted (:func:`float_near_ties`).
 
     Returns:
         (the final graph, the report, with ``"bias_arithmetic"``).
@@ -433,7 +484,8 @@ def make_engine_exact(
         raise FatqError(f"bias arithmetic must be 'int32' or 'float', got {arithmetic!r}.")
     graph, sums = avoid_sum_ties(model, lower_model, graph)
     if arithmetic == "float":
-        return graph, {"bias_arithmetic": "float", "sum_ties": sums, "near_ties": float_near_ties(graph)}
+        graph, ties = avoid_float_ties(model, lower_model, graph)
+        return graph, {"bias_arithmetic": "float", "sum_ties": sums, "ties": ties, "near_ties": float_near_ties(graph)}
     graph, ties = avoid_ties(model, lower_model, graph)
     report = project_biases(model, graph)
     final = lower_model(model)
