@@ -21,6 +21,10 @@ differently (TensorRT folds 1/s_y into its epilogue); :mod:`export.engine_exact`
 value y / s_y the accumulator can reach away from rounding boundaries, so the order does not
 change an integer.
 
+In a float-bias file an int32 engine (ONNX Runtime) derives int32 biases only for layers it fuses before a
+QuantizeLinear; a layer with a float output (the classifier, a ``--target trt`` branch conv) it runs as a
+float conv/Gemm, so the int32-mode reference gives those layers the float bias too.
+
 Folded float graphs (FP32 models, :func:`export.fold.dequantized`) run as plain float32 convs.
 
 Exactness of the integer sums: a float32 conv of integer-valued tensors is exact while every
@@ -95,7 +99,10 @@ class DeployReference(nn.Module):
             bound = fan_in * max(abs(in_quant["qmin"]), abs(in_quant["qmax"])) * float(np.abs(weight).max(initial=0))
             dtype = torch.float32 if bound < EXACT_FLOAT32_LIMIT else torch.float64
             buffers = {"weight": _buffer(weight, dtype), "bias": _buffer(params["bias_int32"], torch.float64)}
-            if self.arithmetic == "float":
+            # a layer with a float output in a float-bias file stays a float conv/Gemm on dequantized inputs
+            # in an int32 engine too (ONNX Runtime fuses into QLinearConv only before a QuantizeLinear), so it
+            # adds the file's float bias
+            if self.arithmetic == "float" or (attrs["out_quant"] is None and bias_arithmetic(self.graph) == "float"):
                 buffers["bias"] = _buffer(params["bias"].astype(np.float32), torch.float32)
                 buffers["scale"] = _buffer(np.float32(attrs["input_scale"]) * params["weight_scale"], torch.float32)
                 return buffers
@@ -185,7 +192,7 @@ class DeployReference(nn.Module):
             acc = F.linear(q_x, weight)
             shape = (1, -1)
         out_quant = attrs["out_quant"]
-        if self.arithmetic == "float":  # dequantized accumulator + float bias, then the output quantizer
+        if bias.dtype == torch.float32:  # float bias (see _node_buffers): dequantized accumulator + bias, then Q
             y = acc.float() * scale.view(shape) + bias.view(shape)
             if out_quant is None:
                 return y
