@@ -83,6 +83,7 @@ class DeployReference(nn.Module):
             raise FatqError(f"bias arithmetic must be one of {BIAS_ARITHMETICS}, got {self.arithmetic!r}.")
         # how each quantized tensor is stored (integers, scale): what DequantizeLinear reads
         self.quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
+        self.float_bias_nodes: set[str] = set()  # integer layers that add a float bias (filled below)
         for index, node in enumerate(graph.nodes):
             for key, value in self._node_buffers(node).items():
                 self.register_buffer(f"n{index}_{key}", value, persistent=False)
@@ -103,6 +104,7 @@ class DeployReference(nn.Module):
             # in an int32 engine too (ONNX Runtime fuses into QLinearConv only before a QuantizeLinear), so it
             # adds the file's float bias
             if self.arithmetic == "float" or (attrs["out_quant"] is None and bias_arithmetic(self.graph) == "float"):
+                self.float_bias_nodes.add(node.name)
                 buffers["bias"] = _buffer(params["bias"].astype(np.float32), torch.float32)
                 buffers["scale"] = _buffer(np.float32(attrs["input_scale"]) * params["weight_scale"], torch.float32)
                 return buffers
@@ -192,7 +194,7 @@ class DeployReference(nn.Module):
             acc = F.linear(q_x, weight)
             shape = (1, -1)
         out_quant = attrs["out_quant"]
-        if bias.dtype == torch.float32:  # float bias (see _node_buffers): dequantized accumulator + bias, then Q
+        if node.name in self.float_bias_nodes:  # float bias (see _node_buffers): dequantized accumulator + bias, then Q
             y = acc.float() * scale.view(shape) + bias.view(shape)
             if out_quant is None:
                 return y
