@@ -233,7 +233,7 @@ def compare(
         debug_identical &= bool(np.array_equal(debug_out[OUTPUT_NAME], engine_logits))
         ref_logits, integers = reference.run(x, capture=True)
         with torch.no_grad():
-            # a module compared twice (the model as trained when nothing moved) runs once per batch
+            # each module runs once per batch, the deploy reference too when it is also the compared model
             logits_by_module: dict[int, np.ndarray] = {id(reference): ref_logits.float().numpy()}
             for module in (model, *others.values()):
                 if id(module) not in logits_by_module:

@@ -8,7 +8,7 @@
 Writes OUT (ONNX, with provenance in ``metadata_props``), OUT's ``.deploy.npz`` (the folded
 deploy graph the file was written from, see :mod:`export.deploy_graph`) and, for int8 files, OUT's
 ``.reference.pt``: the PyTorch model the file's engines compute (:mod:`export.engine_exact`: the model as
-trained for the float-bias TensorRT and OpenVINO files, moved onto the int32 grid for ``onnx-ort``), which
+trained, moved off rounding ties, and for ``onnx-ort`` with its biases on the int32 grid), which
 ``--check`` and ``fatq-bench --reference`` compare against. A
 portable file is checked against the TensorRT rules of :mod:`export.lint_rules` before it is written;
 nothing is written on an error. ``--lint`` runs the same rule table on any file

@@ -146,7 +146,7 @@ ENGINES: dict[str, EngineSpec] = {
             custom_ops="ONNX Runtime's CPU contrib ops (an onnx-ort export)",
             bias_arithmetic="int32",
         ),
-        # the CUDA provider runs QDQ nodes as float ops (bias in float); not run here (no GPU)
+        # assumed, not run here (no GPU): the CUDA and TensorRT providers add the bias in float
         EngineSpec("ort-cuda", (ONNX,), (), (), "onnxruntime", _ort("cuda"), bias_arithmetic="float"),
         EngineSpec("ort-trt", (ONNX,), (), (), "onnxruntime", _ort("trt"), bias_arithmetic="float"),
         EngineSpec(

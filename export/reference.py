@@ -17,9 +17,9 @@ dequantize the accumulator and add the bias in float; :data:`export.formats.FORM
 ``qconv`` / ``qlinear`` compute y = float32(acc) · float32(s_x · s_w,c) + b in float32 with the
 layer's folded float bias b (never rounded to int32), then the output quantizer as ``quantize``
 does: q_y = clamp(round_half_even(y / s_y), qmin, qmax). Engines order these float32 operations
-differently (TensorRT folds 1/s_y into its epilogue); :mod:`export.engine_exact` keeps every
-value y / s_y the accumulator can reach away from rounding boundaries, so the order does not
-change an integer.
+differently (TensorRT folds 1/s_y into its epilogue); :mod:`export.engine_exact` moves the biases
+so that no value y / s_y the accumulator can reach lies within their float error of a rounding
+boundary, except in channels with too many reachable values to clear (counted in the export report).
 
 In a float-bias file an int32 engine (ONNX Runtime) derives int32 biases only for layers it fuses before a
 QuantizeLinear; a layer with a float output (the classifier, a ``--target trt`` branch conv) it runs as a
@@ -107,6 +107,8 @@ class DeployReference(nn.Module):
                 self.float_bias_nodes.add(node.name)
                 buffers["bias"] = _buffer(params["bias"].astype(np.float32), torch.float32)
                 buffers["scale"] = _buffer(np.float32(attrs["input_scale"]) * params["weight_scale"], torch.float32)
+                if attrs["out_quant"] is not None:
+                    buffers["out_scale"] = _buffer(np.float32(attrs["out_quant"]["scale"]), torch.float32)
                 return buffers
             if attrs["out_quant"] is not None:
                 multiplier = requant_multiplier(
@@ -198,7 +200,7 @@ class DeployReference(nn.Module):
             y = acc.float() * scale.view(shape) + bias.view(shape)
             if out_quant is None:
                 return y
-            q = torch.round(y / torch.tensor(out_quant["scale"], dtype=torch.float32))
+            q = torch.round(y / self._param(index, "out_scale"))
         else:  # int32 accumulator + int32 bias, converted to float32 (round to nearest even, as cvtdq2ps)
             y = (acc.double() + bias.view(shape)).float() * scale.view(shape)
             if out_quant is None:
