@@ -80,10 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})",
     )
     calib = parser.add_argument_group(
-        "calibration (for quantizers the model keeps float: edge_inputs/residual_inputs float)"
+        "calibration (ranges of quantizers the model keeps float; the values the engine-exact moves avoid)"
     )
     calib.add_argument(
-        "--calib-data", help="dataset directory or .tar.gz; its train split calibrates disabled quantizers"
+        "--calib-data",
+        help="dataset directory or .tar.gz; its train split calibrates disabled quantizers, and the engine-exact "
+        "moves avoid crossing the values its images reach (recommended: the moved model then stays the model "
+        "as trained on nearly every input)",
     )
     calib.add_argument(
         "--calib-batches", type=int, default=16, help=f"calibration batches of {CALIB_BATCH_SIZE} images (default 16)"

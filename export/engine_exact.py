@@ -22,39 +22,43 @@ measured) then round it to different sides every time the accumulator takes that
 trained ResNet-20 W4A4 one such channel changed 0.2 % of the top-1 predictions. :func:`avoid_ties`
 scales that channel's BatchNorm γ by 1 + ε (|ε| ≤ 3e-3; on trained ResNet-20 W4A4 models about a
 quarter of the channels moved, by at most 1.5e-3) so that no value N · M comes closer than
-:data:`TIE_MARGIN` to a boundary. Channels with M < 4 · TIE_MARGIN are left alone: no γ change clears
-such a dense set of values, and a given value of it is rarely hit. :func:`make_engine_exact` runs both steps.
+:data:`export.tie_lattices.TIE_MARGIN` to a boundary. Channels with M < 4 · TIE_MARGIN are not cleared:
+no γ change clears such a dense set of values, and a given value of it is rarely hit; where such a lattice
+shares its knob with a sparse one, the sparse one is cleared alone. :func:`make_engine_exact` runs the steps.
 
 TensorRT and OpenVINO add a float bias to the dequantized accumulator instead (no int32 grid): files
 written for them (``bias_arithmetic`` "float", :data:`export.formats.FORMATS`) keep the trained biases,
-moved only off the near-ties of :class:`_FloatLattice` (:func:`avoid_float_ties`).
+moved only off the near-ties of :class:`export.tie_lattices.FloatLattice` (:func:`avoid_float_ties`).
 
 Every file: a quantizer that reads a residual sum rounds t = (a·s_a + b·s_b) / s, which engines compute
-in other float orders (:class:`_SumLattice`); :func:`avoid_sum_ties` scales such a quantizer's range by
-1 + ε until no reachable pair (a, b) lies within that float error of a rounding boundary. That is a real
-change of the model: a 4-bit network passes the few activations it moves across a boundary on, and the
-moved model agreed with the model as trained on 97.2–97.7 % of the top-1 predictions of the 1-epoch
-ResNet-20 W4A4 (2,000 test images, ε steps of 1e-5 down to 1e-7; 96.8 % on 10,000 images with the conv
-biases moved too), about what the int32 bias rounding costs. ``fatq-export --as-trained``
-keeps the model bit for bit instead, and the engines then agree with it except where a residual-sum pair
-at risk is hit (counted in the export report, ``residual_near_ties``).
+in other float orders (:class:`export.tie_lattices.SumLattice`); :func:`avoid_sum_ties` moves the sum's
+branch term (or the readers' ranges) until no reachable pair (a, b) lies within that float error of a
+rounding boundary.
+
+Each move is a real change of the model: a 4-bit network passes on every activation a move carries across
+a boundary (one range moved by 1e-5 changed 0.4 % of a ResNet-20 W4A4's top-1 predictions), so every
+knob takes the clearing move that crosses the fewest reachable values (:func:`export.tie_lattices.best_move`).
+On the 1-epoch ResNet-20 W4A4 the moved model of the float-bias file still agreed with the model as trained
+on only 97.5 % of the top-1 predictions (2,000 test images): the near-ties to clear are within ~3e-5 levels
+(OpenVINO's 128·s offset), and so are enough reachable values of a dense lattice that clearing crosses some.
+``fatq-export --as-trained`` keeps the model bit for bit instead, and the engines then agree with it except
+where a value at risk is hit (counted in the export report, ``residual_near_ties``).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
 from torch import nn
 
-from export.deploy_graph import DeployGraph, tensor_quant
+from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
+from export.lattice_visits import VISIT_WEIGHT, LatticeVisits
+from export.tie_lattices import FloatLattice, Int32Lattice, SumLattice, best_move, tied_channels
 from fatq.errors import FatqError
 
 INTEGER_LAYERS = ("qconv", "qlinear")
-# distance (in output levels) every value N·M must keep from a rounding boundary: 2.5x the largest
-# model-vs-engine difference measured on a trained ResNet-20 W4A4 (2e-6 levels)
-TIE_MARGIN = 5e-6
-# relative γ changes tried, smallest first; a change moves a value t by about t·ε
-_EPSILONS = np.array([sign * step * 1e-5 for step in range(1, 301) for sign in (1, -1)])
 _MAX_ROUNDS = 8
 
 
@@ -133,165 +137,156 @@ def verify_projection(before: DeployGraph, after: DeployGraph) -> None:
             raise FatqError(f"{a.name}: moving the bias onto the engine grid changed its input scale.")
 
 
-class _Lattice:
-    """The values N · M an integer layer's pre-activation can take, per output channel.
-
-    N = accumulator + int32 bias lies in [bias − A, bias + A] with A = Σ|w| · max|q_x| (a
-    channel whose weights are all 0 has the single value bias · M); M is the requantization
-    multiplier as ONNX Runtime computes it (:func:`export.reference.requant_multiplier`).
-    """
-
-    def __init__(self, node, input_quant: dict):
-        from export.reference import requant_multiplier
-
-        out_quant = node.attrs["out_quant"]
-        weight = np.abs(node.params["weight"].astype(np.int64)).reshape(node.params["weight"].shape[0], -1)
-        reach = weight.sum(axis=1) * max(abs(input_quant["qmin"]), abs(input_quant["qmax"]))
-        bias = node.params["bias_int32"].astype(np.int64)
-        self.low, self.high = (bias - reach).astype(np.float64), (bias + reach).astype(np.float64)
-        self.multiplier = requant_multiplier(node.attrs["input_scale"], node.params["weight_scale"], out_quant["scale"])
-        # rounding boundaries k + ½ inside the output range (beyond it both sides clamp alike)
-        self.boundaries = np.arange(out_quant["qmin"], out_quant["qmax"], dtype=np.float64) + 0.5
-
-    def clear(self, channel: int | slice = slice(None), scale: np.ndarray | float = 1.0, slack: float = 0.0):
-        """Whether every reachable N·M keeps TIE_MARGIN (+ slack·t) from every boundary t.
-
-        ``scale`` multiplies M (candidate γ changes, [J]); returns bool [channels] or [J].
-        """
-        multiplier = (self.multiplier[channel] * scale).astype(np.float32)[..., None]
-        low, high = self.low[channel], self.high[channel]
-        if np.ndim(low):
-            low, high = low[..., None], high[..., None]
-        n = np.clip(np.round(self.boundaries / multiplier.astype(np.float64)), low, high)
-        value = (n.astype(np.float32) * multiplier).astype(np.float64)  # the engine's float32 product
-        return (np.abs(value - self.boundaries) >= TIE_MARGIN + slack * self.boundaries).all(axis=-1)
+def _accumulator_visits(visits: LatticeVisits | None, node) -> list | None:
+    return None if visits is None else visits.accumulators.get(node.name)
 
 
-def _lattices(graph: DeployGraph) -> dict[str | None, list[_Lattice]]:
+def crossing_report(cost: float) -> dict:
+    """{"values": reachable lattice values the moves carried across a boundary, "visits": how often the
+    calibration images reached them} from a summed crossing cost (:data:`VISIT_WEIGHT` per visit)."""
+    visits, values = divmod(int(cost), int(VISIT_WEIGHT))
+    return {"values": values, "visits": visits}
+
+
+def _lattices(graph: DeployGraph, visits: LatticeVisits | None = None) -> dict[str | None, list[Int32Lattice]]:
     """{BatchNorm path (None: none): lattices of the integer layers it scales} (copies share one)."""
     quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
-    groups: dict[str | None, list[_Lattice]] = {}
+    groups: dict[str | None, list[Int32Lattice]] = {}
     for node in graph.nodes:
         if node.op in INTEGER_LAYERS and node.attrs["out_quant"] is not None:
-            groups.setdefault(node.attrs.get("batchnorm"), []).append(_Lattice(node, quant[node.inputs[0]]))
+            lattice = Int32Lattice(node, quant[node.inputs[0]], _accumulator_visits(visits, node))
+            groups.setdefault(node.attrs.get("batchnorm"), []).append(lattice)
     return groups
 
 
-def _tied_channels(lattices: list) -> np.ndarray:
-    """Channels with a near-tie, except dense ones (M < 4·TIE_MARGIN: no γ change can clear those;
-    their values are as good as continuous, so a given one is rarely hit)."""
-    tied = ~np.logical_and.reduce([lattice.clear() for lattice in lattices])
-    dense = np.logical_or.reduce([lattice.multiplier < 4 * TIE_MARGIN for lattice in lattices])
-    return np.flatnonzero(tied & ~dense)
+def _channel_move(lattices: list, channel: int, clear, crossings) -> tuple[float, float] | None:
+    """:func:`best_move` for one channel of a group: every lattice not dense there must clear; the crossings
+    of all of them (dense ones too) count. ``clear(lattice, moves)`` / ``crossings(lattice, moves)`` -> [J]."""
+    sparse = [lattice for lattice in lattices if not lattice.dense[channel]]
+
+    def score(moves: np.ndarray):
+        ok = np.logical_and.reduce([clear(lattice, moves) for lattice in sparse])
+        return ok, np.sum([crossings(lattice, moves) for lattice in lattices], axis=0)
+
+    return best_move(score)
 
 
-def _gamma_change(lattices: list[_Lattice], channel: int) -> float | None:
-    """The smallest tried ε whose M·(1 + ε) clears every lattice of ``channel``, or None."""
-    for start in range(0, _EPSILONS.size, 40):  # most channels clear within the first few tries
-        epsilons = _EPSILONS[start : start + 40]
+def _gamma_change(lattices: list[Int32Lattice], channel: int) -> tuple[float, float] | None:
+    """(ε, crossing cost): the ε whose M·(1 + ε) clears every lattice of ``channel`` crossing least, or None."""
+    return _channel_move(
+        lattices,
+        channel,
         # slack 3e-7·t: the float32 roundings of the folded scale that this prediction skips
-        ok = np.logical_and.reduce([lattice.clear(channel, 1 + epsilons, slack=3e-7) for lattice in lattices])
-        if ok.any():
-            return float(epsilons[np.argmax(ok)])
-    return None
+        lambda lattice, moves: lattice.clear(channel, moves, slack=3e-7),
+        lambda lattice, moves: lattice.crossings(channel, moves),
+    )
 
 
-def avoid_ties(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
+def _move_channels(model: nn.Module, lower_model, graph: DeployGraph, groups, knob: str, choose, apply) -> tuple:
+    """Rounds of per-channel moves until no tied channel can be moved (shared by both conv steps).
+
+    Args:
+        model, lower_model, graph: as :func:`avoid_ties` (``graph`` already lowered).
+        groups: ``graph -> {knob owner path: lattices}``.
+        knob: the parameter the owner must have to be moved ("weight" or "bias").
+        choose: ``(lattices, channel, owner module) -> (move, crossing cost) | None``.
+        apply: ``(owner module, channel, move, total so far or None) -> new total`` (changes the module).
+
+    Returns:
+        (final graph, {(path, channel): total move}, crossing report, unresolved owner paths).
+    """
+    modules = dict(model.named_modules())
+    moved: dict[tuple[str, int], object] = {}
+    hopeless: set[tuple[str, int]] = set()
+    cost = 0.0
+    for _ in range(_MAX_ROUNDS):
+        changes = []
+        for path, lattices in groups(graph).items():
+            if path is None or not isinstance(getattr(modules.get(path), knob, None), torch.Tensor):
+                continue  # nothing to move: left as is, reported as unresolved
+            for channel in map(int, tied_channels(lattices)):
+                best = None if (path, channel) in hopeless else choose(lattices, channel, modules[path])
+                if best is None:  # no move clears it; later rounds do not change that
+                    hopeless.add((path, channel))
+                else:
+                    changes.append((path, channel, best[0]))
+                    cost += best[1]
+        if not changes:
+            break
+        with torch.no_grad():
+            for path, channel, move in changes:
+                moved[(path, channel)] = apply(modules[path], channel, move, moved.get((path, channel)))
+        graph = lower_model(model)
+    unresolved = sorted(str(path) for path, lattices in groups(graph).items() if len(tied_channels(lattices)))
+    return graph, moved, crossing_report(cost), unresolved
+
+
+def avoid_ties(
+    model: nn.Module, lower_model, graph: DeployGraph | None = None, visits: LatticeVisits | None = None
+) -> tuple[DeployGraph, dict]:
     """Scale γ of channels with a near-tie (see the module docstring) until none is left.
 
     Args:
         model: the model (changed in place).
         lower_model: ``model -> integer DeployGraph`` (fold + lower).
         graph: ``lower_model(model)`` when the caller has it already (it is not lowered again).
+        visits: calibration visits of the lattice values (moves then avoid crossing visited ones), or None.
 
     Returns:
-        (the graph of the final model, {"channels_moved", "max_gamma_change", "unresolved": [layer]}).
+        (the graph of the final model, {"channels_moved", "max_gamma_change", "crossed", "unresolved": [layer]}).
     """
-    modules = dict(model.named_modules())
-    moved: dict[tuple[str, int], float] = {}
+
+    def scale_gamma(norm, channel: int, epsilon: float, total: float | None) -> float:
+        norm.weight[channel] *= 1 + epsilon
+        return (1 + (total or 0.0)) * (1 + epsilon) - 1
+
     graph = lower_model(model) if graph is None else graph
-    for _ in range(_MAX_ROUNDS):
-        changes = []
-        for path, lattices in _lattices(graph).items():
-            if path is None or not isinstance(getattr(modules[path], "weight", None), torch.Tensor):
-                continue  # no BatchNorm γ to scale: left as is, reported below
-            for channel in _tied_channels(lattices):
-                epsilon = _gamma_change(lattices, int(channel))
-                if epsilon is not None:
-                    changes.append((path, int(channel), epsilon))
-        if not changes:
-            break
-        with torch.no_grad():
-            for path, channel, epsilon in changes:
-                modules[path].weight[channel] *= 1 + epsilon
-                moved[(path, channel)] = (1 + moved.get((path, channel), 0.0)) * (1 + epsilon) - 1
-        graph = lower_model(model)
-    unresolved = sorted(str(path) for path, lattices in _lattices(graph).items() if len(_tied_channels(lattices)))
+    graph, moved, crossed, unresolved = _move_channels(
+        model,
+        lower_model,
+        graph,
+        lambda g: _lattices(g, visits),
+        "weight",
+        lambda lattices, channel, _: _gamma_change(lattices, channel),
+        scale_gamma,
+    )
     report = {
         "channels_moved": len(moved),
         "max_gamma_change": max((abs(v) for v in moved.values()), default=0.0),
+        "crossed": crossed,
         "unresolved": unresolved,
     }
     return graph, report
 
 
-class _FloatLattice:
-    """The values y / s_y of an integer layer with a float bias (TensorRT's and OpenVINO's arithmetic).
-
-    y = acc · step + b with acc in [−A, A] (A = Σ|w| · max|q_x|), step = float32(s_x · s_w,c):
-    the values n · M + c with M = step / s_y and c = b / s_y, per output channel.
-    """
-
-    def __init__(self, node, input_quant: dict):
-        out_quant = node.attrs["out_quant"]
-        weight = np.abs(node.params["weight"].astype(np.int64)).reshape(node.params["weight"].shape[0], -1)
-        reach = (weight.sum(axis=1) * max(abs(input_quant["qmin"]), abs(input_quant["qmax"]))).astype(np.float64)
-        self.low, self.high = -reach, reach
-        self.scale = float(np.float32(out_quant["scale"]))
-        step = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-        self.multiplier = step.astype(np.float64) / self.scale
-        self.offset = node.params["bias"].astype(np.float32).astype(np.float64) / self.scale
-        self.boundaries = np.arange(out_quant["qmin"], out_quant["qmax"], dtype=np.float64) + 0.5
-
-    def clear(self, channel: int | slice = slice(None), shift: np.ndarray | float = 0.0) -> np.ndarray:
-        """Whether every reachable value (with the bias moved by ``shift`` real units, [J]) keeps
-        TIE_MARGIN + 3e-7·t from every boundary t; bool [channels] (all channels) or [J] (one channel)."""
-        offset = self.offset[channel] + np.asarray(shift, dtype=np.float64) / self.scale
-        multiplier = np.broadcast_to(self.multiplier[channel], np.shape(offset))
-        low = np.broadcast_to(self.low[channel], np.shape(offset))
-        high = np.broadcast_to(self.high[channel], np.shape(offset))
-        offset, multiplier, low, high = (v[..., None] for v in (offset, multiplier, low, high))
-        n = np.clip(np.round((self.boundaries - offset) / multiplier), low, high)
-        value = n * multiplier + offset
-        # 3e-7·t: float32 roundings of acc·step, + b and / s_y that engines order differently
-        return (np.abs(value - self.boundaries) >= TIE_MARGIN + 3e-7 * self.boundaries).all(axis=-1)
-
-
-def _float_lattices(graph: DeployGraph) -> dict[str, list[_FloatLattice]]:
+def _float_lattices(graph: DeployGraph, visits: LatticeVisits | None = None) -> dict[str, list[FloatLattice]]:
     """{bias owner path: float-bias lattices of the integer layers whose bias it sets} (copies share one)."""
     quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
-    groups: dict[str, list[_FloatLattice]] = {}
+    groups: dict[str, list[FloatLattice]] = {}
     for node in graph.nodes:
         if node.op in INTEGER_LAYERS and node.attrs["out_quant"] is not None:
             owner = node.attrs.get("batchnorm") or node.attrs["source"]
-            groups.setdefault(owner, []).append(_FloatLattice(node, quant[node.inputs[0]]))
+            lattice = FloatLattice(node, quant[node.inputs[0]], _accumulator_visits(visits, node))
+            groups.setdefault(owner, []).append(lattice)
     return groups
 
 
-def _bias_shift(lattices: list[_FloatLattice], channel: int) -> float | None:
-    """The smallest tried bias shift (real units) that clears every lattice of ``channel``, or None.
-
-    Shifts are multiples of the finest output step of the group (ε · s_y, |ε| ≤ 3e-3 levels)."""
+def _bias_shift(lattices: list[FloatLattice], channel: int) -> tuple[float, float] | None:
+    """(shift in real units, crossing cost): the bias shift that clears every lattice of ``channel`` crossing
+    least, or None. Shifts are :data:`MOVES` times the finest output step of the group (<= 3e-3 levels of it)."""
     unit = min(lattice.scale for lattice in lattices)
-    for start in range(0, _EPSILONS.size, 40):
-        shifts = _EPSILONS[start : start + 40] * unit
-        ok = np.logical_and.reduce([lattice.clear(channel, shifts) for lattice in lattices])
-        if ok.any():
-            return float(shifts[np.argmax(ok)])
-    return None
+    best = _channel_move(
+        lattices,
+        channel,
+        lambda lattice, moves: lattice.clear(channel, moves * unit),
+        lambda lattice, moves: lattice.crossings(channel, moves * unit),
+    )
+    return None if best is None else (best[0] * unit, best[1])
 
 
-def avoid_float_ties(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
+def avoid_float_ties(
+    model: nn.Module, lower_model, graph: DeployGraph | None = None, visits: LatticeVisits | None = None
+) -> tuple[DeployGraph, dict]:
     """For float-bias engines: shift the bias of channels with a near-tie until none is left.
 
     The bias is continuous there (no int32 grid), so the knob is the bias itself: BatchNorm β (or the layer's
@@ -299,31 +294,27 @@ def avoid_float_ties(model: nn.Module, lower_model, graph: DeployGraph | None = 
     cannot be cleared and are left, reported as unresolved. Arguments as :func:`avoid_ties`.
 
     Returns:
-        (the graph of the final model, {"channels_moved", "max_shift_levels", "unresolved": [layer]}).
+        (the graph of the final model, {"channels_moved", "max_shift_levels", "crossed", "unresolved": [layer]}).
     """
-    modules = dict(model.named_modules())
-    moved: dict[tuple[str, int], float] = {}
-    worst = 0.0
+
+    def shift_bias(owner, channel: int, shift: float, total: float | None) -> float:
+        owner.bias[channel] += shift
+        return (total or 0.0) + shift
+
     graph = lower_model(model) if graph is None else graph
-    for _ in range(_MAX_ROUNDS):
-        changes = []
-        for path, lattices in _float_lattices(graph).items():
-            if not isinstance(getattr(modules.get(path), "bias", None), torch.Tensor):
-                continue  # no bias parameter to move: left as is, reported below
-            for channel in _tied_channels(lattices):
-                shift = _bias_shift(lattices, int(channel))
-                if shift is not None:
-                    changes.append((path, int(channel), shift))
-                    worst = max(worst, abs(shift) / min(lattice.scale for lattice in lattices))
-        if not changes:
-            break
-        with torch.no_grad():
-            for path, channel, shift in changes:
-                modules[path].bias[channel] += shift
-                moved[(path, channel)] = moved.get((path, channel), 0.0) + shift
-        graph = lower_model(model)
-    unresolved = sorted(p for p, lattices in _float_lattices(graph).items() if len(_tied_channels(lattices)))
-    return graph, {"channels_moved": len(moved), "max_shift_levels": worst, "unresolved": unresolved}
+    units = {path: min(lat.scale for lat in lattices) for path, lattices in _float_lattices(graph).items()}
+    graph, moved, crossed, unresolved = _move_channels(
+        model,
+        lower_model,
+        graph,
+        lambda g: _float_lattices(g, visits),
+        "bias",
+        lambda lattices, channel, _: _bias_shift(lattices, channel),
+        shift_bias,
+    )
+    worst = max((abs(shift) / units[path] for (path, _), shift in moved.items()), default=0.0)
+    report = {"channels_moved": len(moved), "max_shift_levels": worst, "crossed": crossed, "unresolved": unresolved}
+    return graph, report
 
 
 def float_near_ties(graph: DeployGraph) -> dict:
@@ -334,83 +325,66 @@ def float_near_ties(graph: DeployGraph) -> dict:
         3e-7·t of a boundary t (dense channels excluded, as in :func:`_tied_channels`), "layers":
         [bias owners with such channels]}.
     """
-    tied = {path: _tied_channels(lattices) for path, lattices in _float_lattices(graph).items()}
+    tied = {path: tied_channels(lattices) for path, lattices in _float_lattices(graph).items()}
     return {"channels": int(sum(len(c) for c in tied.values())), "layers": sorted(p for p, c in tied.items() if len(c))}
 
 
-# float error of an engine's residual-sum quantizer, in output levels per unit of (128 + |t| + Σ|terms|/s):
-# four half-ulps; 128 covers OpenVINO's int8 FakeQuantize, which computes (x + 128·s) / s (offset by its input_low)
-_SUM_ERROR = 2.0**-22
-
-
-class _SumLattice:
-    """The values t = (a·s_a + b·s_b) / s of a quantizer that reads a residual sum of two quantized tensors.
-
-    Every integer pair (a, b) in the two ranges is reachable (at most 255 × 255). A pair is at risk when t
-    lies closer than (128 + |t| + (|a·s_a| + |b·s_b|) / s) · 2^-22 to a rounding boundary inside the
-    quantizer's range: engines compute t in other float32 orders than PyTorch, and OpenVINO's signed int8
-    FakeQuantize adds 128·s before it divides (an error of up to ~(128 + |t|)·2^-24 levels), so such a pair
-    may round the other way in some engine. Measured: on a ResNet-20 W4A4 fine-tuned 50 steps, OpenVINO
-    rounded 0.0042 % of ``layer2.2.shortcut_quantizer``'s values the other way (99.69 % top-1 agreement).
-    """
-
-    def __init__(self, quantizer, inputs: list[dict], through_relu: bool):
-        self.name = quantizer.name
-        self.quant = quantizer.attrs["out_quant"]
-        terms = [np.arange(q["qmin"], q["qmax"] + 1) * float(np.float32(q["scale"])) for q in inputs]
-        self.sums = (terms[0][:, None] + terms[1][None, :]).ravel()
-        self.magnitude = (np.abs(terms[0])[:, None] + np.abs(terms[1])[None, :]).ravel()
-        self.through_relu = through_relu  # negative sums are 0 before the quantizer: exact, never at risk
-
-    def at_risk(self, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pairs at risk, pairs inside the range), each [len(scales)], for candidate scales of the quantizer."""
-        scales = np.asarray(scales, dtype=np.float64)[:, None]
-        t = self.sums[None, :] / scales
-        distance = np.abs(t - (np.floor(t) + 0.5))
-        inside = (t > self.quant["qmin"] - 0.5) & (t < self.quant["qmax"] + 0.5)
-        if self.through_relu:
-            inside &= t > 0
-        near = inside & (distance < (128 + np.abs(t) + self.magnitude[None, :] / scales) * _SUM_ERROR)
-        return near.sum(axis=1), inside.sum(axis=1)
-
-    def pairs_at_risk(self) -> tuple[int, int]:
-        """(pairs at risk, pairs inside the range) at the quantizer's own scale."""
-        near, inside = self.at_risk(np.array([float(np.float32(self.quant["scale"]))]))
-        return int(near[0]), int(inside[0])
-
-    def scale_change(self) -> float | None:
-        """The smallest tried relative change ε of the quantizer's scale that leaves no pair at risk, or None."""
-        scale = float(np.float32(self.quant["scale"]))
-        for start in range(0, _EPSILONS.size, 20):
-            epsilons = _EPSILONS[start : start + 20]
-            # the scale as the model will hold it: float32(alpha · (1 + ε)) / levels, rounded like the export
-            candidates = (scale * (1 + epsilons)).astype(np.float32).astype(np.float64)
-            clear = self.at_risk(candidates)[0] == 0
-            if clear.any():
-                return float(epsilons[np.argmax(clear)])
-        return None
-
-
-def _sum_lattices(graph: DeployGraph) -> list[_SumLattice]:
-    """One :class:`_SumLattice` per quantizer that reads a residual Add of two quantized tensors (directly or
-    through ReLU/Clip, which are monotone and exact)."""
+def _sum_groups(graph: DeployGraph, visits: LatticeVisits | None = None) -> list[tuple[DeployNode, list[SumLattice]]]:
+    """(residual Add of two quantized tensors, a :class:`SumLattice` per quantizer that reads it) for every
+    such Add. A quantizer reads it directly or through ReLU/Clip (monotone and exact) and ops that only move
+    or pick values (an option-A shortcut's subsample-and-pad, max-pooling: :data:`INTEGER_PRESERVING_OPS`)."""
     quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant")}
     consumers = graph.consumers()
-    lattices = []
+    groups = []
     for node in graph.nodes:
         if node.op != "add" or not all(tensor in quant for tensor in node.inputs):
             continue
-        readers, through_relu = list(consumers.get(node.output, [])), False
-        while len(readers) == 1 and readers[0].op in ("relu", "clip"):
-            through_relu = True
-            readers = list(consumers.get(readers[0].output, []))
         inputs = [quant[tensor] for tensor in node.inputs]
-        lattices += [_SumLattice(r, inputs, through_relu) for r in readers if r.op == "quantize"]
-    return lattices
+        lattices, pending = [], [(reader, False) for reader in consumers.get(node.output, [])]
+        while pending:
+            reader, through_relu = pending.pop()
+            if reader.op == "quantize":
+                pairs = None if visits is None else visits.pairs.get(node.name)
+                lattices.append(SumLattice(reader, inputs, through_relu, pairs))
+            elif reader.op in ("relu", "clip", *INTEGER_PRESERVING_OPS):
+                through = through_relu or reader.op in ("relu", "clip")
+                pending += [(later, through) for later in consumers.get(reader.output, [])]
+        if lattices:
+            groups.append((node, lattices))
+    return groups
+
+
+def _sum_lattices(graph: DeployGraph) -> list[SumLattice]:
+    """Every :class:`SumLattice` of ``graph`` (:func:`_sum_groups`)."""
+    return [lattice for _, lattices in _sum_groups(graph) for lattice in lattices]
+
+
+def _term_knob(graph: DeployGraph, add: DeployNode, modules: dict) -> tuple[int, str, str] | None:
+    """(input index, quantizer path, BatchNorm path) of an input of ``add`` whose scale can move alone, or None.
+
+    That is an input written only for this Add by an integer layer whose BatchNorm no other layer uses:
+    its quantizer's range and the BatchNorm's γ and β scale together by 1 + ε, so its integers stay and
+    only the Add sees the term (1 + ε) times larger.
+    """
+    producers, consumers = graph.producers(), graph.consumers()
+    norm_users: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in INTEGER_LAYERS and node.attrs.get("batchnorm"):
+            norm_users[node.attrs["batchnorm"]] = norm_users.get(node.attrs["batchnorm"], 0) + 1
+    for index, tensor in enumerate(add.inputs):
+        node = producers.get(tensor)
+        if node is None or node.op not in INTEGER_LAYERS or len(consumers.get(tensor, [])) != 1:
+            continue
+        path = node.attrs.get("batchnorm")
+        norm, quantizer = modules.get(path), modules.get(tensor)
+        tensors = (getattr(norm, "weight", None), getattr(norm, "bias", None), getattr(quantizer, "alpha", None))
+        if norm_users.get(path) == 1 and all(isinstance(t, torch.Tensor) for t in tensors):
+            return index, tensor, path
+    return None
 
 
 def residual_near_ties(graph: DeployGraph) -> dict:
-    """Reachable residual sums within an engine's float error of a rounding boundary (:class:`_SumLattice`).
+    """Reachable residual sums within an engine's float error of a rounding boundary (:class:`SumLattice`).
 
     Returns:
         {"pairs": pairs at risk (summed over the quantizers), "of": pairs examined, "quantizers":
@@ -426,68 +400,186 @@ def residual_near_ties(graph: DeployGraph) -> dict:
     return {"pairs": at_risk, "of": examined, "quantizers": quantizers}
 
 
-def avoid_sum_ties(model: nn.Module, lower_model, graph: DeployGraph | None = None) -> tuple[DeployGraph, dict]:
-    """Scale the learned range α of each residual-sum quantizer with a pair at risk until none has one.
+def _compensate_readers(graph: DeployGraph, modules: dict, tensor: str, epsilon: float, done: set) -> list[str]:
+    """Undo a (1 + ε) scale of ``tensor`` in the integer layers that read it (through value-moving ops).
 
-    Like :func:`avoid_ties` for convs, but the knob is the quantizer's own scale (α / levels): a relative change
-    ε (|ε| ≤ 3e-3; at most 1.5e-4 and 4.7e-4 on the tests' trained-like ResNet-20 and MobileNetV2 W4A4)
-    moves every value t of its lattice by t·ε.
-    Changing a shortcut quantizer changes the next sum's lattice, so rounds repeat until none moves.
+    Such a layer sees its input (1 + ε) times larger; with BatchNorm γ / (1 + ε), running mean and conv
+    bias · (1 + ε) its output is the same in exact arithmetic (the requantization multiplier
+    s_x · s_w,c / s_y and the folded bias do not change), so the range move changes nothing downstream of
+    this layer. ``done`` holds the BatchNorms already compensated (a conv duplicated for two quantizers
+    shares one). Returns the layers that read ``tensor`` and have no BatchNorm to compensate with.
+    """
+    consumers, left = graph.consumers(), []
+    readers = list(consumers.get(tensor, []))
+    while readers:
+        node = readers.pop()
+        if node.op in INTEGER_PRESERVING_OPS:
+            readers += consumers.get(node.output, [])
+            continue
+        if node.op not in INTEGER_LAYERS:
+            continue
+        path = node.attrs.get("batchnorm")
+        norm = modules.get(path)
+        if not isinstance(getattr(norm, "weight", None), torch.Tensor) or norm.running_mean is None:
+            left.append(node.attrs["source"])
+            continue
+        if path in done:
+            continue
+        done.add(path)
+        norm.weight.div_(1 + epsilon)
+        norm.running_mean.mul_(1 + epsilon)
+        conv_bias = getattr(modules.get(node.attrs["source"]), "bias", None)
+        if isinstance(conv_bias, torch.Tensor):
+            conv_bias.mul_(1 + epsilon)
+    return left
+
+
+def _joint_score(parts: list[tuple[SumLattice, int | None, bool]]):
+    """A :func:`best_move` score over several lattices moved by one knob: (lattice, which term the knob is
+    in it (None: its own range), whether it must clear); crossing costs add up."""
+
+    def score(moves: np.ndarray):
+        scores = [(lattice.score(term, moves), required) for lattice, term, required in parts]
+        clear = np.logical_and.reduce([ok if required else np.ones_like(ok) for (ok, _), required in scores])
+        return clear, np.sum([cost for (_, cost), _ in scores], axis=0)
+
+    return score
+
+
+def _sum_move(
+    graph: DeployGraph, add: DeployNode, lattices: list[SumLattice], modules: dict, groups: list, partial: bool = True
+) -> list:
+    """The moves that clear the pairs at risk of one Add's readers: [(kind, path, ε, crossing cost, detail)]
+    (detail: the term knob and the Add's name, or the reader's lattice).
+
+    Knobs: the Add's branch term (:func:`_term_knob`, kind "term"), which moves every reader's pairs, and each
+    reader's own range (kind "range"), which moves its pairs alone but is a term of every later Add that reads
+    the quantizer (``groups``: :func:`_sum_groups`), so what it crosses there counts too. The way that crosses
+    least wins: every reader by its range, or the term for some readers (the others' crossings counted, their
+    ranges estimated now and moved in the next round; ``partial`` False allows the term only for all readers,
+    so that two readers cannot take turns moving it). Readers that no way clears are left at risk (reported).
+    """
+    needing = [lattice for lattice in lattices if not lattice.clear_as_is()]
+    ranges = {}
+    for lattice in needing:
+        if isinstance(getattr(modules.get(lattice.name), "alpha", None), torch.Tensor):
+            later = [
+                (reader, other.inputs.index(lattice.output), False)
+                for other, readers in groups
+                if lattice.output in other.inputs
+                for reader in readers
+            ]
+            best = best_move(_joint_score([(lattice, None, True), *later]))
+            if best is not None:
+                ranges[lattice.name] = ("range", lattice.name, *best, lattice)
+    options = []  # (total crossing cost, moves now)
+    if len(ranges) == len(needing):
+        options.append((sum(move[3] for move in ranges.values()), list(ranges.values())))
+    knob = _term_knob(graph, add, modules)
+    if partial:  # the term for any non-empty set of the readers that need a move
+        subsets = [list(c) for n in range(1, len(needing) + 1) for c in itertools.combinations(needing, n)]
+    else:  # the term keeps every reader clear
+        subsets = [lattices]
+    for required in subsets if knob is not None else ():
+        rest = [lattice for lattice in needing if lattice not in required]
+        if any(lattice.name not in ranges for lattice in rest):
+            continue
+        best = best_move(_joint_score([(lattice, knob[0], lattice in required) for lattice in lattices]))
+        if best is not None:
+            total = best[1] + sum(ranges[lattice.name][3] for lattice in rest)
+            options.append((total, [("term", knob[1], *best, (*knob, add.name))]))
+    if not options:
+        return list(ranges.values())  # clears what it can
+    return min(options, key=lambda option: option[0])[1]
+
+
+def avoid_sum_ties(
+    model: nn.Module, lower_model, graph: DeployGraph | None = None, visits: LatticeVisits | None = None
+) -> tuple[DeployGraph, dict]:
+    """Move residual sums off the rounding boundaries of the quantizers that read them, changing as little as can be.
+
+    Like :func:`avoid_ties` for convs, with one knob per Add (:func:`_sum_move`): the scale of its branch
+    term (the quantizer's range with the BatchNorm γ and β of the layer that writes it, so that layer's
+    integers stay), or else each reader's own range (with the integer layers that read it compensated,
+    :func:`_compensate_readers`). Either way only the readers' own roundings change, and the move chosen
+    crosses the fewest reachable pairs (a move crosses about a fraction |move| of a dense activation
+    distribution, and a 4-bit network passes each crossing on). Rounds repeat until nothing moves.
+    Arguments as :func:`avoid_ties`.
 
     Returns:
-        (the graph of the final model, {"quantizers_moved", "max_scale_change", "unresolved": [quantizer]}).
+        (the graph of the final model, {"moves": {quantizer: relative scale change}, "max_scale_change",
+        "crossed", "uncompensated": [layer], "unresolved": [quantizer]}).
     """
     modules = dict(model.named_modules())
     moved: dict[str, float] = {}
+    crossed, uncompensated, term_moved = 0, set(), set()
     graph = lower_model(model) if graph is None else graph
     for _ in range(_MAX_ROUNDS):
-        changes = []
-        for lattice in _sum_lattices(graph):
-            if not lattice.pairs_at_risk()[0]:
-                continue
-            alpha = getattr(modules.get(lattice.name), "alpha", None)
-            epsilon = lattice.scale_change() if isinstance(alpha, torch.Tensor) else None
-            if epsilon is not None:  # else left at risk: reported as unresolved
-                changes.append((lattice.name, epsilon))
+        groups = _sum_groups(graph, visits)
+        changes = [
+            move
+            for add, lattices in groups
+            if not all(lattice.clear_as_is() for lattice in lattices)
+            for move in _sum_move(graph, add, lattices, modules, groups, add.name not in term_moved)
+        ]
         if not changes:
             break
+        compensated: set[str] = set()
         with torch.no_grad():
-            for name, epsilon in changes:
-                modules[name].alpha.mul_(1 + epsilon)
-                moved[name] = (1 + moved.get(name, 0.0)) * (1 + epsilon) - 1
+            for kind, path, epsilon, crossings, detail in changes:
+                modules[path].alpha.mul_(1 + epsilon)
+                term_moved.update([detail[3]] if kind == "term" else [])
+                crossed += crossings
+                if kind == "term":  # the layer that writes the term scales with it: its integers stay
+                    norm = modules[detail[2]]
+                    norm.weight.mul_(1 + epsilon)
+                    norm.bias.mul_(1 + epsilon)
+                else:
+                    uncompensated.update(_compensate_readers(graph, modules, detail.output, epsilon, compensated))
+                moved[path] = (1 + moved.get(path, 0.0)) * (1 + epsilon) - 1
         graph = lower_model(model)
     left = residual_near_ties(graph)["quantizers"]
     report = {
-        "quantizers_moved": len(moved),
+        "moves": moved,
         "max_scale_change": max((abs(v) for v in moved.values()), default=0.0),
+        "crossed": crossing_report(crossed),
+        "uncompensated": sorted(uncompensated),
         "unresolved": sorted(left),
     }
     return graph, report
 
 
 def make_engine_exact(
-    model: nn.Module, lower_model, graph: DeployGraph | None = None, arithmetic: str = "int32"
+    model: nn.Module,
+    lower_model,
+    graph: DeployGraph | None = None,
+    arithmetic: str = "int32",
+    visits: LatticeVisits | None = None,
 ) -> tuple[DeployGraph, dict]:
     """Move ``model`` (in place) onto what the engines of ``arithmetic`` compute.
 
-    Both: :func:`avoid_sum_ties` (residual-sum quantizer scales off the rounding boundaries).
+    Both: :func:`avoid_sum_ties` (residual sums off the rounding boundaries).
     "int32" (ONNX Runtime): then :func:`avoid_ties` and :func:`project_biases`, verified.
     "float" (TensorRT, OpenVINO): then :func:`avoid_float_ties` (biases off the conv near-ties; these
     engines add the trained bias in float, so no bias moves onto a grid). Without the moves OpenVINO
     computed the model as trained exactly on the 1-epoch ResNet-20 W4A4 but not on others (docs/parity.md);
     ``fatq-export --as-trained`` skips them. What dense channels leave is counted (:func:`float_near_ties`).
+    With ``visits`` (:meth:`LatticeVisits.measure` on calibration images), every move avoids crossing the
+    values those images reach.
 
     Returns:
-        (the final graph, the report, with ``"bias_arithmetic"``).
+        (the final graph, the report, with ``"bias_arithmetic"`` and ``"calibration_visits"`` (images counted)).
     """
     if arithmetic not in ("int32", "float"):
         raise FatqError(f"bias arithmetic must be 'int32' or 'float', got {arithmetic!r}.")
-    graph, sums = avoid_sum_ties(model, lower_model, graph)
+    counted = {"calibration_visits": 0 if visits is None else visits.images}
+    graph, sums = avoid_sum_ties(model, lower_model, graph, visits)
     if arithmetic == "float":
-        graph, ties = avoid_float_ties(model, lower_model, graph)
-        return graph, {"bias_arithmetic": "float", "sum_ties": sums, "ties": ties, "near_ties": float_near_ties(graph)}
-    graph, ties = avoid_ties(model, lower_model, graph)
+        graph, ties = avoid_float_ties(model, lower_model, graph, visits)
+        near = float_near_ties(graph)
+        return graph, {"bias_arithmetic": "float", **counted, "sum_ties": sums, "ties": ties, "near_ties": near}
+    graph, ties = avoid_ties(model, lower_model, graph, visits)
     report = project_biases(model, graph)
     final = lower_model(model)
     verify_projection(graph, final)
-    return final, {"bias_arithmetic": "int32", **report, "ties": ties, "sum_ties": sums}
+    return final, {"bias_arithmetic": "int32", **counted, **report, "ties": ties, "sum_ties": sums}

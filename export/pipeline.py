@@ -38,11 +38,12 @@ CALIB_BATCH_SIZE = 64
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How quantizers the model keeps float (edge/residual inputs) get 8-bit ranges.
+    """Calibration images: 8-bit ranges for quantizers the model keeps float (edge/residual inputs), and
+    the lattice values the engine-exact moves avoid crossing (:mod:`export.lattice_visits`).
 
     Attributes:
-        data: dataset directory or .tar.gz whose train split calibrates them (None: a model with
-            such quantizers cannot be exported to an int8 format).
+        data: dataset directory or .tar.gz whose train split calibrates (None: a model with disabled
+            quantizers cannot be exported to an int8 format, and the moves weigh every value alike).
         batches: batches of :data:`CALIB_BATCH_SIZE` images.
         method: minmax, percentile, entropy or mse (:mod:`fatq.calibrators`).
     """
@@ -174,6 +175,7 @@ def export_checkpoint(
     from export.edge_weights import fit_edge_weights_to_int8, refuse_wide_activations
     from export.engine_exact import make_engine_exact, residual_near_ties
     from export.fold import dequantized, fold
+    from export.lattice_visits import LatticeVisits
     from export.lint_rules import assert_clean
     from export.lower import lower
     from fatq.checkpoint import load_fatq_checkpoint, model_from_checkpoint
@@ -207,8 +209,13 @@ def export_checkpoint(
         if engine_exact:
             as_trained = copy.deepcopy(model) if keep_as_trained else None
             input_size = list(data["input_size"])
+            # with calibration data the moves avoid the lattice values real images reach (export.lattice_visits)
+            visits = None
+            if calibration.data:
+                images = _calibration_images(calibration, data)
+                visits = LatticeVisits.measure(graph, images, spec.bias_arithmetic)
             graph, projection = make_engine_exact(
-                model, lambda m: deploy_graph(m, input_size), graph=graph, arithmetic=spec.bias_arithmetic
+                model, lambda m: deploy_graph(m, input_size), graph, spec.bias_arithmetic, visits
             )
     else:
         graph = dequantized(folded)
@@ -266,19 +273,25 @@ def _calibrate(model, data: dict, settings: CalibrationSettings, quiet: bool) ->
             f"activation quantizer {disabled[0]!r} is disabled (the model keeps that input float; "
             f"{len(disabled)} in all); pass --calib-data DIR to calibrate it."
         )
+    from fatq.calibration_pass import calibrate
+
+    images = _calibration_images(settings, data)
+    batches = list(images.split(CALIB_BATCH_SIZE))
+    alphas = calibrate(model, batches, method=settings.method, quiet=quiet)
+    return {"method": settings.method, "images": len(images), "split": "train", "quantizers": alphas}
+
+
+def _calibration_images(settings: CalibrationSettings, data: dict) -> torch.Tensor:
+    """The calibration images: ``settings.batches`` batches from the train split of ``settings.data``
+    (chosen with seed 0), normalized like the checkpoint's inputs, float32 [N, C, H, W]."""
     if settings.batches < 1:
         raise FatqError("--calib-batches must be at least 1.")
-    from fatq.calibration_pass import calibrate
     from fatq.data import load_split
 
     split = load_split(settings.data, "train", image_size=image_size(data))
-    generator = torch.Generator().manual_seed(0)
     count = min(len(split), settings.batches * CALIB_BATCH_SIZE)
-    chosen = torch.randperm(len(split), generator=generator)[:count]
-    images = normalized(split.images[chosen], data)
-    batches = list(images.split(CALIB_BATCH_SIZE))
-    alphas = calibrate(model, batches, method=settings.method, quiet=quiet)
-    return {"method": settings.method, "images": count, "split": "train", "quantizers": alphas}
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]
+    return normalized(split.images[chosen], data)
 
 
 def _metadata(

@@ -1,0 +1,83 @@
+"""Calibration visits of lattice values, and moves that avoid crossing them."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from export_helpers import input_shape_for, trained_like
+
+from export.engine_exact import make_engine_exact
+from export.lattice_visits import LatticeVisits
+from export.pipeline import deploy_graph
+from export.reference import DeployReference
+from fatq.quantizers import ActivationQuantizer
+
+
+def _lowered(model):
+    return deploy_graph(model, input_shape_for(model.arch))
+
+
+def _images(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, *input_shape_for("resnet20"), generator=torch.Generator().manual_seed(seed))
+
+
+def test_counts_match_an_independent_count_of_the_captured_integers():
+    model = trained_like("resnet20", 4)
+    graph = _lowered(model)
+    images = _images(24, 1)
+    visits = LatticeVisits.measure(graph, images, "int32", batch=10)  # three batches: the histograms must merge
+    _, captured = DeployReference(graph, "int32").run(images, capture=True)
+    producers = graph.producers()
+    add = next(n for n in graph.nodes if n.op == "add")
+    quants = [producers[name].attrs["out_quant"] for name in add.inputs]
+    pairs = np.stack(
+        [
+            (captured[n] / q.get("expand", 1)).numpy().ravel() - q["qmin"]
+            for n, q in zip(add.inputs, quants, strict=True)
+        ]
+    )
+    values, counts = np.unique(pairs, axis=1, return_counts=True)
+    assert visits.pairs[add.name].sum() == pairs.shape[1]
+    assert np.array_equal(visits.pairs[add.name][values[0].astype(int), values[1].astype(int)], counts)
+    layer = next(n for n in graph.nodes if n.op == "qconv" and n.inputs[0] in captured and n.attrs["out_quant"])
+    a = layer.attrs
+    weight = torch.from_numpy(layer.params["weight"].astype(np.float32))
+    acc = F.conv2d(captured[layer.inputs[0]], weight, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    for channel in (0, 3):
+        values, counts = np.unique(acc[:, channel].numpy().astype(np.int64), return_counts=True)
+        mine = visits.accumulators[layer.name][channel]
+        assert np.array_equal(mine.values, values) and mine.between(values, values).tolist() == counts.tolist()
+    assert visits.images == 24
+
+
+def _integers(model, images) -> dict[str, torch.Tensor]:
+    """Every activation quantizer's integers on ``images``."""
+    out = {}
+    hooks = [
+        q.register_forward_hook(lambda m, args, _, n=n: out.update({n: m.integers(args[0])[0]}))
+        for n, q in model.named_modules()
+        if isinstance(q, ActivationQuantizer)
+    ]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return out
+
+
+def test_moves_with_visits_change_fewer_integers_on_the_images_they_counted():
+    """The moves are a real change of the model; knowing which values images reach, they cross fewer of them."""
+    model = trained_like("resnet20", 4)
+    images = _images(64, 2)
+    before = _integers(model, images)
+    changed = {}
+    for label, visits in (("blind", None), ("visits", LatticeVisits.measure(_lowered(model), images))):
+        moved = copy.deepcopy(model)
+        _, report = make_engine_exact(moved, _lowered, arithmetic="float", visits=visits)
+        assert report["calibration_visits"] == (0 if visits is None else 64)
+        after = _integers(moved, images)
+        changed[label] = sum(int((after[n] != before[n]).sum()) for n in before)
+    assert changed["visits"] < changed["blind"]
