@@ -16,14 +16,15 @@ fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$FATQ_DATA_DIR
   --device cpu --job-dir "$work/train" --json "$work/train.json" --quiet
 # The int8 export also writes resnet20-w4a4.reference.pt, the PyTorch model the file's engines compute
 # (export/engine_exact.py): for this TensorRT file, whose biases are float, the model as trained with its
-# residual-sum ranges moved off rounding ties.
-fatq-export "$work/train/last.pt" --format onnx -o "$work/resnet20-w4a4.onnx" --quiet
+# residual-sum ranges and conv biases moved off rounding ties; --calib-data makes the moves avoid the values
+# the train images reach (export/lattice_visits.py), the recommended use.
+fatq-export "$work/train/last.pt" --format onnx -o "$work/resnet20-w4a4.onnx" --calib-data "$FATQ_DATA_DIR" --quiet
 fatq-export "$work/train/last.pt" --format onnx-fp32 -o "$work/resnet20-w4a4-fp32.onnx" --quiet
 # The engine-specific files: ONNX Runtime's uint8 QOperator ops with int32 biases (export/ort_writer.py;
 # its .reference.pt has the biases on that grid) and OpenVINO FakeQuantize ops with float biases
 # (export/openvino_writer.py; its .reference.pt is the portable file's model).
-fatq-export "$work/train/last.pt" --format onnx-ort -o "$work/resnet20-w4a4-ort.onnx" --quiet
-fatq-export "$work/train/last.pt" --format onnx-openvino -o "$work/resnet20-w4a4-ov.onnx" --quiet
+fatq-export "$work/train/last.pt" --format onnx-ort -o "$work/resnet20-w4a4-ort.onnx" --calib-data "$FATQ_DATA_DIR" --quiet
+fatq-export "$work/train/last.pt" --format onnx-openvino -o "$work/resnet20-w4a4-ov.onnx" --calib-data "$FATQ_DATA_DIR" --quiet
 # OpenVINO is parity-gated only on CPUs with VNNI (or no x86 int8 path at issue): on an AVX2-only CPU its
 # int8 results differed from the deploy reference (94.5 % agreement measured on an AMD EPYC before the range
 # Clips were written an ulp wide, see export/onnx_builder.py range_clip_bounds; not re-measured since, as no

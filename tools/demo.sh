@@ -20,13 +20,14 @@ fatq-train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$data" \
 # writes resnet20-w4a4.reference.pt too: the PyTorch model TensorRT and OpenVINO compute on this file (README,
 # docs/export.md); --check runs ONNX Runtime, which rounds the file's float biases to int32, against the model it computes
 # (the deploy graph with int32 biases) and exits 1 below 99.9 % top-1 agreement on the test images
-fatq-export "$out/train/best.pt" --format onnx -o "$out/resnet20-w4a4.onnx" \
+# (--calib-data: the moves that make the engines round alike avoid the values the train images reach)
+fatq-export "$out/train/best.pt" --format onnx -o "$out/resnet20-w4a4.onnx" --calib-data "$data" \
   --check --check-images 10000 --data-dir "$data" --json "$out/export-check.json"
 # the same integers as uint8 QOperator ops with int32 biases, for ONNX Runtime only (README, Export), with its
 # own .reference.pt (the biases moved onto the int32 grid)
-fatq-export "$out/train/best.pt" --format onnx-ort -o "$out/resnet20-w4a4-ort.onnx"
+fatq-export "$out/train/best.pt" --format onnx-ort -o "$out/resnet20-w4a4-ort.onnx" --calib-data "$data"
 # the same integers with OpenVINO's FakeQuantize for the 4-bit quantizers, for OpenVINO only
-fatq-export "$out/train/best.pt" --format onnx-openvino -o "$out/resnet20-w4a4-ov.onnx"
+fatq-export "$out/train/best.pt" --format onnx-openvino -o "$out/resnet20-w4a4-ov.onnx" --calib-data "$data"
 fatq-export "$out/train/best.pt" --format onnx-fp32 -o "$out/resnet20-w4a4.fp32.onnx"
 # speed and accuracy of int8 and fp32 side by side (the fp32 twin has no activation quantization, so
 # only the accuracy bound applies to it; each engine skips the other's own file, with the reason) ...

@@ -94,14 +94,16 @@ def test_reference_checkpoint_is_the_model_the_file_computes(checkpoint, tmp_pat
     assert 0 < saved["bias_projection"]["max_shift_levels"] < 0.5
     moved = _moved_tensors(companion_path(out, REFERENCE), checkpoint)
     moved_bn = [k for k in moved if not k.endswith("quantizer.alpha")]  # alphas: residual-sum ranges off near-ties
-    assert moved_bn and all(k.endswith((".bias", ".weight")) and "bn" in k or k == "linear.bias" for k in moved_bn)
+    # BatchNorm: β onto the grid, γ off ties, and what the residual-sum moves scale with a range (γ, β, mean)
+    bn_keys = (".bias", ".weight", ".running_mean")
+    assert moved_bn and all(k.endswith(bn_keys) and "bn" in k or k == "linear.bias" for k in moved_bn)
     meta = json.loads(read_metadata(onnx.load(str(out)))["bias_projection"])
     assert meta["reference_checkpoint"] == "m.ort.reference.pt" and meta["bias_arithmetic"] == "int32"
     # float-bias file (TensorRT, OpenVINO): the trained biases, moved off near-ties only (no int32 grid, no γ)
     portable = tmp_path / "m.onnx"
     assert main([str(checkpoint), "-o", str(portable), "--quiet"]) == 0
     moved = _moved_tensors(companion_path(portable, REFERENCE), checkpoint)
-    assert moved and all(k.endswith(("quantizer.alpha", ".bias")) for k in moved)
+    assert moved and all(k.endswith(("quantizer.alpha", ".bias")) or "bn" in k and k.endswith(bn_keys) for k in moved)
     meta = read_metadata(onnx.load(str(portable)))
     assert meta["bias_arithmetic"] == "float" and json.loads(meta["bias_projection"])["sum_ties"]["unresolved"] == []
     kept = tmp_path / "kept.onnx"
