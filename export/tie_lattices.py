@@ -86,6 +86,12 @@ def _visited(visits, channel: int | slice, n: np.ndarray, offset: np.ndarray | N
     return np.stack(rows)
 
 
+def _dense(multiplier: np.ndarray, visits) -> np.ndarray:
+    """Channels whose values lie too close together to clear them all (M < 4·TIE_MARGIN: an 8-bit output with
+    a fine multiplier); bool [channels]. With calibration visits none is: only the reached values must clear."""
+    return np.zeros(multiplier.shape, bool) if visits is not None else multiplier < 4 * TIE_MARGIN
+
+
 class Int32Lattice:
     """The values N · M an integer layer's pre-activation can take, per output channel (int32-bias engines).
 
@@ -109,7 +115,7 @@ class Int32Lattice:
         # rounding boundaries k + ½ inside the output range (beyond it both sides clamp alike)
         self.boundaries = np.arange(out_quant["qmin"], out_quant["qmax"], dtype=np.float64) + 0.5
         # no γ change clears values this close together; they are as good as continuous (a given one is rarely hit)
-        self.dense = self.multiplier < 4 * TIE_MARGIN
+        self.dense = _dense(self.multiplier, visits)
 
     def clear(self, channel: int | slice = slice(None), moves: np.ndarray | float = 0.0, slack: float = 0.0):
         """Whether every reachable N·M(1 + move) keeps TIE_MARGIN (+ slack·t) from every boundary t.
@@ -156,7 +162,7 @@ class FloatLattice:
         self.multiplier = step.astype(np.float64) / self.scale
         self.offset = node.params["bias"].astype(np.float32).astype(np.float64) / self.scale
         self.boundaries = np.arange(out_quant["qmin"], out_quant["qmax"], dtype=np.float64) + 0.5
-        self.dense = self.multiplier < 4 * TIE_MARGIN
+        self.dense = _dense(self.multiplier, visits)
 
     def clear(self, channel: int | slice = slice(None), shift: np.ndarray | float = 0.0) -> np.ndarray:
         """Whether every reachable value (with the bias moved by ``shift`` real units, [J]) keeps
