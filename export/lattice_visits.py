@@ -66,10 +66,6 @@ class LatticeVisits:
         visits.images = len(images)
         return visits
 
-    def accumulator_visits(self, node_name: str, channel: int) -> _ChannelCounts | None:
-        channels = self.accumulators.get(node_name)
-        return None if channels is None else channels[channel]
-
 
 class _Histogram:
     """Counts of integer values per channel over a range [low, low + width) that grows as values arrive."""
@@ -100,9 +96,6 @@ class _CountingReference(DeployReference):
         self.visits = visits
         self.histograms: dict[str, _Histogram] = {}
         self.out_quant = {node.output: node.attrs["out_quant"] for node in graph.nodes if node.attrs.get("out_quant")}
-        self.out_channels = {
-            node.name: node.params["weight"].shape[0] for node in graph.nodes if node.op in ("qconv", "qlinear")
-        }
 
     def _run_node(self, index, node, env):
         if node.op in ("qconv", "qlinear") and node.attrs.get("out_quant") is not None:

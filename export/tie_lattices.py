@@ -288,11 +288,6 @@ class SumLattice:
             cost += VISIT_WEIGHT * (crossed * self.visits[nearby][None, :]).sum(axis=1)
         return ~near.any(axis=1), cost
 
-    def range_change(self) -> tuple[float, int] | None:
-        """(ε, pairs crossed): the move of the quantizer's own scale (:func:`best_move`) that leaves no pair
-        at risk, or None."""
-        return best_move(lambda moves: self.score(None, moves))
-
 
 def tied_channels(lattices: list) -> np.ndarray:
     """Channels with a near-tie in a lattice that can be cleared (dense lattices are skipped: no move
