@@ -60,32 +60,42 @@ class LatticeVisits:
         counter = _CountingReference(graph, visits, arithmetic)
         for start in range(0, len(images), batch):
             counter(images[start : start + batch])
-        for name, histogram in counter.histograms.items():
-            values = np.arange(histogram.low, histogram.low + histogram.counts.shape[1])
-            visits.accumulators[name] = [_ChannelCounts(values[row > 0], row[row > 0]) for row in histogram.counts]
+        for name, sparse in counter.counts.items():
+            keys, counts = sparse.merged()
+            channel_of, accumulator = keys >> _CHANNEL_SHIFT, (keys & ((1 << _CHANNEL_SHIFT) - 1)) - _ACC_OFFSET
+            channels = counter.graph_nodes[name].params["weight"].shape[0]
+            visits.accumulators[name] = [
+                _ChannelCounts(accumulator[channel_of == c], counts[channel_of == c]) for c in range(channels)
+            ]
         visits.images = len(images)
         return visits
 
 
-class _Histogram:
-    """Counts of integer values per channel over a range [low, low + width) that grows as values arrive."""
+class _SparseCounts:
+    """Counts of (channel, accumulator) keys, merged batch by batch (only the keys that occur are kept)."""
 
     def __init__(self):
-        self.low, self.counts = 0, None
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def add(self, values: np.ndarray) -> None:
-        """Count ``values`` (int64 [channels, n])."""
-        low, high = int(values.min()), int(values.max())
-        if self.counts is None:
-            self.low, self.counts = low, np.zeros((values.shape[0], high - low + 1), dtype=np.int64)
-        new_low, new_high = min(low, self.low), max(high, self.low + self.counts.shape[1] - 1)
-        if (new_low, new_high) != (self.low, self.low + self.counts.shape[1] - 1):
-            grown = np.zeros((values.shape[0], new_high - new_low + 1), dtype=np.int64)
-            grown[:, self.low - new_low : self.low - new_low + self.counts.shape[1]] = self.counts
-            self.low, self.counts = new_low, grown
-        width = self.counts.shape[1]
-        keys = (np.arange(values.shape[0])[:, None] * width + (values - self.low)).ravel()
-        self.counts += np.bincount(keys, minlength=self.counts.size).reshape(self.counts.shape)
+    def add(self, keys: np.ndarray) -> None:
+        self.parts.append(np.unique(keys, return_counts=True))
+        if len(self.parts) > 8:  # merge now and then: memory stays near the number of distinct keys
+            self.parts = [self.merged()]
+
+    def merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct keys, their counts)."""
+        keys = np.concatenate([k for k, _ in self.parts]) if self.parts else np.zeros(0, np.int64)
+        counts = np.concatenate([c for _, c in self.parts]) if self.parts else np.zeros(0, np.int64)
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, np.bincount(inverse, weights=counts, minlength=distinct.size).astype(np.int64)
+
+
+# one int64 key per (channel, accumulator): the channel in the high bits, the accumulator offset to stay >= 0
+_CHANNEL_SHIFT, _ACC_OFFSET = 40, 1 << 39
+# accumulator values counted: those whose value (in output levels) lies within BAND + MOVE_REACH·|t| of a
+# rounding boundary; every candidate move (export.tie_lattices.MOVES: at most 3e-3 levels or 3e-3 relative)
+# and near-tie stays inside it, so the far ones, most of an accumulator's range, need no memory
+_BAND, _MOVE_REACH = 0.01, 3e-3
 
 
 class _CountingReference(DeployReference):
@@ -94,7 +104,8 @@ class _CountingReference(DeployReference):
     def __init__(self, graph: DeployGraph, visits: LatticeVisits, arithmetic: str):
         super().__init__(graph, arithmetic)
         self.visits = visits
-        self.histograms: dict[str, _Histogram] = {}
+        self.counts: dict[str, _SparseCounts] = {}
+        self.graph_nodes = {node.name: node for node in graph.nodes}
         self.out_quant = {node.output: node.attrs["out_quant"] for node in graph.nodes if node.attrs.get("out_quant")}
 
     def _run_node(self, index, node, env):
@@ -120,7 +131,15 @@ class _CountingReference(DeployReference):
             acc = acc.transpose(0, 1).reshape(acc.shape[1], -1)
         else:
             acc = F.linear(q_x.to(weight.dtype), weight).T
-        self.histograms.setdefault(node.name, _Histogram()).add(acc.round().to(torch.int64).numpy())
+        acc = acc.round().to(torch.int64).numpy()  # [channels, positions]
+        # the value in output levels (float-bias form; the int32 form differs by under half a step)
+        step = np.float32(attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+        scale = float(np.float32(attrs["out_quant"]["scale"]))
+        level = acc * (step.astype(np.float64) / scale)[:, None] + (node.params["bias"] / scale)[:, None]
+        near = np.abs(level - (np.floor(level) + 0.5)) < _BAND + _MOVE_REACH * np.abs(level)
+        channel = np.broadcast_to(np.arange(acc.shape[0], dtype=np.int64)[:, None], acc.shape)
+        keys = (channel[near] << _CHANNEL_SHIFT) | (acc[near] + _ACC_OFFSET)
+        self.counts.setdefault(node.name, _SparseCounts()).add(keys)
 
     def _count_pairs(self, node, env):
         """Pairs (a − qmin_a, b − qmin_b) of the Add's input integers (a tensor widened by ``expand`` holds

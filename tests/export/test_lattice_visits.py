@@ -46,10 +46,18 @@ def test_counts_match_an_independent_count_of_the_captured_integers():
     a = layer.attrs
     weight = torch.from_numpy(layer.params["weight"].astype(np.float32))
     acc = F.conv2d(captured[layer.inputs[0]], weight, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    scale = float(np.float32(a["out_quant"]["scale"]))
+    step = np.float32(a["input_scale"]) * layer.params["weight_scale"].astype(np.float32)
     for channel in (0, 3):
         values, counts = np.unique(acc[:, channel].numpy().astype(np.int64), return_counts=True)
         mine = visits.accumulators[layer.name][channel]
-        assert np.array_equal(mine.values, values) and mine.between(values, values).tolist() == counts.tolist()
+        # only values near a rounding boundary are kept (no move reaches the others), each with its full count
+        assert len(mine.values) and np.isin(mine.values, values).all()
+        kept = np.isin(values, mine.values)
+        assert mine.between(values[kept], values[kept]).tolist() == counts[kept].tolist()
+        level = values * float(step[channel]) / scale + layer.params["bias"][channel] / scale
+        assert (np.abs(level[~kept] - (np.floor(level[~kept]) + 0.5)) > 0.009).all()
+        assert kept.sum() < len(values) / 2
     assert visits.images == 24
 
 
