@@ -36,7 +36,8 @@ branch term (or the readers' ranges) until no reachable pair (a, b) lies within 
 rounding boundary.
 
 Each move is a real change of the model: a 4-bit network passes on every activation a move carries across
-a boundary (one range moved by 1e-5 changed 0.4 % of a ResNet-20 W4A4's top-1 predictions), so every
+a boundary (one range moved by 1e-5 changed 0.50 % of a ResNet-20 W4A4's top-1 predictions,
+``benchmarks/move_cost.py``), so every
 knob takes the clearing move that crosses the fewest reachable values (:func:`export.tie_lattices.best_move`).
 With calibration visits (:mod:`export.lattice_visits`), only near-ties that calibration images reach must
 clear, and crossing a reached value costs most. On the 1-epoch ResNet-20 W4A4 the moved model of the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from export.deploy_graph import DeployGraph
 from export.reference import DeployReference
@@ -107,35 +106,32 @@ class _CountingReference(DeployReference):
         self.counts: dict[str, _SparseCounts] = {}
         self.graph_nodes = {node.name: node for node in graph.nodes}
         self.out_quant = {node.output: node.attrs["out_quant"] for node in graph.nodes if node.attrs.get("out_quant")}
+        # per counted layer: (multiplier, offset) [C_out, 1] of its values in output levels, acc · M + c (the
+        # float-bias form; the int32 form differs by under half a step)
+        self.levels = {}
+        for node in graph.nodes:
+            if node.op in ("qconv", "qlinear") and node.attrs["out_quant"] is not None:
+                step = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+                scale = float(np.float32(node.attrs["out_quant"]["scale"]))
+                multiplier, offset = step.astype(np.float64) / scale, node.params["bias"] / scale
+                self.levels[node.name] = (multiplier[:, None], offset[:, None])
 
     def _run_node(self, index, node, env):
-        if node.op in ("qconv", "qlinear") and node.attrs.get("out_quant") is not None:
-            self._count_accumulators(index, node, env[node.inputs[0]])
         if node.op == "add" and all(name in self.quant for name in node.inputs):
             self._count_pairs(node, env)
         return super()._run_node(index, node, env)
 
-    def _count_accumulators(self, index, node, q_x):
-        weight = self._param(index, "weight")
-        attrs = node.attrs
-        if node.op == "qconv":
-            acc = F.conv2d(
-                q_x.to(weight.dtype),
-                weight,
-                None,
-                attrs["stride"],
-                attrs["padding"],
-                attrs["dilation"],
-                attrs["groups"],
-            )
-            acc = acc.transpose(0, 1).reshape(acc.shape[1], -1)
-        else:
-            acc = F.linear(q_x.to(weight.dtype), weight).T
-        acc = acc.round().to(torch.int64).numpy()  # [channels, positions]
-        # the value in output levels (float-bias form; the int32 form differs by under half a step)
-        step = np.float32(attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
-        scale = float(np.float32(attrs["out_quant"]["scale"]))
-        level = acc * (step.astype(np.float64) / scale)[:, None] + (node.params["bias"] / scale)[:, None]
+    def _accumulate(self, index, node, q_x):
+        acc = super()._accumulate(index, node, q_x)
+        if node.name in self.levels:
+            self._count_accumulators(node, acc)
+        return acc
+
+    def _count_accumulators(self, node, acc: torch.Tensor) -> None:
+        """Count the accumulator values ([N, C_out, ...]) near a rounding boundary, per output channel."""
+        acc = acc.transpose(0, 1).reshape(acc.shape[1], -1).round().to(torch.int64).numpy()  # [channels, positions]
+        multiplier, offset = self.levels[node.name]
+        level = acc * multiplier + offset
         near = np.abs(level - (np.floor(level) + 0.5)) < _BAND + _MOVE_REACH * np.abs(level)
         channel = np.broadcast_to(np.arange(acc.shape[0], dtype=np.int64)[:, None], acc.shape)
         keys = (channel[near] << _CHANNEL_SHIFT) | (acc[near] + _ACC_OFFSET)

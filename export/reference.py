@@ -185,16 +185,20 @@ class DeployReference(nn.Module):
             return self._float(node.inputs[0], env) + self._float(node.inputs[1], env)
         return _float_op(op, attrs, self._float(node.inputs[0], env))
 
-    def _integer_layer(self, index: int, node: DeployNode, q_x: Tensor) -> Tensor:
-        weight, bias, scale = (self._param(index, k) for k in ("weight", "bias", "scale"))
-        attrs = node.attrs
+    def _accumulate(self, index: int, node: DeployNode, q_x: Tensor) -> Tensor:
+        """The integer layer's accumulator: int8 × int8 sums, exact (float32 or float64 buffers, see
+        :meth:`_node_buffers`); [N, C_out, H, W] or [N, C_out]."""
+        weight, attrs = self._param(index, "weight"), node.attrs
         q_x = q_x.to(weight.dtype)
         if node.op == "qconv":
-            acc = F.conv2d(q_x, weight, None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
-            shape = (1, -1, 1, 1)
-        else:
-            acc = F.linear(q_x, weight)
-            shape = (1, -1)
+            return F.conv2d(q_x, weight, None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        return F.linear(q_x, weight)
+
+    def _integer_layer(self, index: int, node: DeployNode, q_x: Tensor) -> Tensor:
+        bias, scale = self._param(index, "bias"), self._param(index, "scale")
+        attrs = node.attrs
+        acc = self._accumulate(index, node, q_x)
+        shape = (1, -1, 1, 1) if node.op == "qconv" else (1, -1)
         out_quant = attrs["out_quant"]
         if node.name in self.float_bias_nodes:  # float bias (see _node_buffers): dequantized accumulator + bias, then Q
             y = acc.float() * scale.view(shape) + bias.view(shape)

@@ -12,9 +12,9 @@ candidate moves [J]:
 - ``crossings(channel, moves)``: how many reachable values round to another integer than before?
 
 A crossing is a real change of the model (the value it stands for now rounds the other way), and a
-4-bit network is chaotic: moving one ResNet-20 W4A4 quantizer's range by 1e-5 changed 0.4 % of its
-top-1 predictions, 1e-4 changed 1.8 % (measured, 500 test images). :func:`best_move` therefore takes
-the clearing move that crosses the fewest reachable values, and only then the smallest.
+4-bit network is chaotic: moving one ResNet-20 W4A4 quantizer's range by 1e-5 changed 0.50 % of its
+top-1 predictions, 1e-4 changed 2.65 % (2,000 test images, ``benchmarks/move_cost.py``). :func:`best_move`
+therefore takes the clearing move that crosses the fewest reachable values, and only then the smallest.
 """
 
 from __future__ import annotations
@@ -219,6 +219,10 @@ class SumLattice:
         # calibration visits of each pair (LatticeVisits.pairs, flattened like ``terms``), or None
         self.visits = None if visits is None else np.asarray(visits, dtype=np.float64).ravel()
         self._before = self._as_pytorch(self.integers, None, np.zeros(1))[0]
+        # what no move changes: each pair's t, its distance to the nearest boundary and its float-error window
+        self._t = self.terms.sum(axis=0) / self.scale
+        self._distance = np.abs(self._t - (np.floor(self._t) + 0.5))
+        self._window = (128 + np.abs(self._t) + np.abs(self.terms).sum(axis=0) / self.scale) * SUM_ERROR
 
     def _values(self, terms: np.ndarray, term: int | None, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(t [J, pairs], |a·s_a| + |b·s_b| [J, pairs]) with the knob moved by ``moves`` [J], each scale held
@@ -272,12 +276,9 @@ class SumLattice:
     def score(self, term: int | None, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(no pair at risk, crossing cost), each [J], for ``moves`` [J]: the cost counts the pairs that round
         to another integer than before, plus :data:`VISIT_WEIGHT` per calibration visit of them."""
-        t0 = self.terms.sum(axis=0) / self.scale
-        distance = np.abs(t0 - (np.floor(t0) + 0.5))
-        window = (128 + np.abs(t0) + np.abs(self.terms).sum(axis=0) / self.scale) * SUM_ERROR
-        reach = np.abs(t0) if term is None else np.abs(self.terms[term]) / self.scale
+        reach = np.abs(self._t) if term is None else np.abs(self.terms[term]) / self.scale
         # only pairs this close to a boundary can be at risk or cross under these moves
-        nearby = distance < np.abs(moves).max() * reach * 1.01 + window
+        nearby = self._distance < np.abs(moves).max() * reach * 1.01 + self._window
         t, magnitude = self._values(self.terms[:, nearby], term, moves)
         near, _ = self._at_risk(t, magnitude)
         if self.visits is not None:  # only pairs the calibration images reach must clear

@@ -14,6 +14,21 @@ from fatq.quantizers import ActivationQuantizer
 IMAGENET_TEST_SIZE = 64  # ImageNet models run at 64x64 in tests (global pooling makes any size work)
 
 
+def quantizer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[ActivationQuantizer, torch.Tensor]]:
+    """{name: (activation quantizer, what it read)} for one eval forward of ``model`` on ``x``."""
+    seen: dict[str, tuple[ActivationQuantizer, torch.Tensor]] = {}
+    hooks = [
+        q.register_forward_hook(lambda m, args, _, n=n: seen.update({n: (m, args[0])}))
+        for n, q in model.named_modules()
+        if isinstance(q, ActivationQuantizer)
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
 def input_shape_for(name: str) -> list[int]:
     """[C, H, W] a test feeds ``name``: its registry size, ImageNet models at 64x64."""
     c, h, w = model_info(name).input_size

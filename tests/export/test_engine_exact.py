@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from export_helpers import input_shape_for, trained_like
+from export_helpers import input_shape_for, quantizer_inputs, trained_like
 
 from export.deploy_graph import tensor_quant
 from export.engine_exact import (
@@ -154,23 +154,10 @@ def _assert_differences_are_float_ties(model, graph, x: torch.Tensor) -> None:
     """Layer by layer (the model's integers fed back in), the float-bias reference rounds every quantized
     tensor like the model, except values the model computes within 1e-4 levels of a boundary k + ½ (an
     8-bit lattice too dense to clear: ``near_ties``), and those by one level."""
-    from fatq.quantizers import ActivationQuantizer
-
     integers, levels = {}, {}
-
-    def keep(name, quantizer, args):
-        integers[name], scale = quantizer.integers(args[0])
-        levels[name] = args[0] / scale
-
-    hooks = [
-        q.register_forward_hook(lambda m, args, out, n=n: keep(n, m, args))
-        for n, q in model.named_modules()
-        if isinstance(q, ActivationQuantizer)
-    ]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
+    for name, (quantizer, read) in quantizer_inputs(model, x).items():
+        integers[name], scale = quantizer.integers(read)
+        levels[name] = read / scale
     producers = graph.producers()
     expand = {name: producers[name].attrs["out_quant"].get("expand", 1) for name in integers}
     overrides = {n: q * expand[n] for n, q in integers.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from export_helpers import input_shape_for, trained_like
+from export_helpers import input_shape_for, quantizer_inputs, trained_like
 from torch import nn
 
 from engines.deploy_check import float_baseline
@@ -18,7 +18,6 @@ from fatq.errors import FatqError
 from fatq.layers import QuantConv2d, QuantLinear
 from fatq.models import create_model, list_models
 from fatq.qconfig import QuantSpec
-from fatq.quantizers import ActivationQuantizer
 
 # Every model at one bit width in the fast suite (signed inputs and depthwise: mobilenetv2;
 # max-pool and 1x1 downsample: resnet18; option A: resnet20), every bit width on resnet20;
@@ -118,16 +117,7 @@ def _check_integer_reference(model: nn.Module, graph: DeployGraph, x: torch.Tens
     Quantizers of float tensors (Add, pooling) must agree exactly but for rare float ties, unless
     a float-output integer layer (whose bias is rounded the same way) feeds them.
     """
-    integers: dict[str, torch.Tensor] = {}
-    hooks = [
-        q.register_forward_hook(lambda m, args, out, n=n: integers.update({n: m.integers(args[0])[0]}))
-        for n, q in model.named_modules()
-        if isinstance(q, ActivationQuantizer)
-    ]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
+    integers = {n: q.integers(read)[0] for n, (q, read) in quantizer_inputs(model, x).items()}
     lowered = lower(graph)
     producers = lowered.producers()
     # integer layers store their outputs widened by ``expand`` (export.lower): same real values

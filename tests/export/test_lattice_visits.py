@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from export_helpers import input_shape_for, trained_like
+from export_helpers import input_shape_for, quantizer_inputs, trained_like
 
 from export.engine_exact import make_engine_exact
 from export.lattice_visits import LatticeVisits
 from export.pipeline import deploy_graph
 from export.reference import DeployReference
-from fatq.quantizers import ActivationQuantizer
 
 
 def _lowered(model):
@@ -63,17 +62,7 @@ def test_counts_match_an_independent_count_of_the_captured_integers():
 
 def _integers(model, images) -> dict[str, torch.Tensor]:
     """Every activation quantizer's integers on ``images``."""
-    out = {}
-    hooks = [
-        q.register_forward_hook(lambda m, args, _, n=n: out.update({n: m.integers(args[0])[0]}))
-        for n, q in model.named_modules()
-        if isinstance(q, ActivationQuantizer)
-    ]
-    with torch.no_grad():
-        model(images)
-    for hook in hooks:
-        hook.remove()
-    return out
+    return {n: q.integers(read)[0] for n, (q, read) in quantizer_inputs(model, images).items()}
 
 
 def test_moves_with_visits_change_fewer_integers_on_the_images_they_counted():
