@@ -13,6 +13,7 @@ onnxruntime-gpu wheel and a GPU; they were not run in this project's CI (no GPU 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from engines.host import cpu_device, gpu_info, saturating_u8s8
 from engines.model_files import ModelFile, onnx_model_file
 from engines.runner import Runner, RunnerInfo, TensorMeta
+from export.ort_writer import PRECISION_KEY as ORT_PRECISION_KEY
 from fatq.errors import FatqError, MissingExtraError
 from fatq.extras import import_extra
 from fatq.io import cache_dir
@@ -115,10 +117,19 @@ class OrtRunner(Runner):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+        # Worker threads spin during a call (ORT's default) but stop when it returns: otherwise a session's
+        # spinning tail runs into the next runner's calls when fatq-bench interleaves them, and slows most
+        # the files with the most (small) ops (ONNX Runtime 1.32, 2 threads: a W4A4 ResNet-20 0.91x its
+        # peer interleaved with spinning tails, 1.00x timed alone or with this option, docs/performance.md)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if saturating_u8s8():
             # keep a QDQ file's int8 Q/DQ pairs int8 (ORT turns them into uint8 on x86 by default): its s8 x s8
             # kernels stay within int16 (2 * 127 * 127 < 2^15) where the u8 x s8 ones saturate (engines/host.py)
             options.add_session_config_entry("session.qdqisint8allowed", "1")
+            if json.loads(self.model_file.metadata.get(ORT_PRECISION_KEY, "[]")):
+                # an onnx-ort file's u8 x s8 convs that can leave int16 (export.ort_writer.saturates_u8s8):
+                # ORT then stores their weights as uint8 and runs u8 x u8, exact (Avx2WeightS8ToU8Transformer)
+                options.add_session_config_entry("session.x64quantprecision", "1")
         try:
             self._session = ort.InferenceSession(self.model_file.source, options, providers=self._provider_list(ort))
         except FatqError:

@@ -118,6 +118,11 @@ class _Folder:
                 "calibrate it with --calib-data DIR to export an integer model."
             )
         _finite(f"{name}.alpha", quantizer.alpha.detach())
+        # a quantizer the model calls twice on the same tensor (a block input under target "cpu": conv1
+        # and the shortcut) computes one tensor of integers
+        same = next((n for n in self.nodes if n.op == "quantize" and n.name == name and n.inputs == [source]), None)
+        if same is not None:
+            return same.output
         qmin, qmax = quantizer.int_range
         scale = float(np.float32(quantizer.scale.item()))
         if not scale > 0:

@@ -194,7 +194,9 @@ def _widen(nodes: list[DeployNode], weight_limit: int) -> list[DeployNode]:
         if node.op in ("qconv", "qlinear") and attrs["out_quant"] is not None:
             out = attrs["out_quant"]
             expand = (
-                ACTIVATION_LIMIT // max(abs(out["qmin"]), abs(out["qmax"]), 1) if node.output in integer_only else 1
+                max(1, ACTIVATION_LIMIT // max(abs(out["qmin"]), abs(out["qmax"]), 1))
+                if node.output in integer_only
+                else 1
             )
             attrs["out_quant"] = {**out, "expand": expand}
         elif node.op in INTEGER_PRESERVING_OPS and node.inputs[0] in quant:

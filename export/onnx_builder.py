@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.deploy_graph import DeployGraph, DeployNode
+from export.deploy_graph import DeployGraph, DeployNode, tensor_quant
 from fatq.errors import FatqError
 from fatq.provenance import __version__
 
@@ -78,9 +78,21 @@ class OnnxBuilder:
         scale_name = self.constant(np.float32(scale), np.float32)
         return self.node("QuantizeLinear", [x, scale_name, self.constant(0, np.int8)], output, name)
 
-    def dequantize(self, q: str, scale: float, name: str) -> str:
+    def dequantize(self, q: str, scale: float, name: str, output: str | None = None) -> str:
         scale_name = self.constant(np.float32(scale), np.float32)
-        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], None, name)
+        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], output, name)
+
+    def rename(self, tensor: str, name: str) -> None:
+        """Give the tensor a node just wrote the name ``name`` (nothing reads it yet)."""
+        for node in self.nodes:
+            if tensor in node.input:
+                raise FatqError(f"cannot rename {tensor!r}: node {node.name!r} already reads it.")
+        for node in self.nodes:
+            for i, out in enumerate(node.output):
+                if out == tensor:
+                    node.output[i] = name
+                    return
+        raise FatqError(f"no node writes {tensor!r}.")
 
     def clip(self, x: str, lo, hi, dtype, name: str, output: str | None = None) -> str:
         return self.node("Clip", [x, self.constant(lo, dtype), self.constant(hi, dtype)], output, name)
@@ -98,6 +110,14 @@ def clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
     for _ in range(nudge):
         lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))
     return lo, hi
+
+
+def saturation_is_range(quant: dict, container: tuple[int, int] = (-128, 127)) -> bool:
+    """Whether the stored integers of a quantizer fill its container (int8 by default): the
+    QuantizeLinear's saturation then is the quantizer's clamp and no Clip is written (the full-range
+    signed 8-bit quantizers of QuantSpec target "cpu")."""
+    stored = tensor_quant(quant)
+    return (stored["qmin"], stored["qmax"]) == container
 
 
 def range_clip_bounds(quant: dict, copy: int = 0) -> tuple[np.float32, np.float32]:

@@ -32,6 +32,10 @@ the installed ONNX Runtime and keeps a float Add for a quantizer where any pair 
 ``uint8_tensors`` entry gives each quantized tensor's scale and zero point, which ``fatq-export
 --check`` uses to compare every integer with the reference.
 
+Every conv is uint8 x int8, the form ONNX Runtime's x86 kernels run fastest; on an x86 CPU without
+VNNI the few whose pairs can leave int16 (:func:`saturates_u8s8`, listed in ``x64quantprecision``) need
+ONNX Runtime's session option ``session.x64quantprecision = 1`` to stay exact.
+
 Not for TensorRT or OpenVINO: uint8, non-zero zero points and ``com.microsoft`` ops are outside
 the rules the portable file follows. Use the ``--format onnx`` file for them.
 """
@@ -51,6 +55,7 @@ from fatq.errors import FatqError
 
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
+PRECISION_KEY = "x64quantprecision"  # convs exact without VNNI only with that ORT session option (saturates_u8s8)
 METADATA_KEY = "uint8_tensors"  # {deploy tensor: {"scale", "zero_point"}}: value = (byte - zero_point) * scale
 
 
@@ -89,10 +94,23 @@ def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
     keeps widened weights within 63 for that reason; an 8-bit layer (the stem conv of a signed 8-bit
     image, bytes up to 254) can exceed it. Measured on an AMD EPYC (AVX2 only), ONNX Runtime 1.32:
     1 integer in ~10^5 of a ResNet-20 stem conv off; VNNI's int32 accumulation does not saturate.
-    Such convs are written int8 x int8 on every CPU, so the file is exact wherever it is exported.
+
+    Such convs are still written u8 x s8 (s8 x s8 ran 10x slower on an AVX-512 VNNI CPU, ORT 1.32:
+    a ResNet-20 stem 12 ms against 1 ms at batch 64) and listed in the file's ``x64quantprecision``
+    metadata entry. ONNX Runtime's session option ``session.x64quantprecision = 1`` makes them exact
+    where the CPU saturates: it then stores int8 weights outside [-64, 64] as uint8 and runs u8 x u8
+    (``Avx2WeightS8ToU8Transformer``, registered in ``graph_transformer_utils.cc`` only when
+    ``MlasPlatformU8S8Overflow()``); fatq's ONNX Runtime runner sets it on such CPUs
+    (:func:`engines.host.saturating_u8s8`).
     """
     max_byte = max(x.qmax, x.qmin) + x.zero_point
     return 2 * max_byte * int(np.abs(node.params["weight"]).max(initial=0)) > INT16_MAX
+
+
+def fills_uint8(quant: dict) -> bool:
+    """Whether a quantizer's integers, stored with zero point −qmin, fill uint8 (a full-range signed
+    8-bit quantizer, [-128, 127]): a kernel's saturation then is the whole range, no Clip is needed."""
+    return int(quant.get("expand", 1)) == 1 and quant["qmax"] - quant["qmin"] == 255
 
 
 class _OrtWriter:
@@ -103,6 +121,7 @@ class _OrtWriter:
         self.b = builder
         self.float_adds = float_adds  # quantizers whose residual Add stays float (see write_ort)
         self.adds: list[AddCheck] = []
+        self.saturating: list[str] = []  # convs needing session.x64quantprecision without VNNI (saturates_u8s8)
         self.producers = graph.producers()
         self.u8: dict[str, Uint8Tensor] = {}  # deploy tensor -> its uint8 ONNX tensor
         self.float_name: dict[str, str] = {graph.input_name: onnx_builder.INPUT_NAME}
@@ -143,11 +162,14 @@ class _OrtWriter:
         """
         zero_point = self.zero_point_for(quant, name)
         expand = int(quant.get("expand", 1))
+        stored = tensor_quant(quant)
+        if fills_uint8(quant):  # the kernel's saturation at 255 is the range: x is the tensor
+            self.b.rename(x, output)
+            return Uint8Tensor(output, stored["scale"], zero_point, stored["qmin"], stored["qmax"])
         last = output if expand == 1 else None
         clipped = self.b.node("Clip", [x, self.byte(0), self.byte(quant["qmax"] + zero_point)], last, f"{name}/range")
         if expand > 1:
             self.b.node("Mul", [clipped, self.byte(expand)], output, f"{name}/expand")
-        stored = tensor_quant(quant)
         return Uint8Tensor(output, stored["scale"], zero_point * expand, stored["qmin"], stored["qmax"])
 
     def as_float(self, tensor: str) -> str:
@@ -173,22 +195,10 @@ class _OrtWriter:
         weight, w_scale, w_zero = weight_initializers(self.b, node)
         bias = self.b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))
         zero_point = self.zero_point_for(quant, node.name)
-        if not saturates_u8s8(x, node):
-            inputs = [*self.quant_inputs(x), weight, w_scale, w_zero, self.scale(quant["scale"]), self.byte(zero_point)]
-            y = self.b.node("QLinearConv", [*inputs, bias], None, node.name, **onnx_builder.conv_attrs(node.attrs))
-            self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
-            return
-        # int8 x int8 instead: ORT's s8 x s8 kernels cannot saturate (2 * 127 * 127 < 2^15). Both conversions
-        # are exact (integers times one scale): DQ(u8) -> Q(s8) before, DQ(s8) -> Q(u8, -qmin) after, so the
-        # clamp below still sees bytes k - qmin saturated at 0.
-        int8_zero = self.b.constant(0, np.int8)
-        x_float = self.b.node("DequantizeLinear", self.quant_inputs(x), None, f"{node.name}/to_int8")
-        x8 = self.b.node("QuantizeLinear", [x_float, self.scale(x.scale), int8_zero], None, f"{node.name}/to_int8")
-        y_scale = self.scale(quant["scale"])
-        inputs = [x8, self.scale(x.scale), int8_zero, weight, w_scale, w_zero, y_scale, int8_zero, bias]
-        y8 = self.b.node("QLinearConv", inputs, None, node.name, **onnx_builder.conv_attrs(node.attrs))
-        y_float = self.b.node("DequantizeLinear", [y8, y_scale, int8_zero], None, f"{node.name}/to_uint8")
-        y = self.b.node("QuantizeLinear", [y_float, y_scale, self.byte(zero_point)], None, f"{node.name}/to_uint8")
+        if saturates_u8s8(x, node):
+            self.saturating.append(node.name)
+        inputs = [*self.quant_inputs(x), weight, w_scale, w_zero, self.scale(quant["scale"]), self.byte(zero_point)]
+        y = self.b.node("QLinearConv", [*inputs, bias], None, node.name, **onnx_builder.conv_attrs(node.attrs))
         self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
 
     def dequantized_layer(self, node: DeployNode, output: str | None) -> str:
@@ -212,9 +222,10 @@ class _OrtWriter:
         add, relu, subsample = self.residual_source(node)
         if add is None or node.name in self.float_adds:
             # the image, pooled features, a checked-inexact Add: Clip → Q as in the QDQ file, to uint8
-            clipped = self.b.clip(
-                self.as_float(node.inputs[0]), *onnx_builder.clip_bounds(quant), np.float32, f"{node.name}/range"
-            )
+            # (no Clip where uint8 saturation is the range)
+            clipped = self.as_float(node.inputs[0])
+            if not fills_uint8(quant):
+                clipped = self.b.clip(clipped, *onnx_builder.clip_bounds(quant), np.float32, f"{node.name}/range")
             zero_point = self.zero_point_for(quant, node.name)
             q_inputs = [clipped, self.scale(quant["scale"]), self.byte(zero_point)]
             self.b.node("QuantizeLinear", q_inputs, node.output, node.name)
@@ -313,7 +324,8 @@ def write_ort(
     Args:
         graph: the lowered graph (:func:`export.lower.lower`).
         opset: ONNX opset of the default domain (13..21); ``com.microsoft`` opset 1.
-        metadata: ``metadata_props``; the ``uint8_tensors`` and ``float_residual_adds`` entries are added.
+        metadata: ``metadata_props``; the ``uint8_tensors``, ``float_residual_adds`` and ``x64quantprecision``
+            entries are added.
 
     Returns:
         The model: input "input" float32 [batch, C, H, W], output "logits" float32 [batch, classes];
@@ -328,7 +340,7 @@ def write_ort(
     if float_adds:
         b = onnx_builder.OnnxBuilder(opset)
         uint8 = _OrtWriter(graph, b, frozenset(float_adds)).run()
-    extra = {METADATA_KEY: uint8, "float_residual_adds": sorted(float_adds)}
+    extra = {METADATA_KEY: uint8, "float_residual_adds": sorted(float_adds), PRECISION_KEY: writer.saturating}
     return onnx_builder.make_model(
         graph, b, {**(metadata or {}), **extra}, onnx_builder.output_classes(graph), {MS_DOMAIN: MS_OPSET}
     )

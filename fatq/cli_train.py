@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=TARGETS,
         help="quantizer placement: portable (default; both residual-Add inputs quantized, exact in every engine) "
-        "or trt (TensorRT's: only the shortcut input quantized, so Conv+BN+Add+ReLU fuse)",
+        "trt (TensorRT's: only the shortcut input quantized, so Conv+BN+Add+ReLU fuse) or cpu (ONNX Runtime's "
+        "and OpenVINO's: a block's input quantized once, shared by its first conv and its identity shortcut)",
     )
     m.add_argument(
         "--mask-init",

@@ -32,7 +32,7 @@ EDGE_MODES = ("int8", "float")
 EDGE_WEIGHT_RULES = ("max_abs", "signed_max")
 ACT_CLAMPS = ("both", "top")
 WEIGHT_ROUNDINGS = ("scale", "reference")
-TARGETS = ("portable", "trt")
+TARGETS = ("portable", "trt", "cpu")
 MASK_INITS = ("paper", "unsaturated")
 
 
@@ -64,7 +64,16 @@ class QuantSpec:
             8 bits (every engine computes the model exactly). "trt": TensorRT's placement (NVIDIA's
             QDQ placement guide, ModelOpt's ONNX quantizer): the shortcut input of a residual Add is
             quantized, the conv branch stays float, so TensorRT can fuse Conv+BN+Add+ReLU with an
-            int8 residual input; the model that trains is the graph TensorRT fuses.
+            int8 residual input; the model that trains is the graph TensorRT fuses. "cpu": the CPU
+            engines' fusions (docs/performance.md): a residual block's input is quantized once, by its
+            first conv's input quantizer, and an identity (or option-A) shortcut reads those integers
+            instead of an 8-bit quantizer of its own, so each block runs as conv, conv, one Add with
+            one requantization (ONNX Runtime: QLinearConv, QLinearConv, QLinearAdd; OpenVINO fuses the
+            second conv, the Add, the ReLU and the FakeQuantize into one int8 conv), and the stem
+            runs once. The identity path then carries b-bit values. Signed 8-bit activation
+            quantizers (the image's, each branch's) use all 256 int8 levels, [-128, 127], so the
+            int8/uint8 saturation of the engines' kernels is their clamp (no Clip pass; OpenVINO
+            fuses the branch's 256-level FakeQuantize into its conv).
         mask_init: initial FAT mask layer T: "paper" (every entry 1/C_out, METHOD.md §1.4) or
             "unsaturated" (3/(C_out·sqrt(N))): see :class:`fatq.transform.FATTransform`.
     """
@@ -151,8 +160,14 @@ class LayerFactory:
             return TopClampActivationQuantizer(self.spec.act_bits, self.spec.act_alpha_init)
         return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init)
 
+    @property
+    def full_range_signed(self) -> bool:
+        """Signed 8-bit activation quantizers use all of int8, [-128, 127] (target "cpu")."""
+        return self.spec.target == "cpu"
+
     def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
-        return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True)
+        full_range = signed and self.full_range_signed
+        return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True, full_range=full_range)
 
     def first_conv(
         self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False
@@ -227,12 +242,22 @@ class LayerFactory:
             transform=False,
         )
 
+    @property
+    def shares_block_input(self) -> bool:
+        """Whether an identity shortcut reads its block's first conv's input integers (target "cpu")."""
+        return not self.spec.is_float and self.spec.target == "cpu"
+
     def residual_quantizer(self, signed: bool, branch: bool = False) -> nn.Module:
         """8-bit quantizer on one input of a residual Add (Identity in the FP32 model).
 
         ``branch``: the input is the conv branch, which TensorRT's placement (target "trt") leaves
-        float so that the conv, its BN, the Add and the ReLU fuse into one int8 kernel.
+        float so that the conv, its BN, the Add and the ReLU fuse into one int8 kernel. An unsigned
+        shortcut (identity or option A) under target "cpu" reads the block's quantized input instead.
         """
         if self.spec.is_float or (branch and self.spec.target == "trt"):
             return nn.Identity()
-        return ActivationQuantizer(8, signed, enabled=self.spec.residual_inputs == "int8", init_from_data=True)
+        if not branch and not signed and self.shares_block_input:
+            return nn.Identity()
+        enabled = self.spec.residual_inputs == "int8"
+        full_range = signed and self.full_range_signed
+        return ActivationQuantizer(8, signed, enabled=enabled, init_from_data=True, full_range=full_range)

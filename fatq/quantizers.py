@@ -70,11 +70,12 @@ class _LearnedScaleQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, q, levels: int, qmin: int, qmax: int, clip_grad: bool):
         out = q * (alpha / levels)
-        if qmax != levels or qmin not in (0, -levels):
+        if qmax != levels or qmin not in (0, -levels, -levels - 1):
             raise ValueError(f"unsupported integer range [{qmin}, {qmax}] for {levels} levels")
         ratio = x / alpha
         clamped = ratio > 1
-        clamped |= ratio < (qmin // levels)
+        # a full-range signed quantizer (qmin = -levels - 1) compares with the float32 qmin / levels
+        clamped |= ratio < (qmin // levels if qmin in (0, -levels) else qmin / levels)
         d_alpha = q / levels
         d_alpha.sub_(ratio.masked_fill_(clamped, 0.0))  # q/levels where clamped, else q/levels - r
         ctx.save_for_backward(d_alpha, clamped)
@@ -234,7 +235,9 @@ class MaxAbsWeightQuantizer(nn.Module):
 class ActivationQuantizer(nn.Module):
     """b-bit activation quantizer with a learned clipping threshold alpha_a.
 
-    Unsigned (input after ReLU/ReLU6): integers [0, m]. Signed: [-n, n]. A quantizer can be
+    Unsigned (input after ReLU/ReLU6): integers [0, m]. Signed: [-n, n], or with ``full_range``
+    [-n - 1, n], all 256 int8 values at 8 bits (QuantSpec target "cpu": int8 saturation is then the
+    quantizer's clamp, so engines need no separate clamp pass; the scale stays alpha / n). A quantizer can be
     *disabled* (identity; the paper keeps first/last inputs float) and later given a range by
     calibration, which also enables it. With ``init_from_data`` the first training batch sets
     alpha to max|x| (the max over all DDP ranks) before it is learned.
@@ -251,10 +254,14 @@ class ActivationQuantizer(nn.Module):
         alpha_init: float = 5.0,
         enabled: bool = True,
         init_from_data: bool = False,
+        full_range: bool = False,
     ):
         super().__init__()
         self.bits = check_bits(bits, "activation bits")
         self.signed = bool(signed)
+        if full_range and not signed:
+            raise ValueError("full_range applies to signed quantizers only")
+        self.full_range = bool(full_range)
         self.levels = signed_levels(bits) if signed else unsigned_levels(bits)
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.enabled = bool(enabled)
@@ -262,7 +269,9 @@ class ActivationQuantizer(nn.Module):
 
     @property
     def int_range(self) -> tuple[int, int]:
-        return (-self.levels, self.levels) if self.signed else (0, self.levels)
+        if not self.signed:
+            return (0, self.levels)
+        return (-self.levels - 1 if self.full_range else -self.levels, self.levels)
 
     @property
     def scale(self) -> Tensor:

@@ -20,7 +20,8 @@ class QuantizedBasicBlock(nn.Module):
     branch, signed since it is a BN output; ``shortcut_quantizer`` on the shortcut) so integer
     engines see the whole block quantized; in the FP32 model both are Identity. Under
     TensorRT's placement (QuantSpec target "trt") the branch quantizer is Identity: the conv
-    branch stays float into the Add.
+    branch stays float into the Add. Under the CPU engines' (target "cpu") an identity-like shortcut
+    reads the block input as conv1's input quantizer quantizes it, and has no quantizer of its own.
 
     Args:
         layers: the model's layer factory.
@@ -40,6 +41,8 @@ class QuantizedBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.branch_quantizer = layers.residual_quantizer(signed=True, branch=True)
         self.shortcut_quantizer = layers.residual_quantizer(signed=shortcut_signed)
+        # target "cpu": an identity-like shortcut reads conv1's input integers (one quantizer per block input)
+        self.shares_input = layers.shares_block_input and not shortcut_signed
 
     def shortcut_path(self, x: Tensor) -> Tensor:
         """The shortcut applied to the block input (subclasses own the module)."""
@@ -49,4 +52,7 @@ class QuantizedBasicBlock(nn.Module):
         """[B, in_planes, H, W] -> [B, planes, H / stride, W / stride]."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.branch_quantizer(self.bn2(self.conv2(out)))
-        return self.relu(out + self.shortcut_quantizer(self.shortcut_path(x)))
+        # the same quantizer on the same x gives the same integers conv1 computes (export folds the two
+        # calls into one tensor); a second call rather than reuse keeps each use's gradient exact
+        shortcut_input = self.conv1.input_quantizer(x) if self.shares_input else x
+        return self.relu(out + self.shortcut_quantizer(self.shortcut_path(shortcut_input)))

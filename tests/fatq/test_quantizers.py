@@ -282,3 +282,28 @@ def test_gradcheck_alpha_in_clipped_region(quantizer):
     x = magnitude * torch.where(torch.rand(64) > 0.5, 1.0, -1.0).double()
     alpha = quantizer.alpha.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: functional_call(quantizer, {"alpha": a}, (x,)), (alpha,))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_range_signed_activation_quantizer(bits):
+    """QuantSpec target "cpu": [-n - 1, n] at scale alpha / n; gradients as above with the lower bound -(n + 1)/n."""
+    alpha = 2.0
+    quantizer = ActivationQuantizer(bits, signed=True, alpha_init=alpha, full_range=True)
+    n = 2 ** (bits - 1) - 1
+    assert quantizer.int_range == (-n - 1, n)
+    x = torch.randn(4000) * 2.0
+    g = torch.randn(4000)
+    q, scale = quantizer.integers(x)
+    x64 = x.double().numpy()
+    expected = np.clip(np.round(x.numpy() / np.float32(alpha / n)), -n - 1, n)
+    np.testing.assert_array_equal(q.numpy(), expected)
+    assert q.min().item() == -n - 1
+    grad_x, grad_alpha = _backward(quantizer, x, g)
+    ratio = x64 / alpha
+    lower = -(n + 1) / n
+    above, below = ratio > 1, ratio < lower
+    d_alpha = np.where(above, 1.0, np.where(below, lower, expected / n - ratio))
+    assert grad_alpha.item() == pytest.approx((g.double().numpy() * d_alpha).sum(), rel=1e-4, abs=1e-4)
+    np.testing.assert_array_equal(grad_x.numpy(), np.where(above | below, 0.0, g.numpy()))
+    with pytest.raises(ValueError):
+        ActivationQuantizer(bits, signed=False, full_range=True)
