@@ -8,8 +8,10 @@ For each network (a public FP32 CIFAR-10 checkpoint) this script builds:
   - ONNX Runtime: ``quant_pre_process`` then ``quantize_static`` U8S8 (activations QUInt8, weights QInt8),
     per-channel, MinMax, as QDQ and as QOperator (ORT's documented x86 setting, DEPLOY.md);
 - fatq's W4A4 and W8A8 models, fine-tuned ``--max-steps`` steps from the same FP32 checkpoint with
-  ``fatq-train``, exported as the file each engine runs fastest: ``onnx-ort`` for ONNX Runtime,
-  ``onnx-openvino`` for OpenVINO, plus the portable ``onnx`` file on both;
+  ``fatq-train`` once per ``--targets`` placement: ``portable`` exported as the file each engine runs
+  fastest (``onnx-ort`` for ONNX Runtime, ``onnx-openvino`` for OpenVINO) plus the portable ``onnx`` file
+  on both; ``cpu`` (one quantizer per residual-block input, full-range signed 8-bit) as ``onnx-ort`` and
+  ``onnx-openvino``. A job already in the work directory is reused, not retrained;
 
 then times everything in ONE ``fatq-bench`` call (interleaved rounds, same threads, batch 1 and 64, top-1 on
 the test split) and measures each fatq file's top-1 agreement, in each engine, with the model that engine
@@ -21,7 +23,7 @@ disk, and fatq / the engine's best peer (OpenVINO: NNCF; ONNX Runtime: the faste
 Usage::
 
     python benchmarks/peers.py --data-dir ../shared/datasets --pretrained-dir ../shared/pretrained \\
-        --archs resnet20 --bits 4,8 --work-dir peers-out
+        --archs resnet20 --bits 4,8 --targets portable,cpu --work-dir peers-out
 
 Needs the ``[bench]`` extra (nncf). The CPU's model and flags and the package versions are printed with
 the table and saved in ``WORK_DIR/peers.json``.
@@ -58,6 +60,8 @@ PUBLIC_CHECKPOINTS = {"resnet20": "resnet20-cifar10-fp32.th", "resnet56": "resne
 FLAGS_SHOWN = ("avx2", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 # fatq export formats per engine (the portable file runs on both)
 FATQ_FORMATS = {"onnx": "", "onnx-ort": "-ort", "onnx-openvino": "-ov"}
+# the formats each fatq-train --target is exported to (target "cpu" is for the CPU engines' own files)
+TARGET_FORMATS = {"portable": ("onnx", "onnx-ort", "onnx-openvino"), "cpu": ("onnx-ort", "onnx-openvino")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--archs", default="resnet20", help=f"comma-separated, of {', '.join(PUBLIC_CHECKPOINTS)}")
     p.add_argument("--bits", default="4,8", help="fatq bit-widths (W=A), comma-separated")
     p.add_argument("--max-steps", type=int, default=150, help="fatq-train steps from the FP32 checkpoint")
+    p.add_argument(
+        "--targets",
+        default="portable,cpu",
+        help=f"fatq-train --target values, comma-separated ({', '.join(TARGET_FORMATS)})",
+    )
     p.add_argument("--calib-images", type=int, default=512, help="training images the peers calibrate on")
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--iterations", type=int, default=50)
@@ -83,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.archs.split(",")) - set(PUBLIC_CHECKPOINTS)
     if unknown:
         sys.exit(f"peers.py: no public FP32 checkpoint for {', '.join(sorted(unknown))}.")
+    if set(args.targets.split(",")) - set(TARGET_FORMATS):
+        sys.exit(f"peers.py: --targets takes {', '.join(TARGET_FORMATS)}.")
     return args
 
 
@@ -145,18 +156,20 @@ def nncf_ir(fp32_onnx: Path, out_xml: Path, batches: list[np.ndarray]) -> Path:
 # --- fatq's files ------------------------------------------------------------------------------------
 
 
-def fatq_files(arch: str, bits: int, fp32_checkpoint: Path, args, work: Path) -> dict[str, Path]:
-    """Train W{bits}A{bits} briefly from the FP32 checkpoint and export it once per format."""
-    job = work / f"{arch}-w{bits}a{bits}"
+def fatq_files(arch: str, bits: int, target: str, fp32_checkpoint: Path, args, work: Path) -> dict[str, Path]:
+    """Train W{bits}A{bits} (``fatq-train --target``) briefly from the FP32 checkpoint (a job already in the
+    work directory is reused) and export it once per format of :data:`TARGET_FORMATS`."""
+    stem = f"{arch}-w{bits}a{bits}" + ("" if target == "portable" else f"-{target}")
+    job = work / stem
     if not (job / "last.pt").exists():
         run_tool(
             [_tool("fatq-train"), "--arch", arch, "--bits", str(bits), "--data-dir", str(args.data_dir),
              "--pretrained", str(fp32_checkpoint), "--epochs", "1", "--max-steps", str(args.max_steps),
-             "--batch-size", "128", "--device", "cpu", "--quiet", "--job-dir", str(job)]
+             "--batch-size", "128", "--device", "cpu", "--quiet", "--target", target, "--job-dir", str(job)]
         )  # fmt: skip
     files = {}
-    for fmt, suffix in FATQ_FORMATS.items():
-        path = work / f"{arch}-w{bits}a{bits}{suffix}.onnx"
+    for fmt in TARGET_FORMATS[target]:
+        path = work / f"{stem}{FATQ_FORMATS[fmt]}.onnx"
         run_tool([_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet"])
         files[fmt] = path
     return files
@@ -277,9 +290,11 @@ def run_arch(arch: str, args, work: Path) -> list[dict]:
     roles[ir.name], models = "peer: NNCF 8-bit (IR)", [*models, ir]
     fatq = {}
     for bits in map(int, args.bits.split(",")):
-        fatq[bits] = fatq_files(arch, bits, fp32_checkpoint, args, work)
-        for fmt, path in fatq[bits].items():
-            roles[path.name], models = f"fatq W{bits}A{bits} {fmt}", [*models, path]
+        for target in args.targets.split(","):
+            fatq[bits, target] = fatq_files(arch, bits, target, fp32_checkpoint, args, work)
+            for fmt, path in fatq[bits, target].items():
+                label = f"fatq W{bits}A{bits} {fmt}" + ("" if target == "portable" else f", --target {target}")
+                roles[path.name], models = label, [*models, path]
 
     report = bench(models, args, normalization, work / f"{arch}-bench.json")
     agreement = {}  # each fatq file in each engine against the model that engine computes on it
