@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="comma-separated row names to run, in this order (default: all)")
     p.add_argument("--table-only", action="store_true", help="tabulate the rows already built; run nothing")
     args = p.parse_args(argv)
+    if args.table_only:  # only the saved rows are read; no row's command runs, so no data is needed
+        args.data_dir, args.pretrained_dir = Path(args.data_dir or "."), Path(args.pretrained_dir or ".")
+        return args
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("paper_table.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
     if args.pretrained_dir is None or not (Path(args.pretrained_dir) / PUBLIC_FP32).is_file():
