@@ -101,7 +101,7 @@ def observable_tensors(model: onnx.ModelProto, quant: dict[str, dict], engine: s
             found[tensor] = Observed(node.input[0], TensorProto.FLOAT, q["scale"])
         elif node.op_type == "Clip" and node.input[1] in int8_constants:
             found[tensor] = Observed(tensor, TensorProto.INT8)
-        elif node.op_type in ("Clip", "DequantizeLinear"):  # a DQ: a full-range quantizer that float ops read
+        elif node.op_type == "Clip":
             found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"])
     return found
 
@@ -133,8 +133,6 @@ def _openvino_observable(model: onnx.ModelProto, quant: dict[str, dict]) -> dict
             found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"])
         elif node.op_type == "QuantizeLinear" and dequantized:
             found[tensor] = Observed(dequantized[0], TensorProto.FLOAT, q["scale"])
-        elif node.op_type == "DequantizeLinear":  # a full-range quantizer that float ops read (Q → DQ)
-            found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"])
     return found
 
 

@@ -78,9 +78,9 @@ class OnnxBuilder:
         scale_name = self.constant(np.float32(scale), np.float32)
         return self.node("QuantizeLinear", [x, scale_name, self.constant(0, np.int8)], output, name)
 
-    def dequantize(self, q: str, scale: float, name: str, output: str | None = None) -> str:
+    def dequantize(self, q: str, scale: float, name: str) -> str:
         scale_name = self.constant(np.float32(scale), np.float32)
-        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], output, name)
+        return self.node("DequantizeLinear", [q, scale_name, self.constant(0, np.int8)], None, name)
 
     def rename(self, tensor: str, name: str) -> None:
         """Give the tensor a node just wrote the name ``name`` (nothing reads it yet)."""
@@ -112,12 +112,12 @@ def clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
     return lo, hi
 
 
-def saturation_is_range(quant: dict, container: tuple[int, int] = (-128, 127)) -> bool:
-    """Whether the stored integers of a quantizer fill its container (int8 by default): the
-    QuantizeLinear's saturation then is the quantizer's clamp and no Clip is written (the full-range
-    signed 8-bit quantizers of QuantSpec target "cpu")."""
+def saturation_is_range(quant: dict) -> bool:
+    """Whether a quantizer's stored integers are [-128, 127] (the full-range signed 8-bit quantizers of
+    QuantSpec target "cpu"): the 8-bit container's own saturation is then its clamp and no Clip is
+    written (int8 with zero point 0; in the ONNX Runtime file uint8 with zero point 128)."""
     stored = tensor_quant(quant)
-    return (stored["qmin"], stored["qmax"]) == container
+    return (stored["qmin"], stored["qmax"]) == (-128, 127)
 
 
 def range_clip_bounds(quant: dict, copy: int = 0) -> tuple[np.float32, np.float32]:

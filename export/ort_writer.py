@@ -95,8 +95,8 @@ def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
     image, bytes up to 254) can exceed it. Measured on an AMD EPYC (AVX2 only), ONNX Runtime 1.32:
     1 integer in ~10^5 of a ResNet-20 stem conv off; VNNI's int32 accumulation does not saturate.
 
-    Such convs are still written u8 x s8 (s8 x s8 ran 10x slower on an AVX-512 VNNI CPU, ORT 1.32:
-    a ResNet-20 stem 12 ms against 1 ms at batch 64) and listed in the file's ``x64quantprecision``
+    Such convs are still written u8 x s8 (s8 x s8 ran 4.7x slower on an AVX-512 VNNI CPU, ORT 1.32:
+    a ResNet-20-sized stem 3.32 against 0.71 ms at batch 64, ``benchmarks/ort_conv_types.py``) and listed in the file's ``x64quantprecision``
     metadata entry. ONNX Runtime's session option ``session.x64quantprecision = 1`` makes them exact
     where the CPU saturates: it then stores int8 weights outside [-64, 64] as uint8 and runs u8 x u8
     (``Avx2WeightS8ToU8Transformer``, registered in ``graph_transformer_utils.cc`` only when
@@ -105,12 +105,6 @@ def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
     """
     max_byte = max(x.qmax, x.qmin) + x.zero_point
     return 2 * max_byte * int(np.abs(node.params["weight"]).max(initial=0)) > INT16_MAX
-
-
-def fills_uint8(quant: dict) -> bool:
-    """Whether a quantizer's integers, stored with zero point −qmin, fill uint8 (a full-range signed
-    8-bit quantizer, [-128, 127]): a kernel's saturation then is the whole range, no Clip is needed."""
-    return int(quant.get("expand", 1)) == 1 and quant["qmax"] - quant["qmin"] == 255
 
 
 class _OrtWriter:
@@ -163,7 +157,7 @@ class _OrtWriter:
         zero_point = self.zero_point_for(quant, name)
         expand = int(quant.get("expand", 1))
         stored = tensor_quant(quant)
-        if fills_uint8(quant):  # the kernel's saturation at 255 is the range: x is the tensor
+        if onnx_builder.saturation_is_range(quant):  # the kernel's uint8 saturation is the range: x is the tensor
             self.b.rename(x, output)
             return Uint8Tensor(output, stored["scale"], zero_point, stored["qmin"], stored["qmax"])
         last = output if expand == 1 else None
@@ -224,7 +218,7 @@ class _OrtWriter:
             # the image, pooled features, a checked-inexact Add: Clip → Q as in the QDQ file, to uint8
             # (no Clip where uint8 saturation is the range)
             clipped = self.as_float(node.inputs[0])
-            if not fills_uint8(quant):
+            if not onnx_builder.saturation_is_range(quant):
                 clipped = self.b.clip(clipped, *onnx_builder.clip_bounds(quant), np.float32, f"{node.name}/range")
             zero_point = self.zero_point_for(quant, node.name)
             q_inputs = [clipped, self.scale(quant["scale"]), self.byte(zero_point)]

@@ -68,12 +68,11 @@ class QuantSpec:
             engines' fusions (docs/performance.md): a residual block's input is quantized once, by its
             first conv's input quantizer, and an identity (or option-A) shortcut reads those integers
             instead of an 8-bit quantizer of its own, so each block runs as conv, conv, one Add with
-            one requantization (ONNX Runtime: QLinearConv, QLinearConv, QLinearAdd; OpenVINO fuses the
-            second conv, the Add, the ReLU and the FakeQuantize into one int8 conv), and the stem
-            runs once. The identity path then carries b-bit values. Signed 8-bit activation
-            quantizers (the image's, each branch's) use all 256 int8 levels, [-128, 127], so the
-            int8/uint8 saturation of the engines' kernels is their clamp (no Clip pass; OpenVINO
-            fuses the branch's 256-level FakeQuantize into its conv).
+            one requantization (ONNX Runtime: QLinearConv, QLinearConv, QLinearAdd; OpenVINO: two int8
+            convs and one Add + FakeQuantize pass), and the stem runs once. The identity path then
+            carries b-bit values. Signed 8-bit activation quantizers (the image's, each branch's) use
+            all 256 int8 levels, [-128, 127], so the engines' int8/uint8 saturation is their clamp
+            (no Clip pass in the ONNX Runtime file).
         mask_init: initial FAT mask layer T: "paper" (every entry 1/C_out, METHOD.md §1.4) or
             "unsaturated" (3/(C_out·sqrt(N))): see :class:`fatq.transform.FATTransform`.
     """

@@ -52,7 +52,7 @@ class QuantizedBasicBlock(nn.Module):
         """[B, in_planes, H, W] -> [B, planes, H / stride, W / stride]."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.branch_quantizer(self.bn2(self.conv2(out)))
-        # the same quantizer on the same x gives the same integers conv1 computes (export folds the two
-        # calls into one tensor); a second call rather than reuse keeps each use's gradient exact
+        # conv1 quantizes x inside itself; the same quantizer on the same x gives the shortcut the same
+        # integers (export folds the two calls into one tensor) at the cost of one more elementwise pass
         shortcut_input = self.conv1.input_quantizer(x) if self.shares_input else x
         return self.relu(out + self.shortcut_quantizer(self.shortcut_path(shortcut_input)))

@@ -2,9 +2,9 @@
 
 A block's input is quantized once, by its first conv's input quantizer; an identity or option-A
 shortcut reads those integers, and signed 8-bit quantizers use all of int8. ONNX Runtime then runs a
-block as QLinearConv, QLinearConv, QLinearAdd (no 8-bit Clip), OpenVINO fuses the second conv, its
-256-level FakeQuantize, the Add, the ReLU and the next FakeQuantize into one int8 conv, and the stem
-conv runs once. The engines run every file here (ONNX Runtime, OpenVINO), against the deploy reference.
+block as QLinearConv, QLinearConv, QLinearAdd (no 8-bit Clip), OpenVINO as two int8 convs and one
+Add + FakeQuantize pass, and the stem conv runs once. The engines run every file here (ONNX Runtime,
+OpenVINO), against the deploy reference.
 """
 
 from __future__ import annotations
