@@ -97,11 +97,11 @@ def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
 
     Such convs are still written u8 x s8 (s8 x s8 ran 4.7x slower on an AVX-512 VNNI CPU, ORT 1.32:
     a ResNet-20-sized stem 3.32 against 0.71 ms at batch 64, ``benchmarks/ort_conv_types.py``) and
-    listed in the file's ``x64quantprecision`` metadata entry. ONNX Runtime's session option ``session.x64quantprecision = 1`` makes them exact
-    where the CPU saturates: it then stores int8 weights outside [-64, 64] as uint8 and runs u8 x u8
-    (``Avx2WeightS8ToU8Transformer``, registered in ``graph_transformer_utils.cc`` only when
-    ``MlasPlatformU8S8Overflow()``); fatq's ONNX Runtime runner sets it on such CPUs
-    (:func:`engines.host.saturating_u8s8`).
+    listed in the file's ``x64quantprecision`` metadata entry. ONNX Runtime's session option
+    ``session.x64quantprecision = 1`` makes them exact where the CPU saturates: it then stores int8
+    weights outside [-64, 64] as uint8 and runs u8 x u8 (``Avx2WeightS8ToU8Transformer``, registered
+    in ``graph_transformer_utils.cc`` only when ``MlasPlatformU8S8Overflow()``); fatq's ONNX Runtime
+    runner sets it on such CPUs (:func:`engines.host.saturating_u8s8`).
     """
     max_byte = max(x.qmax, x.qmin) + x.zero_point
     return 2 * max_byte * int(np.abs(node.params["weight"]).max(initial=0)) > INT16_MAX

@@ -3,9 +3,9 @@
 On an x86 CPU without VNNI, ORT's u8 x s8 kernels sum two products into a saturating int16
 (``vpmaddubsw``), so a conv with bytes near 255 and weights near 127 saturates; VNNI accumulates in
 int32. fatq writes such convs u8 x s8 anyway (s8 x s8 ran 4.7x slower on a VNNI CPU,
-benchmarks/ort_conv_types.py), lists them in the file's ``x64quantprecision`` metadata, and :class:`engines.ort_runner.OrtRunner` sets ORT's
-``session.x64quantprecision`` on CPUs without VNNI, with which ORT runs them u8 x u8
-(export/ort_writer.saturates_u8s8). Every model here runs in the real ONNX Runtime.
+benchmarks/ort_conv_types.py), lists them in the file's ``x64quantprecision`` metadata, and
+:class:`engines.ort_runner.OrtRunner` sets ORT's ``session.x64quantprecision`` on CPUs without VNNI,
+with which ORT runs them u8 x u8 (export/ort_writer.saturates_u8s8). Every model here runs in the real ONNX Runtime.
 """
 
 from __future__ import annotations
