@@ -1,79 +1,116 @@
 #!/usr/bin/env bash
-# GPU check of the training path, for a lent CUDA machine (prepared for an H200; not run yet:
-# the session that wrote it had no GPU, so nothing in it has been verified on CUDA).
+# One-shot check of fatq's CUDA paths, for a lent machine with an NVIDIA GPU (written for an H200).
 #
-#   tools/gpu_check.sh DATA_DIR [PRETRAINED] [STEPS]
+#   tools/gpu_check.sh DATA_DIR PRETRAINED [STEPS]
 #
-# DATA_DIR: directory holding cifar10-jpeg.tar.gz (or the extracted ImageFolder tree), carried
-# to the machine with the repo; PRETRAINED: optional public FP32 resnet20 checkpoint; STEPS:
-# training steps per run (default 300). Needs PyTorch with CUDA plus numpy, pillow and tqdm; no
-# network. Results go to $OUT (if set) or ./gpu_check_out:
-#   1. fatq-train ResNet-20 W4A4 on CUDA for STEPS steps, without and with --amp: images/s,
-#      wall time, final top-1 (train_fp32.json, train_amp.json, *.log);
-#   2. benchmarks/train_step.py --device cuda (FAT vs no-transform vs FP32 step, with/without amp);
-#   3. CUDA latency of the fake-quant W4A4 model in eval mode, fp32 vs fp16 autocast, batch 1 and
-#      256 (latency.json).
-set -euo pipefail
+# DATA_DIR: directory holding cifar10-jpeg.tar.gz (or the .tar.gz itself), carried to the machine with the
+# repo; PRETRAINED: the public FP32 ResNet-20 checkpoint (resnet20-cifar10-fp32.th); STEPS: training steps of
+# the speed runs (default 300). Needs PyTorch with CUDA, torchvision, numpy, pillow and tqdm; no network; runs
+# from the source tree (PYTHONPATH), so the machine's own torch is used whatever pyproject.toml pins.
+# Environment: SEEDS (default "1 2 3") for the placement runs; BUDGET_S (default 300): no placement run starts
+# after this many seconds. Every section runs under `timeout`, logs to its own file and records its exit
+# status in summary.txt, so one failing section does not hide the others. Results go to $OUT (if set) or
+# ./gpu_check_out:
+#   1. speed: fatq-train ResNet-20 W4A4 on CUDA for STEPS steps, without and with --amp (train_fp32.json,
+#      train_amp.json; images/s of the training loop, wall time, top-1); the fp32 run's checkpoint is kept as
+#      cuda_w4a4.pt for an export and engine-parity check on a CPU machine;
+#   2. benchmarks/train_step.py --device cuda (FAT vs no-transform vs FP32 step, with and without --amp);
+#   3. CUDA latency of the fake-quant W4A4 model in eval mode, fp32 vs fp16 autocast, batch 1 and 256;
+#   4. the streaming loader: DataLoader workers decoding vs --gpu-decode (nvJPEG), 100 steps each;
+#   5. DDP through torchrun on one GPU (NCCL, world size 1), 20 steps;
+#   6. quantizer placements: --target portable|trt|cpu, W4A4, one epoch from the public FP32 checkpoint, for
+#      each seed in SEEDS, three runs at a time on the one GPU (placement_<target>_s<seed>.json).
+set -uo pipefail
 
 DATA_DIR=${1:-${FATQ_DATA_DIR:-}}
 PRETRAINED=${2:-}
 STEPS=${3:-300}
-if [[ -z "$DATA_DIR" || ! -e "$DATA_DIR" ]]; then
-    echo "usage: $0 DATA_DIR [PRETRAINED] [STEPS]  (DATA_DIR must exist)" >&2
+SEEDS=${SEEDS:-1 2 3}
+BUDGET_S=${BUDGET_S:-300}
+if [[ -z "$DATA_DIR" || ! -e "$DATA_DIR" || -z "$PRETRAINED" || ! -f "$PRETRAINED" ]]; then
+    echo "usage: $0 DATA_DIR PRETRAINED [STEPS]  (DATA_DIR and the PRETRAINED checkpoint must exist)" >&2
     exit 2
 fi
+DATA_DIR=$(realpath "$DATA_DIR")
+PRETRAINED=$(realpath "$PRETRAINED")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$RESULTS"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export FATQ_CACHE_DIR=${FATQ_CACHE_DIR:-${TMPDIR:-/tmp}/fatq-cache}  # decoded data stays out of $OUT
+RESULTS=$(realpath "$RESULTS")
+PY=$(command -v python3 || command -v python)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export FATQ_CACHE_DIR=${FATQ_CACHE_DIR:-${TMPDIR:-/tmp}/fatq-cache}  # decoded data stays out of $RESULTS
 mkdir -p "$FATQ_CACHE_DIR"
 cd "$REPO"
+START=$SECONDS
+SUMMARY="$RESULTS/summary.txt"
 
-echo "== environment" | tee "$RESULTS/summary.txt"
-python - <<'EOF' | tee -a "$RESULTS/summary.txt"
-import importlib, sys
-import torch
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
-if not torch.cuda.is_available():
-    sys.exit("no CUDA device visible to PyTorch")
-print("gpu", torch.cuda.get_device_name(0), "count", torch.cuda.device_count())
-missing = [m for m in ("numpy", "PIL", "tqdm") if importlib.util.find_spec(m) is None]
-if missing:
-    sys.exit(f"missing packages: {missing}")
-EOF
+say() { echo "$*" | tee -a "$SUMMARY"; }
 
-INIT=()
-if [[ -n "$PRETRAINED" ]]; then INIT=(--pretrained "$PRETRAINED"); fi
-for mode in fp32 amp; do
-    AMP=()
-    if [[ $mode == amp ]]; then AMP=(--amp); fi
-    echo "== train W4A4, $STEPS steps, $mode" | tee -a "$RESULTS/summary.txt"
-    start=$(date +%s.%N)
-    python -m fatq.cli_train --arch resnet20 --bits 4 --dataset cifar10 --data-dir "$DATA_DIR" ${INIT[@]+"${INIT[@]}"} \
-        --epochs 2 --max-steps "$STEPS" --device cuda ${AMP[@]+"${AMP[@]}"} --quiet \
-        --job-dir "$RESULTS/job_$mode" --json "$RESULTS/train_$mode.json" 2>&1 | tee "$RESULTS/train_$mode.log"
-    end=$(date +%s.%N)
-    python - "$RESULTS/train_$mode.json" "$RESULTS/job_$mode/metrics.jsonl" "$start" "$end" <<'EOF' | tee -a "$RESULTS/summary.txt"
+# section NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in NAME.log and records its exit status.
+section() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+    local rc=$?
+    say "[$name] rc $rc, $((SECONDS - t0)) s"
+    return $rc
+}
+
+# train NAME TIMEOUT_S ARGS...: a fatq-train section on CUDA into job_NAME, its summary in NAME.json
+train() {
+    local name=$1 limit=$2
+    shift 2
+    section "$name" "$limit" "$PY" -m fatq.cli_train --arch resnet20 --dataset cifar10 --data-dir "$DATA_DIR" \
+        --device cuda --quiet --job-dir "$RESULTS/job_$name" --json "$RESULTS/$name.json" "$@"
+}
+
+# report NAME: one line from NAME.json and job_NAME/metrics.jsonl
+report() {
+    "$PY" - "$RESULTS/$1.json" "$RESULTS/job_$1/metrics.jsonl" "$1" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
 summary = json.load(open(sys.argv[1]))
 records = [json.loads(line) for line in open(sys.argv[2])]
 images = sum(r.get("train_images", 0) for r in records)
 seconds = sum(r.get("train_seconds", 0.0) for r in records)
-print(f"steps {summary['steps']}  top-1 {summary['top1']:.2f} %  train {images / seconds:.0f} images/s "
-      f"(training loop only)  wall {float(sys.argv[4]) - float(sys.argv[3]):.0f} s (incl. data, eval, start)")
+print(f"  {sys.argv[3]}: steps {summary['steps']}  top-1 {summary['top1']:.2f} %  "
+      f"train {images / max(seconds, 1e-9):.0f} images/s (training loop only)")
 EOF
-    rm -f "$RESULTS/job_$mode/"*.pt  # checkpoints are not needed back
+}
+
+say "== environment"
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import importlib.util, os, sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "cpus", os.cpu_count())
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to PyTorch")
+print("gpu", torch.cuda.get_device_name(0), "count", torch.cuda.device_count())
+missing = [m for m in ("numpy", "PIL", "tqdm", "torchvision") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing packages: {missing}")
+EOF
+[[ ${PIPESTATUS[0]} == 0 ]] || exit 1
+git -C "$REPO" rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$SUMMARY"
+
+say "== 1. train W4A4 on CUDA, $STEPS steps, fp32 and --amp"
+for mode in fp32 amp; do
+    AMP=()
+    if [[ $mode == amp ]]; then AMP=(--amp); fi
+    train "train_$mode" 400 --bits 4 --pretrained "$PRETRAINED" --epochs 2 \
+        --max-steps "$STEPS" ${AMP[@]+"${AMP[@]}"} && report "train_$mode"
 done
+cp "$RESULTS/job_train_fp32/last.pt" "$RESULTS/cuda_w4a4.pt" 2>/dev/null
 
-echo "== benchmarks/train_step.py" | tee -a "$RESULTS/summary.txt"
-python benchmarks/train_step.py --device cuda --steps 30 --warmup 5 --json "$RESULTS/train_step.json" \
-    | tee -a "$RESULTS/summary.txt"
-python benchmarks/train_step.py --device cuda --steps 30 --warmup 5 --amp --json "$RESULTS/train_step_amp.json" \
-    | tee -a "$RESULTS/summary.txt"
+say "== 2. benchmarks/train_step.py"
+section train_step 120 "$PY" benchmarks/train_step.py --device cuda --steps 30 --warmup 5 \
+    --json "$RESULTS/train_step.json" && grep -v '^#' "$RESULTS/train_step.log" | tail -6 | tee -a "$SUMMARY"
+section train_step_amp 120 "$PY" benchmarks/train_step.py --device cuda --steps 30 --warmup 5 --amp \
+    --json "$RESULTS/train_step_amp.json" && grep -v '^#' "$RESULTS/train_step_amp.log" | tail -6 | tee -a "$SUMMARY"
 
-echo "== fake-quant inference latency (CUDA events, median of 50)" | tee -a "$RESULTS/summary.txt"
-python - "$RESULTS/latency.json" <<'EOF' | tee -a "$RESULTS/summary.txt"
+say "== 3. fake-quant inference latency (CUDA events, median of 50)"
+section latency 120 "$PY" - "$RESULTS/latency.json" <<'EOF'
 import json, statistics, sys
 import torch
 from fatq import QuantSpec, create_model
@@ -103,4 +140,32 @@ results["gpu"] = torch.cuda.get_device_name(0)
 results["torch"] = torch.__version__
 json.dump(results, open(sys.argv[1], "w"), indent=2)
 EOF
-echo "results in $RESULTS"
+tee -a "$SUMMARY" <"$RESULTS/latency.log"
+
+say "== 4. streaming loader: worker decoding vs --gpu-decode, 100 steps"
+WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+train stream_workers 240 --bits 4 --pretrained "$PRETRAINED" --epochs 1 --max-steps 100 \
+    --loader stream --workers "$WORKERS" && report stream_workers
+train stream_gpu_decode 240 --bits 4 --pretrained "$PRETRAINED" --epochs 1 \
+    --max-steps 100 --loader stream --gpu-decode --workers "$WORKERS" && report stream_gpu_decode
+
+say "== 5. DDP through torchrun on one GPU (NCCL), 20 steps"
+section ddp 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m fatq.cli_train --arch resnet20 \
+    --bits 4 --data-dir "$DATA_DIR" --device cuda --quiet --pretrained "$PRETRAINED" --epochs 1 --max-steps 20 \
+    --job-dir "$RESULTS/job_ddp" --json "$RESULTS/ddp.json" && report ddp
+
+say "== 6. placements, W4A4, one epoch from FP32, seeds: $SEEDS"
+for seed in $SEEDS; do
+    if (( SECONDS - START > BUDGET_S )); then
+        say "  budget of $BUDGET_S s spent: seed $seed and later not run"
+        break
+    fi
+    for target in portable trt cpu; do
+        train "placement_${target}_s$seed" 300 --bits 4 \
+            --pretrained "$PRETRAINED" --epochs 1 --seed "$seed" --target "$target" &
+    done
+    wait
+    for target in portable trt cpu; do report "placement_${target}_s$seed"; done
+done
+rm -f "$RESULTS"/job_*/*.pt  # checkpoints other than cuda_w4a4.pt are not needed back
+say "total $((SECONDS - START)) s; results in $RESULTS"
