@@ -60,8 +60,12 @@ class _QuantizedWeightMixin:
             return self.weight_quantizer.integers(self.transformed_weight())
 
     def quantized_weight(self) -> Tensor:
-        """Fake-quantized weight = integers * scale (cached in eval mode without grad)."""
+        """Fake-quantized weight = integers * scale (cached in eval mode without grad; batched with the
+        layers of equal shape inside :func:`fatq.weight_groups.grouped_weights`)."""
         if self.training or torch.is_grad_enabled():
+            grouped = getattr(self, "_grouped_weight", None)
+            if grouped is not None:
+                return grouped
             return self.weight_quantizer(self.transformed_weight())
         return self._eval_weights()[0]
 

@@ -53,6 +53,7 @@ from fatq.models import create_model, model_info
 from fatq.qconfig import QuantSpec
 from fatq.quantizers import FLOAT_BITS, ActivationQuantizer, clamp_alphas_
 from fatq.streaming import FileSplit, StreamBatches
+from fatq.weight_groups import grouped_weights
 
 TRAIN_CONFIG_VERSION = 1
 REFERENCE_EPOCHS = 400
@@ -565,7 +566,7 @@ class Trainer:
         )
 
     def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        with autocast_context(self.ctx.device, self.cfg.amp):
+        with autocast_context(self.ctx.device, self.cfg.amp), grouped_weights(self.model):
             logits = self.network(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,24 +7,27 @@
 # repo; PRETRAINED: the public FP32 ResNet-20 checkpoint (resnet20-cifar10-fp32.th); STEPS: training steps of
 # the speed runs (default 300). Needs PyTorch with CUDA, torchvision, numpy, pillow and tqdm; no network; runs
 # from the source tree (PYTHONPATH), so the machine's own torch is used whatever pyproject.toml pins.
-# Environment: SEEDS (default "1 2 3") for the placement runs; BUDGET_S (default 300): no placement run starts
-# after this many seconds. Every section runs under `timeout`, logs to its own file and records its exit
+# Environment: SECTIONS (default "1 2 3 4 5 6": which of the sections below run); SEEDS (default "1 2 3") for
+# the placement runs; BUDGET_S (default 300): no placement run starts after this many seconds. Every section runs under `timeout`, logs to its own file and records its exit
 # status in summary.txt, so one failing section does not hide the others. Results go to $OUT (if set) or
 # ./gpu_check_out:
 #   1. speed: fatq-train ResNet-20 W4A4 on CUDA for STEPS steps, without and with --amp (train_fp32.json,
 #      train_amp.json; images/s of the training loop, wall time, top-1); the fp32 run's checkpoint is kept as
 #      cuda_w4a4.pt for an export and engine-parity check on a CPU machine;
-#   2. benchmarks/train_step.py --device cuda (FAT vs no-transform vs FP32 step, with and without --amp);
+#   2. benchmarks/train_step.py --device cuda (FAT with batched and per-layer weight paths, no-transform, FP32,
+#      FAT captured as a CUDA graph; with and without --amp);
 #   3. CUDA latency of the fake-quant W4A4 model in eval mode, fp32 vs fp16 autocast, batch 1 and 256;
 #   4. the streaming loader: DataLoader workers decoding vs --gpu-decode (nvJPEG), 100 steps each;
 #   5. DDP through torchrun on one GPU (NCCL, world size 1), 20 steps;
 #   6. quantizer placements: --target portable|trt|cpu, W4A4, one epoch from the public FP32 checkpoint, for
-#      each seed in SEEDS, three runs at a time on the one GPU (placement_<target>_s<seed>.json).
+#      each seed in SEEDS, one run after another (placement_<target>_s<seed>.json; three at a time took 4x
+#      longer each, on 16 cores).
 set -uo pipefail
 
 DATA_DIR=${1:-${FATQ_DATA_DIR:-}}
 PRETRAINED=${2:-}
 STEPS=${3:-300}
+SECTIONS=${SECTIONS:-1 2 3 4 5 6}
 SEEDS=${SEEDS:-1 2 3}
 BUDGET_S=${BUDGET_S:-300}
 if [[ -z "$DATA_DIR" || ! -e "$DATA_DIR" || -z "$PRETRAINED" || ! -f "$PRETRAINED" ]]; then
@@ -46,6 +49,7 @@ START=$SECONDS
 SUMMARY="$RESULTS/summary.txt"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }  # want N: section N was asked for
 
 # section NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in NAME.log and records its exit status.
 section() {
@@ -94,6 +98,7 @@ EOF
 [[ ${PIPESTATUS[0]} == 0 ]] || exit 1
 git -C "$REPO" rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$SUMMARY"
 
+if want 1; then
 say "== 1. train W4A4 on CUDA, $STEPS steps, fp32 and --amp"
 for mode in fp32 amp; do
     AMP=()
@@ -102,13 +107,19 @@ for mode in fp32 amp; do
         --max-steps "$STEPS" ${AMP[@]+"${AMP[@]}"} && report "train_$mode"
 done
 cp "$RESULTS/job_train_fp32/last.pt" "$RESULTS/cuda_w4a4.pt" 2>/dev/null
+fi
 
+if want 2; then
 say "== 2. benchmarks/train_step.py"
 section train_step 120 "$PY" benchmarks/train_step.py --device cuda --steps 30 --warmup 5 \
-    --json "$RESULTS/train_step.json" && grep -v '^#' "$RESULTS/train_step.log" | tail -6 | tee -a "$SUMMARY"
+    --json "$RESULTS/train_step.json"
+tee -a "$SUMMARY" <"$RESULTS/train_step.log"
 section train_step_amp 120 "$PY" benchmarks/train_step.py --device cuda --steps 30 --warmup 5 --amp \
-    --json "$RESULTS/train_step_amp.json" && grep -v '^#' "$RESULTS/train_step_amp.log" | tail -6 | tee -a "$SUMMARY"
+    --json "$RESULTS/train_step_amp.json"
+tee -a "$SUMMARY" <"$RESULTS/train_step_amp.log"
+fi
 
+if want 3; then
 say "== 3. fake-quant inference latency (CUDA events, median of 50)"
 section latency 120 "$PY" - "$RESULTS/latency.json" <<'EOF'
 import json, statistics, sys
@@ -141,19 +152,25 @@ results["torch"] = torch.__version__
 json.dump(results, open(sys.argv[1], "w"), indent=2)
 EOF
 tee -a "$SUMMARY" <"$RESULTS/latency.log"
+fi
 
+if want 4; then
 say "== 4. streaming loader: worker decoding vs --gpu-decode, 100 steps"
 WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 train stream_workers 240 --bits 4 --pretrained "$PRETRAINED" --epochs 1 --max-steps 100 \
     --loader stream --workers "$WORKERS" && report stream_workers
 train stream_gpu_decode 240 --bits 4 --pretrained "$PRETRAINED" --epochs 1 \
     --max-steps 100 --loader stream --gpu-decode --workers "$WORKERS" && report stream_gpu_decode
+fi
 
+if want 5; then
 say "== 5. DDP through torchrun on one GPU (NCCL), 20 steps"
 section ddp 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m fatq.cli_train --arch resnet20 \
     --bits 4 --data-dir "$DATA_DIR" --device cuda --quiet --pretrained "$PRETRAINED" --epochs 1 --max-steps 20 \
     --job-dir "$RESULTS/job_ddp" --json "$RESULTS/ddp.json" && report ddp
+fi
 
+if want 6; then
 say "== 6. placements, W4A4, one epoch from FP32, seeds: $SEEDS"
 for seed in $SEEDS; do
     if (( SECONDS - START > BUDGET_S )); then
@@ -161,11 +178,10 @@ for seed in $SEEDS; do
         break
     fi
     for target in portable trt cpu; do
-        train "placement_${target}_s$seed" 300 --bits 4 \
-            --pretrained "$PRETRAINED" --epochs 1 --seed "$seed" --target "$target" &
+        train "placement_${target}_s$seed" 300 --bits 4 --pretrained "$PRETRAINED" --epochs 1 --seed "$seed" \
+            --target "$target" && report "placement_${target}_s$seed"
     done
-    wait
-    for target in portable trt cpu; do report "placement_${target}_s$seed"; done
 done
+fi
 rm -f "$RESULTS"/job_*/*.pt  # checkpoints other than cuda_w4a4.pt are not needed back
 say "total $((SECONDS - START)) s; results in $RESULTS"
