@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-decode",
         action="store_true",
         default=False,
-        help="streaming on CUDA: decode JPEGs on the GPU with nvJPEG (torchvision.io.decode_jpeg; unverified)",
+        help="streaming on CUDA: decode JPEGs on the GPU with nvJPEG (slower than workers on CIFAR-size images)",
     )
     t = p.add_argument_group("training")
     t.add_argument("--pretrained", help="initialise from an FP32, higher-bit fatq, or public checkpoint")

@@ -412,7 +412,7 @@ class RunOptions:
         quiet: no progress bars or per-epoch lines.
         log: called with one metrics dict per evaluation, on rank 0 (metrics.jsonl, epoch lines).
         provenance: how the run was started (command, versions); stored in every checkpoint.
-        decode: streaming only: "workers", or "cuda" to decode JPEGs on the GPU (unverified).
+        decode: streaming only: "workers", or "cuda" to decode JPEGs on the GPU (nvJPEG).
     """
 
     job_dir: Path

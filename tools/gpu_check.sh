@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check of fatq's CUDA paths, for a lent machine with an NVIDIA GPU (written for an H200).
+# One-shot check of fatq's CUDA paths, for a machine with an NVIDIA GPU. Ran on an H200 on 2026-12-04; the
+# figures and how to read them are in docs/training.md ("On a CUDA GPU").
 #
 #   tools/gpu_check.sh DATA_DIR PRETRAINED [STEPS]
 #
