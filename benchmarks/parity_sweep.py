@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/parity_sweep.py A/last.pt B/last.pt --data-dir ../shared/datasets --work-dir sweep-out \
         [--calib-data ../shared/datasets]   # for models that keep edge inputs float
+        [--formats onnx,onnx-openvino]      # a subset of the int8 formats
 
 A check that fails its thresholds is a row of the table, not an error of this script.
 """
@@ -44,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-images", type=int, default=10000)
     p.add_argument("--work-dir", type=Path, default=Path("sweep-out"))
     p.add_argument("--calib-data", type=Path, help="calibration data for models that keep edge inputs float")
+    p.add_argument(
+        "--formats",
+        default=",".join(dict.fromkeys(fmt for fmt, _, _ in CHECKS)),
+        help="comma-separated int8 formats to check (default: all)",
+    )
     args = p.parse_args(argv)
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("parity_sweep.py: --data-dir (or FATQ_DATA_DIR) must name the test data.")
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
     rows = []
     for index, checkpoint in enumerate(args.checkpoints):
         name = f"{index}-{checkpoint.parent.name}"
-        for fmt, suffix, engine in CHECKS:
+        for fmt, suffix, engine in (check for check in CHECKS if check[0] in args.formats.split(",")):
             out = args.work_dir / f"{name}{suffix}.onnx"
             rows.append(row(name, fmt, check(checkpoint, fmt, engine, out, args)))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
