@@ -40,14 +40,10 @@ a boundary (one range moved by 1e-5 changed 0.50 % of a ResNet-20 W4A4's top-1 p
 ``benchmarks/move_cost.py``), so every
 knob takes the clearing move that crosses the fewest reachable values (:func:`export.tie_lattices.best_move`).
 With calibration visits (:mod:`export.lattice_visits`), only near-ties that calibration images reach must
-clear, and crossing a reached value costs most; a float bias is then moved only where the move changes at most
-1/:data:`export.tie_lattices.MOVE_WORTH` as many reached values as it keeps off a near-tie
-(:func:`export.tie_lattices.worth_moving`). Residual sums and int32-bias convs always move (ONNX Runtime's
-rounding of the biases already sets the int32 model apart from the one trained). On the 1-epoch ResNet-20 W4A4
-the moved model of the float-bias file agreed with the model as trained on 99.97 % of the top-1 predictions with
-visits (99.68–99.72 % when every reached near-tie had to clear: near-ties are up to ~4e-5 levels wide, OpenVINO's
-128·s offset, and the stem's densely reached accumulators leave some moves no way around a reached value) and
-97.81 % without visits (10,000 test images), OpenVINO computing each exactly.
+clear, and crossing a reached value costs most. On the 1-epoch ResNet-20 W4A4 the moved model of the
+float-bias file agreed with the model as trained on 99.68–99.72 % of the top-1 predictions with visits and
+97.81 % without (10,000 test images): near-ties are up to ~4e-5 levels wide (OpenVINO's 128·s offset), and
+the stem's densely reached accumulators leave some moves no way around a reached value.
 ``fatq-export --as-trained`` keeps the model bit for bit instead, and the engines then agree with it except
 where a value at risk is hit (counted in the export report, ``residual_near_ties``).
 """
@@ -62,7 +58,7 @@ from torch import nn
 
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
 from export.lattice_visits import VISIT_WEIGHT, LatticeVisits
-from export.tie_lattices import FloatLattice, Int32Lattice, SumLattice, best_move, tied_channels, worth_moving
+from export.tie_lattices import FloatLattice, Int32Lattice, SumLattice, best_move, tied_channels
 from fatq.errors import FatqError
 
 INTEGER_LAYERS = ("qconv", "qlinear")
@@ -288,9 +284,7 @@ def _bias_shift(lattices: list[FloatLattice], channel: int) -> tuple[float, floa
         lambda lattice, moves: lattice.clear(channel, moves * unit),
         lambda lattice, moves: lattice.crossings(channel, moves * unit),
     )
-    if best is None or not worth_moving(best[1], sum(lattice.tie_visits(channel) for lattice in lattices)):
-        return None
-    return best[0] * unit, best[1]
+    return None if best is None else (best[0] * unit, best[1])
 
 
 def avoid_float_ties(

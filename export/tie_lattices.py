@@ -36,15 +36,6 @@ MOVES = np.concatenate(
 )
 MOVES = MOVES[np.argsort(np.abs(MOVES), kind="stable")]
 _CHUNK = 200
-# with calibration visits, a float-bias conv's bias moves only if the move keeps at least this many reached
-# near-tie values off a boundary per reached value it carries across one (:func:`worth_moving`). A crossing
-# changes the model as trained wherever an image reaches that value; a conv's near-tie (a trained bias, so
-# almost never an exact tie) only risks an engine rounding it the other way. Residual sums always move: their
-# small integer pairs make exact ties that an engine rounds the other way often (leaving them broke OpenVINO's
-# parity on a 150-step ResNet-20 W4A4: 98.76 %). Chosen on the 1-epoch ResNet-20 W4A4: its TensorRT file's model
-# agreed with the model as trained on 99.97 % of the test images (1.0: 99.81 %; every reached near-tie cleared:
-# 99.72 %), OpenVINO computing it exactly each time (docs/parity.md).
-MOVE_WORTH = 4.0
 
 
 def best_move(score) -> tuple[float, int] | None:
@@ -68,14 +59,6 @@ def best_move(score) -> tuple[float, int] | None:
         if best_cost == 0:
             break
     return None if best is None else (best, int(best_cost))
-
-
-def worth_moving(crossing_cost: float, at_stake: int) -> bool:
-    """Whether a move whose :func:`best_move` cost is ``crossing_cost`` is worth making, ``at_stake`` being how
-    often calibration reached the near-ties it clears (0 without visits: then every near-tie must clear)."""
-    if at_stake == 0:
-        return True
-    return MOVE_WORTH * (crossing_cost // VISIT_WEIGHT) <= at_stake
 
 
 def _crossing_cost(x0: np.ndarray, x1: np.ndarray, low, high, visits, offset: float = 0.0) -> np.ndarray:
@@ -194,17 +177,6 @@ class FloatLattice:
         # 3e-7·t: float32 roundings of acc·step, + b and / s_y that engines order differently
         tied = np.abs(value - self.boundaries) < TIE_MARGIN + 3e-7 * np.abs(self.boundaries)
         return ~(tied & _visited(self.visits, channel, n)).any(axis=-1)
-
-    def tie_visits(self, channel: int) -> int:
-        """How often the calibration images reached a near-tie of ``channel`` as the model stands (0 without
-        visits): what leaving the channel unmoved risks."""
-        if self.visits is None or self.multiplier[channel] == 0:
-            return 0
-        offset, multiplier = self.offset[channel], self.multiplier[channel]
-        n = np.clip(np.round((self.boundaries - offset) / multiplier), self.low[channel], self.high[channel])
-        value = n * multiplier + offset
-        tied = np.abs(value - self.boundaries) < TIE_MARGIN + 3e-7 * np.abs(self.boundaries)
-        return int(self.visits[channel].between(n[tied], n[tied]).sum())
 
     def crossings(self, channel: int, shift: np.ndarray) -> np.ndarray:
         """Cost [J] of the reachable n of ``channel`` whose n·M + c falls on the other side of a boundary after

@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from export_helpers import input_shape_for, quantizer_inputs, trained_like
 
-from export.deploy_graph import tensor_quant
 from export.engine_exact import make_engine_exact
-from export.lattice_visits import VISIT_WEIGHT, LatticeVisits
+from export.lattice_visits import LatticeVisits
 from export.pipeline import deploy_graph
 from export.reference import DeployReference
-from export.tie_lattices import MOVE_WORTH, TIE_MARGIN, FloatLattice, worth_moving
 
 
 def _lowered(model):
@@ -80,39 +78,3 @@ def test_moves_with_visits_change_fewer_integers_on_the_images_they_counted():
         after = _integers(moved, images)
         changed[label] = sum(int((after[n] != before[n]).sum()) for n in before)
     assert changed["visits"] < changed["blind"]
-
-
-def test_a_move_is_worth_making_only_against_enough_reached_near_ties():
-    crossings = 3 * VISIT_WEIGHT + 5  # 3 reached values carried across, 5 unreached
-    assert worth_moving(crossings, at_stake=int(3 * MOVE_WORTH))
-    assert not worth_moving(crossings, at_stake=int(3 * MOVE_WORTH) - 1)
-    assert worth_moving(5, at_stake=1)  # crossing no reached value is always worth it
-    assert worth_moving(crossings, at_stake=0)  # without visits every near-tie must clear
-
-
-def test_tie_visits_count_the_reached_values_on_a_boundary():
-    """A channel's bias moved so that the reached accumulator nearest a rounding boundary lands on it: the
-    lattice reports exactly the visits of the values then within the tie margin, counted independently
-    from the captured accumulators."""
-    model = trained_like("resnet20", 4)
-    graph = _lowered(model)
-    images = _images(16, 3)
-    visits = LatticeVisits.measure(graph, images, "float")
-    _, captured = DeployReference(graph, "float").run(images, capture=True)
-    layer = next(n for n in graph.nodes if n.op == "qconv" and n.inputs[0] in captured and n.attrs["out_quant"])
-    a = layer.attrs
-    weight = torch.from_numpy(layer.params["weight"].astype(np.float32))
-    acc = F.conv2d(captured[layer.inputs[0]], weight, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-    in_quant = graph.producers()[layer.inputs[0]].attrs["out_quant"]
-    lattice = FloatLattice(layer, tensor_quant(in_quant), visits.accumulators[layer.name])
-    channel = 2
-    values, counts = np.unique(acc[:, channel].numpy().astype(np.int64), return_counts=True)
-    level = values * lattice.multiplier[channel] + lattice.offset[channel]
-    distance = level - (np.floor(level) + 0.5)
-    inside = (level > 0) & (level < lattice.boundaries[-1] + 0.5)
-    nearest = np.flatnonzero(inside)[np.argmin(np.abs(distance[inside]))]  # moved onto its boundary below
-    lattice.offset[channel] -= distance[nearest]
-    level = values * lattice.multiplier[channel] + lattice.offset[channel]
-    near = np.abs(level - (np.floor(level) + 0.5)) < TIE_MARGIN + 3e-7 * np.abs(level)
-    assert near[nearest]
-    assert lattice.tie_visits(channel) == counts[near].sum() >= counts[nearest] > 0
