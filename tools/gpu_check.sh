@@ -97,7 +97,10 @@ if missing:
     sys.exit(f"missing packages: {missing}")
 EOF
 [[ ${PIPESTATUS[0]} == 0 ]] || exit 1
+# the commit of the copy's .git may predate its working tree (a copied checkout): also hash the sources themselves
 git -C "$REPO" rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$SUMMARY"
+find fatq export engines calibration benchmarks tools -name '*.py' -o -name '*.sh' | sort | xargs cat | sha256sum \
+    | cut -c1-16 | sed 's/^/sources sha256 /' | tee -a "$SUMMARY"
 
 if want 1; then
 say "== 1. train W4A4 on CUDA, $STEPS steps, fp32 and --amp"
