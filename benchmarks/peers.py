@@ -1,6 +1,8 @@
 """fatq's int8 files against the engines' own 8-bit PTQ graphs of the same network, side by side.
 
-For each network (a public FP32 CIFAR-10 checkpoint) this script builds:
+For each network (a public FP32 CIFAR-10 checkpoint, or any FP32 fatq checkpoint given with ``--fp32
+ARCH=PATH``, e.g. a MobileNetV2 trained by ``fatq-train --bits 32``, for which no public one exists) this
+script builds:
 
 - the FP32 ONNX file a user has (``torch.onnx.export`` of the FP32 model, dynamic batch);
 - the peers' graphs at their documented best settings, from that file and 512 training images:
@@ -24,6 +26,8 @@ Usage::
 
     python benchmarks/peers.py --data-dir ../shared/datasets --pretrained-dir ../shared/pretrained \\
         --archs resnet20 --bits 4,8 --targets portable,cpu --work-dir peers-out
+    python benchmarks/peers.py --data-dir ../shared/datasets --archs mobilenetv2 --fp32 mobilenetv2=fp32/last.pt \
+        --bits 4,8 --targets portable --work-dir peers-mbv2
 
 Needs the ``[bench]`` extra (nncf). The CPU's model and flags and the package versions are printed with
 the table and saved in ``WORK_DIR/peers.json``.
@@ -68,7 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=os.environ.get("FATQ_DATA_DIR"), help="CIFAR-10 (JPEG archive)")
     p.add_argument("--pretrained-dir", type=Path, default=os.environ.get("FATQ_PRETRAINED_DIR"))
-    p.add_argument("--archs", default="resnet20", help=f"comma-separated, of {', '.join(PUBLIC_CHECKPOINTS)}")
+    p.add_argument("--archs", default="resnet20", help="comma-separated architectures")
+    p.add_argument(
+        "--fp32",
+        action="append",
+        default=[],
+        metavar="ARCH=PATH",
+        help="an FP32 checkpoint for ARCH (default: the public one in --pretrained-dir); repeatable",
+    )
     p.add_argument("--bits", default="4,8", help="fatq bit-widths (W=A), comma-separated")
     p.add_argument("--max-steps", type=int, default=150, help="fatq-train steps from the FP32 checkpoint")
     p.add_argument(
@@ -87,11 +98,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("peers.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
-    if args.pretrained_dir is None or not Path(args.pretrained_dir).is_dir():
-        sys.exit("peers.py: --pretrained-dir (or FATQ_PRETRAINED_DIR) must name the public FP32 checkpoints.")
-    unknown = set(args.archs.split(",")) - set(PUBLIC_CHECKPOINTS)
-    if unknown:
-        sys.exit(f"peers.py: no public FP32 checkpoint for {', '.join(sorted(unknown))}.")
+    if any("=" not in item for item in args.fp32):
+        sys.exit("peers.py: --fp32 takes ARCH=PATH.")
+    args.fp32 = {arch: Path(path) for arch, path in (item.split("=", 1) for item in args.fp32)}
+    for arch in args.archs.split(","):
+        if arch in args.fp32:
+            if not args.fp32[arch].is_file():
+                sys.exit(f"peers.py: {args.fp32[arch]} (--fp32 {arch}) is not a file.")
+        elif arch not in PUBLIC_CHECKPOINTS:
+            sys.exit(f"peers.py: no public FP32 checkpoint for {arch}; give one with --fp32 {arch}=PATH.")
+        elif args.pretrained_dir is None or not Path(args.pretrained_dir).is_dir():
+            sys.exit("peers.py: --pretrained-dir (or FATQ_PRETRAINED_DIR) must name the public FP32 checkpoints.")
+        else:
+            args.fp32[arch] = Path(args.pretrained_dir) / PUBLIC_CHECKPOINTS[arch]
     if set(args.targets.split(",")) - set(TARGET_FORMATS):
         sys.exit(f"peers.py: --targets takes {', '.join(TARGET_FORMATS)}.")
     return args
@@ -272,7 +291,7 @@ def machine() -> dict:
 
 
 def run_arch(arch: str, args, work: Path) -> list[dict]:
-    fp32_checkpoint = args.pretrained_dir / PUBLIC_CHECKPOINTS[arch]
+    fp32_checkpoint = args.fp32[arch]
     test = load_split(args.data_dir, "test", quiet=True)
     train = load_split(args.data_dir, "train", quiet=True)
     fp32 = create_model(arch, bits=32, num_classes=len(test.class_names))
