@@ -331,6 +331,7 @@ def _save_reference(model, data: dict, path: Path, meta: dict) -> None:
         model,
         data["normalization"],
         data.get("class_names"),
+        data["input_size"],  # the size the model trained at, not its architecture's registered one
         derived_from=provenance,
         calibration=meta["calibration"],
         bias_projection=meta["bias_projection"],

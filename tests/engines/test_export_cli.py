@@ -51,6 +51,17 @@ def test_export_writes_onnx_deploy_graph_and_metadata(checkpoint, tmp_path, caps
     assert graph.dialect == "integer" and graph.meta["arch"] == "resnet20"
 
 
+def test_reference_checkpoint_keeps_the_trained_input_size(tmp_path):
+    """A model trained at another size than its architecture's registered one (MobileNetV2 on 32x32 CIFAR
+    images, registered at 224) keeps that size in its .reference.pt, which fatq-bench checks against the file."""
+    source = tmp_path / "r20-48.pt"
+    save_checkpoint(source, trained_like("resnet20", 4), CIFAR_NORMALIZATION, CLASSES, [3, 48, 48])
+    out = tmp_path / "m.onnx"
+    assert main([str(source), "--format", "onnx-ort", "-o", str(out), "--quiet"]) == 0
+    assert load_fatq_checkpoint(companion_path(out, REFERENCE))["input_size"] == [3, 48, 48]
+    assert json.loads(read_metadata(onnx.load(str(out)))["input_shape"]) == ["batch", 3, 48, 48]
+
+
 def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
     out, report = tmp_path / "m.onnx", tmp_path / "r.json"
     args = [str(checkpoint), "-o", str(out), "--check", "--check-images", "12", "--json", str(report), "--quiet"]
