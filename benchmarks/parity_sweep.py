@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated int8 formats to check (default: all)",
     )
     args = p.parse_args(argv)
+    unknown = set(args.formats.split(",")) - {fmt for fmt, _, _ in CHECKS}
+    if unknown:
+        p.error(f"--formats: no int8 format {', '.join(sorted(unknown))}")
     if args.data_dir is None or not Path(args.data_dir).exists():
         sys.exit("parity_sweep.py: --data-dir (or FATQ_DATA_DIR) must name the test data.")
     missing = [str(c) for c in args.checkpoints if not c.is_file()]

@@ -100,17 +100,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         sys.exit("peers.py: --data-dir (or FATQ_DATA_DIR) must name the CIFAR-10 data.")
     if any("=" not in item for item in args.fp32):
         sys.exit("peers.py: --fp32 takes ARCH=PATH.")
-    args.fp32 = {arch: Path(path) for arch, path in (item.split("=", 1) for item in args.fp32)}
+    given = {arch: Path(path) for arch, path in (item.split("=", 1) for item in args.fp32)}
+    args.fp32_checkpoints = {}  # arch -> the FP32 checkpoint everything is built from
     for arch in args.archs.split(","):
-        if arch in args.fp32:
-            if not args.fp32[arch].is_file():
-                sys.exit(f"peers.py: {args.fp32[arch]} (--fp32 {arch}) is not a file.")
+        if arch in given:
+            if not given[arch].is_file():
+                sys.exit(f"peers.py: {given[arch]} (--fp32 {arch}) is not a file.")
+            args.fp32_checkpoints[arch] = given[arch]
         elif arch not in PUBLIC_CHECKPOINTS:
             sys.exit(f"peers.py: no public FP32 checkpoint for {arch}; give one with --fp32 {arch}=PATH.")
         elif args.pretrained_dir is None or not Path(args.pretrained_dir).is_dir():
             sys.exit("peers.py: --pretrained-dir (or FATQ_PRETRAINED_DIR) must name the public FP32 checkpoints.")
         else:
-            args.fp32[arch] = Path(args.pretrained_dir) / PUBLIC_CHECKPOINTS[arch]
+            args.fp32_checkpoints[arch] = Path(args.pretrained_dir) / PUBLIC_CHECKPOINTS[arch]
     if set(args.targets.split(",")) - set(TARGET_FORMATS):
         sys.exit(f"peers.py: --targets takes {', '.join(TARGET_FORMATS)}.")
     return args
@@ -291,7 +293,7 @@ def machine() -> dict:
 
 
 def run_arch(arch: str, args, work: Path) -> list[dict]:
-    fp32_checkpoint = args.fp32[arch]
+    fp32_checkpoint = args.fp32_checkpoints[arch]
     test = load_split(args.data_dir, "test", quiet=True)
     train = load_split(args.data_dir, "train", quiet=True)
     fp32 = create_model(arch, bits=32, num_classes=len(test.class_names))

@@ -35,7 +35,7 @@ from fatq import __version__
 from fatq.distributed import resolve_device
 from fatq.layers import QUANTIZED_LAYERS
 from fatq.train import TrainConfig, autocast_context, build_model, build_optimizer, default_lr
-from fatq.weight_groups import grouped_weights
+from fatq.weight_groups import grouped_weights, weight_groups
 
 VARIANTS = ("fat", "fat-per-layer", "no-transform", "fp32", "fat-graph")
 PER_LAYER = ("fat-per-layer",)  # variants whose weight paths run layer by layer
@@ -54,9 +54,14 @@ def variants(arch: str, bits: int) -> dict[str, TrainConfig]:
     }
 
 
-def train_step(model, optimizer, images, labels, device: torch.device, amp: bool, grouped: bool) -> None:
+def batched(model, groups: list | None):
+    """The weight-path context of a step: ``groups`` (:func:`weight_groups`) batched, or None: layer by layer."""
+    return nullcontext() if groups is None else grouped_weights(model, groups)
+
+
+def train_step(model, optimizer, images, labels, device: torch.device, amp: bool, groups: list | None) -> None:
     """One training step as fatq-train takes it (autocast, forward, loss, backward, SGD)."""
-    with autocast_context(device, amp), grouped_weights(model) if grouped else nullcontext():
+    with autocast_context(device, amp), batched(model, groups):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -90,13 +95,13 @@ def graphed_step(step) -> Callable[[], None]:
     return graph.replay
 
 
-def weight_path_time(model: torch.nn.Module, clock, device: torch.device, grouped: bool) -> float:
+def weight_path_time(model: torch.nn.Module, clock, device: torch.device, groups: list | None) -> float:
     """Seconds for forward + backward of every quantized layer's weight path (transform + quantizer)."""
     layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = clock()
-    with grouped_weights(model) if grouped else nullcontext():
+    with batched(model, groups):
         total = sum(layer.quantized_weight().square().sum() for layer in layers)
     total.backward()
     model.zero_grad(set_to_none=True)
@@ -170,18 +175,19 @@ def main() -> None:
             continue
         model = build_model(cfg, num_classes=10).to(device).train()
         optimizer = build_optimizer(model, cfg)
-        step = partial(train_step, model, optimizer, images, labels, device, args.amp, name not in PER_LAYER)
+        groups = None if name in PER_LAYER else weight_groups(model)  # once, as fatq-train's Trainer does
+        step = partial(train_step, model, optimizer, images, labels, device, args.amp, groups)
         if name == "fat-graph":
             try:
                 step = graphed_step(step)
             except Exception as error:  # a measurement: report why capture failed and go on without it
                 print(f"note: fat-graph left out, capture failed: {type(error).__name__}: {str(error)[:300]}")
                 continue
-        runs[name] = (model, step, [])
+        runs[name] = (model, step, [], groups)
 
     load_before = os.getloadavg()
     for index in range(args.warmup + args.steps):
-        for _, step, times in runs.values():  # interleaved: load changes hit all models alike
+        for _, step, times, _ in runs.values():  # interleaved: load changes hit all models alike
             seconds = timed(step, device, clock)
             if index >= args.warmup:
                 times.append(seconds)
@@ -190,12 +196,12 @@ def main() -> None:
     weight_path = {name: [] for name in ("fat", "fat-per-layer", "no-transform") if name in runs}
     for index in range(args.warmup + 5 * args.steps):
         for name, times in weight_path.items():
-            seconds = weight_path_time(runs[name][0], clock, device, name not in PER_LAYER)
+            seconds = weight_path_time(runs[name][0], clock, device, runs[name][3])
             if index >= args.warmup:
                 times.append(seconds)
     load_after = os.getloadavg()
 
-    medians = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+    medians = {name: statistics.median(times) for name, (_, _, times, _) in runs.items()}
     pairs = (
         ("fat", "no-transform"),
         ("fat", "fp32"),

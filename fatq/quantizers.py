@@ -52,6 +52,12 @@ def round_clamp(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     return (x / scale).round_().clamp_(qmin, qmax)
 
 
+def uniform_integers(w: Tensor, alpha: Tensor, levels: int) -> Tensor:
+    """Integers of a symmetric narrow-range quantizer with clipping threshold ``alpha`` (broadcast
+    against ``w``): clamp(round_half_even(w / (alpha / levels)), -levels, levels), no gradient."""
+    return round_clamp(w.detach(), (alpha / levels).detach(), -levels, levels)
+
+
 class _LearnedScaleQuant(torch.autograd.Function):
     """Returns q * (alpha / levels) for precomputed integers q; custom gradients.
 
@@ -137,7 +143,7 @@ class UniformWeightQuantizer(nn.Module):
         return -self.levels, self.levels
 
     def _integers(self, w: Tensor) -> Tensor:
-        return round_clamp(w.detach(), (self.alpha / self.levels).detach(), -self.levels, self.levels)
+        return uniform_integers(w, self.alpha, self.levels)
 
     def integers(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Integer weights q (float dtype, values in [-n, n], shape of ``w``) and scale (0-dim)."""

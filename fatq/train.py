@@ -53,7 +53,7 @@ from fatq.models import create_model, model_info
 from fatq.qconfig import QuantSpec
 from fatq.quantizers import FLOAT_BITS, ActivationQuantizer, clamp_alphas_
 from fatq.streaming import FileSplit, StreamBatches
-from fatq.weight_groups import grouped_weights
+from fatq.weight_groups import grouped_weights, weight_groups
 
 TRAIN_CONFIG_VERSION = 1
 REFERENCE_EPOCHS = 400
@@ -452,6 +452,7 @@ class Trainer:
         self.best_top1 = -1.0
         self.last_eval: dict | None = None
         self.network = self._wrap_ddp(model)
+        self.weight_groups = weight_groups(model)  # the layers whose weight paths each step batches
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.ctx.distributed:
@@ -566,7 +567,7 @@ class Trainer:
         )
 
     def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        with autocast_context(self.ctx.device, self.cfg.amp), grouped_weights(self.model):
+        with autocast_context(self.ctx.device, self.cfg.amp), grouped_weights(self.model, self.weight_groups):
             logits = self.network(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,8 @@ checks forward and gradients against it. Evaluation and export keep the per-laye
 (``_QuantizedWeightMixin.quantized_weight`` outside this context), so the integers export writes
 are those the exported model computes, whichever path trained it.
 
-    with grouped_weights(model):
+    groups = weight_groups(model)  # once: the grouping is fixed by the model (~0.3 ms for ResNet-20)
+    with grouped_weights(model, groups):
         loss = criterion(model(images), labels)
     loss.backward()
 """
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fatq.layers import QUANTIZED_LAYERS
-from fatq.quantizers import UniformWeightQuantizer, _learned_scale_quant, round_clamp
+from fatq.quantizers import UniformWeightQuantizer, _learned_scale_quant, uniform_integers
 from fatq.transform import FATTransform
 
 
@@ -82,21 +83,22 @@ def _group_forward(layers: list[nn.Module]) -> list[Tensor]:
     quantizer = first.weight_quantizer
     levels = quantizer.levels
     alpha = torch.stack([layer.weight_quantizer.alpha for layer in layers]).reshape(-1, 1, 1)  # [L, 1, 1]
-    integers = round_clamp(weights.detach(), (alpha / levels).detach(), -levels, levels)
+    integers = uniform_integers(weights, alpha, levels)
     fake_quant = _learned_scale_quant(weights, alpha, integers, levels, -levels, levels, False)
     return [w.reshape(shape) for w in fake_quant.unbind(0)]
 
 
 @contextmanager
-def grouped_weights(model: nn.Module):
+def grouped_weights(model: nn.Module, groups: list[list[nn.Module]] | None = None):
     """Inside: every batched layer's ``quantized_weight()`` returns its group's result (computed on entry).
 
     Only in training with gradients (the path the optimizer steps through); layers outside any group,
-    and every layer in evaluation, use their own path.
+    and every layer in evaluation, use their own path. ``groups``: :func:`weight_groups` of ``model``,
+    computed once by the caller that enters this every step (default: computed here).
     """
     layers = []
     if model.training and torch.is_grad_enabled():
-        for group in weight_groups(model):
+        for group in weight_groups(model) if groups is None else groups:
             for layer, weight in zip(group, _group_forward(group), strict=True):
                 layer._grouped_weight = weight
                 layers.append(layer)

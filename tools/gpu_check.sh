@@ -9,8 +9,9 @@
 # the speed runs (default 300). Needs PyTorch with CUDA, torchvision, numpy, pillow and tqdm; no network; runs
 # from the source tree (PYTHONPATH), so the machine's own torch is used whatever pyproject.toml pins.
 # Environment: SECTIONS (default "1 2 3 4 5 6": which of the sections below run); SEEDS (default "1 2 3") for
-# the placement runs; BUDGET_S (default 300): no placement run starts after this many seconds. Every section runs under `timeout`, logs to its own file and records its exit
-# status in summary.txt, so one failing section does not hide the others. Results go to $OUT (if set) or
+# the placement runs; BUDGET_S (default 300): no placement run starts after this many seconds. Every section runs
+# under `timeout`, logs to its own file and records its exit status in summary.txt, so one failing section does
+# not hide the others. Results go to $OUT (if set) or
 # ./gpu_check_out:
 #   1. speed: fatq-train ResNet-20 W4A4 on CUDA for STEPS steps, without and with --amp (train_fp32.json,
 #      train_amp.json; images/s of the training loop, wall time, top-1); the fp32 run's checkpoint is kept as
