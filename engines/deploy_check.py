@@ -147,7 +147,7 @@ def with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelPro
     return copy
 
 
-def _check_runner(engine: str, model, threads: int | None, name: str) -> Runner:
+def check_runner(engine: str, model, threads: int | None, name: str) -> Runner:
     """The active runner of ``engine`` (an :data:`engines.registry.ENGINES` name) on ``model``
     (a ModelFile: the file, or the debug copy in memory).
 
@@ -212,9 +212,9 @@ def compare(
     others = {"as_trained": as_trained} if as_trained is not None else {}
     others.update(also or {})
     engine = ENGINES[check_engine].package  # the report's name: "onnxruntime", "openvino"
-    production = _check_runner(check_engine, inspect_onnx(onnx_model, onnx_path), threads, onnx_path.name)
+    production = check_runner(check_engine, inspect_onnx(onnx_model, onnx_path), threads, onnx_path.name)
     debug_copy = with_outputs(onnx_model, {o.name: o.dtype for o in exposed.values()})
-    debug = _check_runner(check_engine, in_memory_model(debug_copy, f"{onnx_path.stem}.debug.onnx"), threads, "debug")
+    debug = check_runner(check_engine, in_memory_model(debug_copy, f"{onnx_path.stem}.debug.onnx"), threads, "debug")
     engine_version = production.info().engine_version
     pairs = {k: RunningAgreement() for k in ("engine_model", "ref_model", "engine_ref", *others)}
     correct = {engine: 0, "reference": 0, "checkpoint": 0, **{_accuracy_key(k): 0 for k in others}}
