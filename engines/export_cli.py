@@ -327,6 +327,20 @@ def _print_check(r: dict) -> None:
             f"  int8 identical ({engine} vs reference): min {low:.4f} % over {r['int8_tensors']} tensors "
             f"(worst {worst}{unobserved})"
         )
+        local = r["local_differences"]
+        if local["values"]:
+            print(
+                f"  computed differently on equal inputs: {local['values']} values, {local['at_ties']} of them "
+                f"rounding ties (within float error of k + 1/2; the largest distance "
+                f"{local['max_tie_distance_levels']:.1e} levels); everything else that differs was computed from these"
+            )
+            for example in local["examples"]:
+                if not example["tie"]:
+                    print(
+                        f"    not a tie: image {example['image']} {example['tensor']}{example['index']}: reference "
+                        f"{example['reference']}, {engine} {example['engine']} (t = {example['t']:.6f} at "
+                        f"{example['rounded_at']})"
+                    )
     print(f"  {'PASSED' if r['passed'] else 'FAILED'} (min agreement {r['min_agreement']} %)")
 
 

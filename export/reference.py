@@ -84,6 +84,7 @@ class DeployReference(nn.Module):
         # how each quantized tensor is stored (integers, scale): what DequantizeLinear reads
         self.quant = {n.output: tensor_quant(n.attrs["out_quant"]) for n in graph.nodes if n.attrs.get("out_quant")}
         self.float_bias_nodes: set[str] = set()  # integer layers that add a float bias (filled below)
+        self._pre_rounding: dict[str, Tensor] | None = None  # set during run(pre_rounding=...)
         for index, node in enumerate(graph.nodes):
             for key, value in self._node_buffers(node).items():
                 self.register_buffer(f"n{index}_{key}", value, persistent=False)
@@ -134,7 +135,11 @@ class DeployReference(nn.Module):
         return self.run(x)[0]
 
     def run(
-        self, x: Tensor, capture: bool = False, overrides: dict[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        capture: bool = False,
+        overrides: dict[str, Tensor] | None = None,
+        pre_rounding: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Run the graph.
 
@@ -144,6 +149,9 @@ class DeployReference(nn.Module):
             overrides: {tensor name: value} to use instead of what a node computed (integers for
                 quantized tensors): feeding another model's tensors makes every node's captured
                 output depend on that model's inputs only, for layer-by-layer parity.
+            pre_rounding: filled with {tensor name: t} for every node that rounds: the value in
+                output levels before rounding (y / s_y, or the requantized accumulator), float32,
+                the tensor's shape (before any ``expand``).
 
         Returns:
             (logits float32 [N, classes], {tensor name: integers as float32} if ``capture``).
@@ -151,14 +159,24 @@ class DeployReference(nn.Module):
         tf32 = torch.backends.cudnn.flags(allow_tf32=False) if x.is_cuda else contextlib.nullcontext()
         env: dict[str, Tensor] = {self.graph.input_name: x.float()}
         captured: dict[str, Tensor] = {}
-        with torch.no_grad(), tf32:
-            for index, node in enumerate(self.graph.nodes):
-                env[node.output] = self._run_node(index, node, env)
-                if capture and node.output in self.quant:
-                    captured[node.output] = env[node.output]
-                if overrides and node.output in overrides:
-                    env[node.output] = overrides[node.output].to(env[node.output].dtype)
+        self._pre_rounding = pre_rounding
+        try:
+            with torch.no_grad(), tf32:
+                for index, node in enumerate(self.graph.nodes):
+                    env[node.output] = self._run_node(index, node, env)
+                    if capture and node.output in self.quant:
+                        captured[node.output] = env[node.output]
+                    if overrides and node.output in overrides:
+                        env[node.output] = overrides[node.output].to(env[node.output].dtype)
+        finally:
+            self._pre_rounding = None
         return self._float(self.graph.output_name, env), captured
+
+    def _round(self, node: DeployNode, t: Tensor) -> Tensor:
+        """round_half_even(t), recording t for :meth:`run`'s ``pre_rounding``."""
+        if self._pre_rounding is not None:
+            self._pre_rounding[node.output] = t
+        return torch.round(t)
 
     def _float(self, name: str, env: dict[str, Tensor]) -> Tensor:
         """A tensor's real values: integers · scale for quantized tensors (DequantizeLinear)."""
@@ -173,7 +191,7 @@ class DeployReference(nn.Module):
         if op in INTEGER_PRESERVING_OPS and node.inputs[0] in self.quant:
             return _float_op(op, attrs, env[node.inputs[0]])  # exact on integers
         if op == "quantize":
-            q = torch.round(env[node.inputs[0]] / torch.tensor(attrs["scale"], dtype=torch.float32))
+            q = self._round(node, env[node.inputs[0]] / torch.tensor(attrs["scale"], dtype=torch.float32))
             return q.clamp_(attrs["qmin"], attrs["qmax"])
         if op == "conv":
             weight, bias = self._param(index, "weight"), self._param(index, "bias")
@@ -204,12 +222,12 @@ class DeployReference(nn.Module):
             y = acc.float() * scale.view(shape) + bias.view(shape)
             if out_quant is None:
                 return y
-            q = torch.round(y / self._param(index, "out_scale"))
+            q = self._round(node, y / self._param(index, "out_scale"))
         else:  # int32 accumulator + int32 bias, converted to float32 (round to nearest even, as cvtdq2ps)
             y = (acc.double() + bias.view(shape)).float() * scale.view(shape)
             if out_quant is None:
                 return y
-            q = torch.round(y)
+            q = self._round(node, y)
         q = q.clamp_(out_quant["qmin"], out_quant["qmax"])
         expand = out_quant.get("expand", 1)
         return q * expand if expand != 1 else q

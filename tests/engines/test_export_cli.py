@@ -71,6 +71,7 @@ def test_check_report_and_exit_status(checkpoint, tmp_path, capsys):
         assert key in check
     assert check["images"] == 12 and check["passed"] is True
     assert check["int8_identical_pct_min"] == 100.0 and len(check["int8_identical_pct"]) == check["int8_tensors"]
+    assert check["local_differences"]["values"] == 0
     # ONNX Runtime rounds the TensorRT file's float biases to int32: compared with that model, and with the file's
     accuracy = {"onnxruntime", "reference", "checkpoint", "checkpoint_as_trained", "file_reference"}
     assert set(check["accuracy"]) == accuracy and check["reference_arithmetic"] == "int32"
