@@ -4,8 +4,9 @@ For each checkpoint and each (int8 format, engine) pair of :data:`CHECKS` this r
 --format F --check --check-engine E --check-images N --json`` and tabulates what the check measured against the
 model that engine computes on that file (the file's ``.reference.pt``, or for ONNX Runtime on the float-bias
 TensorRT file the deploy graph with int32 biases): top-1 agreement, the lowest share of identical integers
-over the observed tensors, the first tensor (in graph order) where engine and reference part, and the
-agreement with the model as trained.
+over the observed tensors, the first tensor (in graph order) where engine and reference part, how many values
+the engine computes differently on equal inputs and how many of those are rounding ties
+(:mod:`engines.local_differences`), and the agreement with the model as trained.
 
 Usage::
 
@@ -89,24 +90,33 @@ def row(name: str, fmt: str, result: dict) -> dict:
         "min_identical": result["int8_identical_pct_min"],
         "first_differing": first,
         "unobserved": len(result.get("unobserved_int8_tensors", [])),
+        "local": result.get("local_differences"),
         "as_trained": as_trained["top1_agreement_pct"] if as_trained else None,
         "accuracy": result["accuracy"].get(engine),
         "passed": result["passed"],
     }
 
 
+def _local(r: dict) -> str:
+    """ "values (of them ties)" the engine computed differently on equal inputs; "–" where none differ."""
+    local = r.get("local")
+    if local is None:  # a report written before the check counted them
+        return "–" if r["min_identical"] in (None, 100.0) else "n/a"
+    return "–" if local["values"] == 0 else f"{local['values']} ({local['at_ties']})"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | file | engine | compared with | agreement % | min identical % | first differing tensor "
-        "| vs as trained % | top-1 % | check |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---|",
+        "| computed differently (ties) | vs as trained % | top-1 % | check |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         identical = "–" if r["min_identical"] is None else f"{r['min_identical']:.5f}"
         trained = "–" if r["as_trained"] is None else f"{r['as_trained']:.2f}"
         lines.append(
             f"| {r['model']} | {r['file']} | {r['engine']} | {r['compared']} | {r['agreement']:.2f} | {identical} "
-            f"| {r['first_differing'] or '–'} | {trained} | {r['accuracy']:.2f} | "
+            f"| {r['first_differing'] or '–'} | {_local(r)} | {trained} | {r['accuracy']:.2f} | "
             f"{'passed' if r['passed'] else 'FAILED'} |"
         )
     return "\n".join(lines) + "\n"

@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--min-int8-identical",
         type=float,
-        help=f"min %% identical int8s per tensor (default {EXACT_BOUNDS[1]}; "
-        f"{FLOAT_BRANCH_BOUNDS[1]} for --target trt)",
+        help=f"min %% identical int8s per tensor, unless every value the engine computes differently is a "
+        f"rounding tie (default {EXACT_BOUNDS[1]}; {FLOAT_BRANCH_BOUNDS[1]} for --target trt)",
     )
     parser.add_argument(
         "--as-trained",
