@@ -8,15 +8,16 @@ value that still differs is a **local difference**.
 
 Each local difference is judged by the reference's value before rounding, t (in output levels): its
 distance to the nearest rounding boundary k + 1/2, taken at the node and at every unobserved quantized
-tensor it was computed from (OpenVINO fuses an 8-bit branch quantizer into its conv, where it cannot be
-observed; the reference's t there stands in for the engine's). A distance within the engines' float error,
+tensor it was computed from through a residual Add, a ReLU or an option-A shortcut (OpenVINO fuses an 8-bit
+branch quantizer into its conv, where it cannot be observed; the reference's t there stands in for the
+engine's). A distance within the engines' float error,
 ``SUM_ERROR · (128 + |t|)`` levels (four half-ulps of OpenVINO's FakeQuantize, which offsets t by 128 first,
 :mod:`export.tie_lattices`), is a rounding **tie** that the engine's float order decides: the export keeps
 reachable values away from boundaries (:mod:`export.engine_exact`) except in lattices too dense to clear.
 Any other local difference means the engine computes something other than the reference.
 
 Measured with OpenVINO 2026.4.1 on ResNet-20 files (docs/parity.md): every local difference lay within
-7.7e-6 levels of a boundary (one float32 ulp of t between 64 and 128).
+1.6e-5 levels of a boundary (two float32 ulps of t between 64 and 128).
 """
 
 from __future__ import annotations
@@ -32,17 +33,52 @@ MAX_EXAMPLES = 5
 ELEMENTWISE_OPS = frozenset({"add", "relu", "clip"})
 
 
-def quantized_sources(tensor: str, producers: dict, quant: dict) -> list[str]:
-    """The quantized tensors the node of ``tensor`` computes from elementwise, through float ops of
-    :data:`ELEMENTWISE_OPS` (a residual Add, a ReLU), so that a position means the same value in each."""
-    found, stack = [], list(producers[tensor].inputs)
+Position = tuple  # (image, channel, row, column) or (image, feature)
+
+
+def _subsampled(pad: int, after):
+    """A position before ``subsample_pad`` {pad} (x[:, :, ::2, ::2], ``pad`` zero channels each side) for a
+    position after it, composed with ``after`` (the mapping of the ops after it); None inside the padding."""
+
+    def before(position: Position) -> Position | None:
+        position = after(position)
+        if position is None or position[1] < pad:
+            return None
+        image, channel, row, column = position
+        return (image, channel - pad, 2 * row, 2 * column)
+
+    return before
+
+
+def quantized_sources(tensor: str, producers: dict, quant: dict) -> list[tuple[str, callable]]:
+    """The quantized tensors the node of ``tensor`` computes from through float ops, each with the mapping
+    from a position of ``tensor`` to the position it reads there (None: none, e.g. a padded channel).
+
+    Walks back through elementwise ops (:data:`ELEMENTWISE_OPS`: a residual Add, a ReLU; same position) and
+    an option-A shortcut's ``subsample_pad``; stops at quantized tensors and any other op.
+    """
+    found, stack = [], [(name, _same) for name in producers[tensor].inputs]
     while stack:
-        name = stack.pop()
+        name, mapping = stack.pop()
+        node = producers.get(name)
         if name in quant:
-            found.append(name)
-        elif name in producers and producers[name].op in ELEMENTWISE_OPS:
-            stack.extend(producers[name].inputs)
+            found.append((name, mapping))
+        elif node is not None and node.op in ELEMENTWISE_OPS:
+            stack.extend((source, mapping) for source in node.inputs)
+        elif node is not None and node.op == "subsample_pad":
+            stack.append((node.inputs[0], _subsampled(node.attrs["pad"], mapping)))
     return found
+
+
+def _same(position: Position) -> Position:
+    return position
+
+
+def _inside(position: Position | None, shape: torch.Size) -> bool:
+    """Whether ``position`` indexes a tensor of ``shape``."""
+    if position is None or len(position) != len(shape):
+        return False
+    return all(0 <= i < n for i, n in zip(position, shape, strict=True))
 
 
 def tie_distance(t: np.ndarray) -> np.ndarray:
@@ -72,7 +108,10 @@ class LocalDifferences:
         unobserved = set(reference.quant) - observed
         # where a node's t is read: itself, then the unobserved quantized tensors it computes from
         self.paths = {
-            tensor: [tensor, *(s for s in quantized_sources(tensor, producers, reference.quant) if s in unobserved)]
+            tensor: [
+                (tensor, _same),
+                *((s, m) for s, m in quantized_sources(tensor, producers, reference.quant) if s in unobserved),
+            ]
             for tensor in self.observed
         }
         self.images = 0
@@ -100,13 +139,16 @@ class LocalDifferences:
             for position in map(tuple, np.argwhere(computed != seen)):
                 self._judge(tensor, position, computed, seen[position], before, start)
 
-    def _judge(self, tensor: str, position: tuple, ours: np.ndarray, theirs: float, before: dict, start: int) -> None:
+    def _judge(
+        self, tensor: str, position: Position, ours: np.ndarray, theirs: float, before: dict, start: int
+    ) -> None:
         """Classify one local difference by the nearest tie along its path (see the module)."""
-        candidates = [  # (distance, tensor, t) at the node and the unobserved tensors it reads, same positions
-            (float(tie_distance(float(before[name][position]))), name, float(before[name][position]))
-            for name in self.paths[tensor]
-            if name in before and tuple(before[name].shape) == ours.shape
-        ]
+        candidates = []  # (distance, tensor, t) at the node and where it reads the unobserved tensors
+        for name, mapping in self.paths[tensor]:
+            there = mapping(position)
+            if name in before and _inside(there, before[name].shape):
+                t = float(before[name][there])
+                candidates.append((float(tie_distance(t)), name, t))
         distance, via, t = min(candidates) if candidates else (float("inf"), tensor, float("nan"))
         tie = bool(distance <= float(float_error(t)))
         if tie:

@@ -97,16 +97,27 @@ def test_a_difference_at_an_unobserved_tensor_shows_at_its_observed_reader(case)
     reader = next(
         n.output
         for n in graph.nodes
-        if n.op == "quantize" and any("branch_quantizer" in s for s in quantized_sources(n.output, producers, integers))
+        if n.op == "quantize"
+        and any("branch_quantizer" in s for s, _ in quantized_sources(n.output, producers, integers))
     )
-    hidden = next(s for s in quantized_sources(reader, producers, integers) if "branch_quantizer" in s)
+    hidden = next(s for s, _ in quantized_sources(reader, producers, integers) if "branch_quantizer" in s)
     position = _farthest_from_a_tie(before, integers, hidden)
     engine = _engine_with_one_change(reference, x, integers, hidden, position)
     observed = set(integers) - {hidden}
     local = LocalDifferences(graph, reference, observed)
     local.update(x, {t: engine[t] for t in observed}, integers)
     result = local.result()
-    readers = {t for t in observed if hidden in quantized_sources(t, producers, integers)}  # through the Add
+    readers = {t for t in observed if hidden in dict(quantized_sources(t, producers, integers))}  # through the Add
     assert reader in readers and 1 <= result["values"] <= len(readers)
     for example in result["examples"]:  # found where the hidden value is read, at its position
         assert example["tensor"] in readers and [example["image"], *example["index"]] == list(position)
+
+
+def test_an_option_a_shortcut_reads_its_source_subsampled_and_shifted_by_the_padding(case):
+    graph, _, _, integers, _ = case
+    producers = {node.output: node for node in graph.nodes}
+    sources = dict(quantized_sources("layer2.0.shortcut_quantizer", producers, integers))
+    assert set(sources) == {"layer1.2.branch_quantizer", "layer1.2.shortcut_quantizer"}  # through the Add
+    pad = producers["layer2.0.shortcut"].attrs["pad"]
+    assert sources["layer1.2.branch_quantizer"]((1, pad + 4, 3, 5)) == (1, 4, 6, 10)
+    assert sources["layer1.2.branch_quantizer"]((1, pad - 1, 3, 5)) is None  # a zero channel
