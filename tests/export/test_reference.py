@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from export.deploy_graph import DeployGraph, DeployNode
-from export.reference import EXACT_FLOAT32_LIMIT, DeployReference
+from export.reference import EXACT_FLOAT32_LIMIT, DeployReference, ort_int32_bias
 
 
 def _conv_graph(weight: np.ndarray, weight_scale, bias_int, in_scale, in_range, out_quant, padding=1, groups=1):
@@ -140,3 +140,19 @@ def test_capture_returns_integers_and_overrides_replace_them():
     _, overridden = DeployReference(graph).run(x, capture=True, overrides={"q": torch.full((1, 1, 2, 2), 4.0)})
     np.testing.assert_array_equal(overridden["conv"].numpy(), np.full((1, 1, 2, 2), 2.0))
     assert logits.shape == (1, 1, 2, 2)
+
+
+def test_onnxruntime_derives_a_float_bias_in_float32():
+    # a channel of a 150-step ResNet-20 W4A4 (layer3.1.conv2): b / (s_x * s_w) is -13193.49965 in float64
+    # but exactly -13193.5 in float32, which ONNX Runtime's Round (half to even) takes to -13194
+    bias, input_scale, weight_scale = -0.9608310461044312, 0.020425476133823395, 0.003565453924238682
+    quotient64 = np.float64(np.float32(bias)) / (np.float64(np.float32(input_scale) * np.float32(weight_scale)))
+    assert round(quotient64) == -13193
+    assert np.float32(bias) / (np.float32(input_scale) * np.float32(weight_scale)) == np.float32(-13193.5)
+    assert ort_int32_bias(np.array([bias]), input_scale, np.array([weight_scale])).tolist() == [-13194.0]
+    # away from ties both ways agree
+    biases = np.random.default_rng(0).normal(0, 1, 1000)
+    scales = np.full(1000, 0.003)
+    derived = ort_int32_bias(biases, 0.02, scales)
+    exact = np.round(biases / (np.float64(np.float32(0.02)) * np.float64(np.float32(0.003))))
+    assert (derived != exact).sum() <= 1
