@@ -1,7 +1,9 @@
-"""The fatq commands as the benchmark scripts call them: found on PATH, echoed, exit status checked."""
+"""The fatq commands as the benchmark scripts call them: found on PATH, echoed, exit status checked; the
+arguments the engine profilers share."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -29,6 +31,18 @@ def run_tool(command: list[str], ok=(0,)) -> int:
     if code not in ok:
         sys.exit(f"{_script()}: {Path(command[0]).name} failed with exit status {code}.")
     return code
+
+
+def profiler_arguments(description: str, runs: int) -> argparse.ArgumentParser:
+    """The parser of an engine profiler (``ort_profile.py``, ``openvino_profile.py``): model files, then
+    ``--batch``, ``--threads``, ``--warmup`` and ``--runs`` (default ``runs``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("models", nargs="+", type=Path, help="model files")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=runs)
+    return parser
 
 
 def engine_agreement(onnx_path: Path, engine: str, data_dir: Path, threads: int, extra: list[str] = ()) -> dict:

@@ -16,11 +16,14 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
+from fatq_tools import profiler_arguments  # noqa: E402
 
 
 def compile_model(path: Path, batch: int, threads: int, snippets: bool):
@@ -62,17 +65,17 @@ def profile(compiled, warmup: int, runs: int) -> tuple[dict[tuple[str, str], flo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="+", type=Path, help="ONNX files or OpenVINO IR .xml files")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--runs", type=int, default=30)
+    p = profiler_arguments(__doc__.split("\n\n")[0], runs=30)
     p.add_argument("--no-snippets", action="store_true", help="compile with SNIPPETS_MODE=DISABLE")
     args = p.parse_args(argv)
     for path in args.models:
         if not path.is_file():
             p.error(f"{path} does not exist")
+    import openvino as ov
+
+    from engines.host import cpu_device, int8_flags_summary
+
+    print(f"openvino {ov.get_version()}, {cpu_device()} ({int8_flags_summary()}), {args.threads} threads")
     for path in args.models:
         times, layers = profile(
             compile_model(path, args.batch, args.threads, not args.no_snippets), args.warmup, args.runs

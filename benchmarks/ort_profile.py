@@ -14,13 +14,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
+from fatq_tools import profiler_arguments  # noqa: E402
 
 
 def profile(path: Path, batch: int, threads: int, warmup: int, runs: int) -> tuple[Counter, int]:
@@ -54,13 +57,7 @@ def profile(path: Path, batch: int, threads: int, warmup: int, runs: int) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", type=Path, help="ONNX files")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    args = profiler_arguments(__doc__.split("\n\n")[0], runs=20).parse_args()
 
     import onnxruntime as ort
 

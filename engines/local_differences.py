@@ -17,8 +17,7 @@ reachable values away from boundaries (:mod:`export.engine_exact`) except in lat
 Any other local difference means the engine computes something other than the reference.
 
 Measured with OpenVINO 2026.4.1 and ONNX Runtime 1.32.0 on the ResNet-20 files of docs/parity.md (10,000
-test images each): every local difference lay within 2.4e-5 levels of a boundary, most within 7.6e-6 (one
-float32 ulp of t between 64 and 128).
+test images each): every local difference lay within 2.4e-5 levels of a boundary.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 
 from export.deploy_graph import DeployGraph
 from export.reference import DeployReference
-from export.tie_lattices import SUM_ERROR
+from export.tie_lattices import float_error, tie_distance
 
 MAX_EXAMPLES = 5
 ELEMENTWISE_OPS = frozenset({"add", "relu", "clip"})
@@ -80,17 +79,6 @@ def _inside(position: Position | None, shape: torch.Size) -> bool:
     if position is None or len(position) != len(shape):
         return False
     return all(0 <= i < n for i, n in zip(position, shape, strict=True))
-
-
-def tie_distance(t: np.ndarray) -> np.ndarray:
-    """|t − (k + 1/2)| for the nearest boundary k + 1/2, in output levels."""
-    t = np.asarray(t, dtype=np.float64)
-    return np.abs(t - np.floor(t) - 0.5)
-
-
-def float_error(t: np.ndarray) -> np.ndarray:
-    """How far from a boundary an engine's float order can move t (levels): SUM_ERROR · (128 + |t|)."""
-    return SUM_ERROR * (128.0 + np.abs(np.asarray(t, dtype=np.float64)))
 
 
 class LocalDifferences:

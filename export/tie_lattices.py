@@ -29,8 +29,22 @@ TIE_MARGIN = 5e-6
 # float error of an engine's residual-sum quantizer, in output levels per unit of (128 + |t| + Σ|terms|/s):
 # four half-ulps; 128 covers OpenVINO's int8 FakeQuantize, which computes (x + 128·s) / s (offset by its input_low)
 SUM_ERROR = 2.0**-22
+
+
 # relative moves (of a γ or a range) or bias moves (in output levels) tried: fine steps first, since a
 # move of δ levels crosses about a fraction δ of a dense activation distribution
+def tie_distance(t: np.ndarray) -> np.ndarray:
+    """|t − (k + ½)| for the nearest rounding boundary k + ½, in output levels (float64, t's shape)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.abs(t - (np.floor(t) + 0.5))
+
+
+def float_error(t: np.ndarray, magnitude: np.ndarray | float = 0.0) -> np.ndarray:
+    """How far an engine's float order can move t from the model's (levels): SUM_ERROR · (128 + |t| + magnitude),
+    ``magnitude`` = Σ|terms| / s for a residual sum (see SUM_ERROR)."""
+    return (128 + np.abs(np.asarray(t, dtype=np.float64)) + magnitude) * SUM_ERROR
+
+
 MOVES = np.concatenate(
     [sign * np.arange(1, 1001) * 1e-7 for sign in (1, -1)] + [sign * np.arange(11, 301) * 1e-5 for sign in (1, -1)]
 )
@@ -221,8 +235,8 @@ class SumLattice:
         self._before = self._as_pytorch(self.integers, None, np.zeros(1))[0]
         # what no move changes: each pair's t, its distance to the nearest boundary and its float-error window
         self._t = self.terms.sum(axis=0) / self.scale
-        self._distance = np.abs(self._t - (np.floor(self._t) + 0.5))
-        self._window = (128 + np.abs(self._t) + np.abs(self.terms).sum(axis=0) / self.scale) * SUM_ERROR
+        self._distance = tie_distance(self._t)
+        self._window = float_error(self._t, np.abs(self.terms).sum(axis=0) / self.scale)
 
     def _values(self, terms: np.ndarray, term: int | None, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(t [J, pairs], |a·s_a| + |b·s_b| [J, pairs]) with the knob moved by ``moves`` [J], each scale held
@@ -254,11 +268,10 @@ class SumLattice:
         return self._rounded(np.rint(total / scale).astype(np.float64))
 
     def _at_risk(self, t: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distance = np.abs(t - (np.floor(t) + 0.5))
         inside = (t > self.quant["qmin"] - 0.5) & (t < self.quant["qmax"] + 0.5)
         if self.through_relu:
             inside &= t > 0
-        return inside & (distance < (128 + np.abs(t) + magnitude) * SUM_ERROR), inside
+        return inside & (tie_distance(t) < float_error(t, magnitude)), inside
 
     def clear_as_is(self) -> bool:
         """Whether no pair that must clear (every pair at risk; with visits, the visited ones) is at risk now."""

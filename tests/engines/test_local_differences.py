@@ -15,8 +15,9 @@ import torch
 from export_helpers import input_shape_for, lowered_case
 
 import engines.local_differences as local_differences
-from engines.local_differences import LocalDifferences, quantized_sources, tie_distance
+from engines.local_differences import LocalDifferences, quantized_sources
 from export.reference import DeployReference
+from export.tie_lattices import tie_distance
 
 
 @pytest.fixture(scope="module")
