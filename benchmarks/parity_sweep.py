@@ -122,6 +122,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exportable(checkpoint: Path, fmt: str) -> bool:
+    """Whether fatq-export writes ``fmt`` for this checkpoint: a model with uint8 quantizers (QuantSpec
+    ``full_range_8bit``, trained with ``--target cpu``) has no TensorRT file (``--format onnx``, int8 only)."""
+    from fatq.checkpoint import load_fatq_checkpoint
+
+    return fmt != "onnx" or not load_fatq_checkpoint(checkpoint)["spec"].get("full_range_8bit", False)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +137,9 @@ def main(argv=None) -> int:
     for index, checkpoint in enumerate(args.checkpoints):
         name = f"{index}-{checkpoint.parent.name}"
         for fmt, suffix, engine in (check for check in CHECKS if check[0] in args.formats.split(",")):
+            if not exportable(checkpoint, fmt):
+                print(f"{name}: no {fmt} file (uint8 quantizers: --target cpu); skipped", flush=True)
+                continue
             out = args.work_dir / f"{name}{suffix}.onnx"
             rows.append(row(name, fmt, check(checkpoint, fmt, engine, out, args)))
             print(table(rows[-1:]).splitlines()[-1], flush=True)

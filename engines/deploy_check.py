@@ -57,18 +57,20 @@ DEFAULT_CHECK_IMAGES = 2000
 class Observed:
     """Where a quantized deploy tensor is read in the debug copy, and how to get its integers.
 
-    ``scale`` set: a float tensor whose integers are clamp(round_half_even(x / scale), -128, 127);
-    else an integer tensor whose integers are its values minus ``zero_point``.
+    ``scale`` set: a float tensor whose integers are clamp(round_half_even(x / scale), *bounds) (int8's
+    [-128, 127], or a uint8 quantizer's [0, 255] read at its FakeQuantize); else an integer tensor whose
+    integers are its values minus ``zero_point``.
     """
 
     name: str
     dtype: int  # onnx.TensorProto element type
     scale: float | None = None
     zero_point: int = 0
+    bounds: tuple[int, int] = (-128, 127)
 
     def integers(self, value: np.ndarray) -> np.ndarray:
         if self.scale is not None:
-            return np.clip(np.round(value / np.float32(self.scale)), -128, 127)
+            return np.clip(np.round(value / np.float32(self.scale)), *self.bounds)
         return value.astype(np.int32) - self.zero_point
 
 
@@ -131,7 +133,7 @@ def _openvino_observable(model: onnx.ModelProto, quant: dict[str, dict]) -> dict
             continue
         dequantized = [r.output[0] for r in readers.get(tensor, []) if r.op_type == "DequantizeLinear"]
         if node.op_type == "FakeQuantize":
-            found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"])
+            found[tensor] = Observed(tensor, TensorProto.FLOAT, q["scale"], bounds=(int(q["qmin"]), int(q["qmax"])))
         elif node.op_type == "QuantizeLinear" and dequantized:
             found[tensor] = Observed(dequantized[0], TensorProto.FLOAT, q["scale"])
     return found

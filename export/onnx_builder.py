@@ -113,11 +113,25 @@ def clip_bounds(quant: dict, nudge: int = 0) -> tuple[np.float32, np.float32]:
 
 
 def saturation_is_range(quant: dict) -> bool:
-    """Whether a quantizer's stored integers are [-128, 127] (the full-range signed 8-bit quantizers of
-    QuantSpec target "cpu"): the 8-bit container's own saturation is then its clamp and no Clip is
-    written (int8 with zero point 0; in the ONNX Runtime file uint8 with zero point 128)."""
+    """Whether a quantizer's stored integers span all 256 values of a byte (the full-range 8-bit quantizers of
+    QuantSpec target "cpu"): [-128, 127] in int8 with zero point 0 (in the ONNX Runtime file uint8 with zero
+    point 128), or [0, 255] in uint8 (files for engines with uint8 only, :func:`refuse_uint8_ranges`). The
+    8-bit container's own saturation is then its clamp and no Clip is written."""
     stored = tensor_quant(quant)
-    return (stored["qmin"], stored["qmax"]) == (-128, 127)
+    return stored["qmax"] - stored["qmin"] == 255
+
+
+def refuse_uint8_ranges(graph, file: str) -> None:
+    """FatqError if a quantizer of ``graph`` needs uint8 ([0, 255], QuantSpec ``full_range_8bit``): ``file``,
+    an int8-only file, cannot hold it."""
+    for node in graph.nodes:
+        quant = node.attrs.get("out_quant")
+        if quant is not None and tensor_quant(quant)["qmax"] > 127:
+            raise FatqError(
+                f"{node.output} uses the 256 uint8 levels [0, 255] (a --target cpu model: every 8-bit quantizer "
+                f"full range), which {file} cannot hold (int8 only); export it with --format onnx-ort or "
+                "--format onnx-openvino."
+            )
 
 
 def range_clip_bounds(quant: dict, copy: int = 0) -> tuple[np.float32, np.float32]:

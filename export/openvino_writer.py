@@ -25,7 +25,9 @@ Every other quantizer is written exactly as in the QDQ file. Measured with openv
 16-channel FakeQuantize → int8 Conv (numpy reference): 16 and 256 levels are exact and run the
 conv on u8; 8 and 128 levels make it fall back to an f32 conv; 15 and 255 levels give wrong
 results. Hence only 16 levels — the 4-bit quantizers of W4A4 models, the headline configuration —
-take the new form; 2-, 3- and 8-bit quantizers keep their Q/DQ. ``fatq-export --check`` runs the
+take the new form, and 256 levels where they are unsigned: the [0, 255] quantizers of a ``--target cpu`` model
+(QuantSpec ``full_range_8bit``), which no int8 Q/DQ can hold and which OpenVINO runs as uint8 like NNCF's
+8-bit quantizers. Other 2-, 3- and 8-bit quantizers keep their Q/DQ. ``fatq-export --check`` runs the
 file through OpenVINO and compares the logits and every integer it can observe without perturbing
 OpenVINO (:mod:`engines.deploy_check`) with the deploy reference, so a different OpenVINO version that
 broke this would fail the check.
@@ -46,8 +48,8 @@ from fatq.errors import FatqError
 
 OPENVINO_DOMAIN = "org.openvinotoolkit"
 OPENVINO_OPSET = 1
-# quantizer sizes OpenVINO 2026.4 runs exactly and on int8 as FakeQuantize (module docstring)
-FAKE_QUANTIZE_LEVELS = frozenset({16})
+# quantizer sizes OpenVINO 2026.4 runs exactly and on int8 as FakeQuantize (module docstring); 256 unsigned only
+FAKE_QUANTIZE_LEVELS = frozenset({16, 256})
 METADATA_KEY = "fake_quantized_tensors"
 
 
@@ -56,8 +58,15 @@ def levels(quant: dict) -> int:
     return int(quant["qmax"]) - int(quant["qmin"]) + 1
 
 
+def fake_quantized(quant: dict) -> bool:
+    """Whether this file writes the quantizer as one FakeQuantize: 16 levels, or 256 unsigned ([0, 255], which
+    int8 Q/DQ cannot hold; the signed full-range ones stay a bare Q → DQ, which OpenVINO reads as the same)."""
+    count = levels(quant)
+    return count in FAKE_QUANTIZE_LEVELS and (count != 256 or int(quant["qmin"]) == 0)
+
+
 class _OpenVinoWriter(QdqWriter):
-    """The QDQ writer, with 16-level quantizers as OpenVINO FakeQuantize nodes."""
+    """The QDQ writer, with 16-level and unsigned 256-level quantizers as OpenVINO FakeQuantize nodes."""
 
     def __init__(self, graph: DeployGraph, builder: OnnxBuilder):
         super().__init__(graph, builder, range_clip="float")
@@ -72,14 +81,20 @@ class _OpenVinoWriter(QdqWriter):
         self.fake_quantized[output] = {"scale": float(np.float32(quant["scale"])), "levels": count}
 
     def int8_output(self, x: str, quant: dict, output: str, name: str, already_quantized: bool) -> None:
-        if already_quantized or levels(quant) not in FAKE_QUANTIZE_LEVELS:
+        if already_quantized or not fake_quantized(quant):
             super().int8_output(x, quant, output, name, already_quantized)
             return
         self.fake_quantize(x, quant, output, name)
 
+    def requantize(self, x: str, quant: dict, output: str, name: str) -> None:
+        if int(quant["qmax"]) <= 127:  # int8 holds it: DQ → MaxPool/Slice → Q, as in the QDQ file
+            super().requantize(x, quant, output, name)
+            return
+        self.fake_quantize(x, quant, output, name)  # uint8 [0, 255]: x holds integers · s in range already
+
     def quantized_output(self, y: str, node: DeployNode) -> None:
         quant = node.attrs["out_quant"]
-        if levels(quant) not in FAKE_QUANTIZE_LEVELS:
+        if not fake_quantized(quant):
             super().quantized_output(y, node)
             return
         self.fake_quantize(y, quant, node.output, node.name)

@@ -64,6 +64,7 @@ from export.onnx_builder import (
     make_model,
     output_classes,
     range_clip_bounds,
+    refuse_uint8_ranges,
     saturation_is_range,
     scalar_or_vector,
 )
@@ -286,6 +287,7 @@ def write_qdq(
     """
     if graph.dialect != "integer":
         raise FatqError("write_qdq needs a lowered (integer) graph; call export.lower.lower first.")
+    refuse_uint8_ranges(graph, "the QDQ file (--format onnx, the TensorRT file)")
     b = OnnxBuilder(opset)
     QdqWriter(graph, b, range_clip).run()
     return make_model(graph, b, metadata, output_classes(graph))

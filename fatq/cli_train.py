@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TARGETS,
         help="quantizer placement: portable (default; both residual-Add inputs quantized, exact in every engine) "
         "trt (TensorRT's: only the shortcut input quantized, so Conv+BN+Add+ReLU fuse) or cpu (ONNX Runtime's "
-        "and OpenVINO's: a block's input quantized once, shared by its first conv and its identity shortcut)",
+        "and OpenVINO's: a block's input quantized once, shared by its first conv and its identity shortcut; "
+        "every 8-bit quantizer uses all 256 int8 or uint8 values, so the model exports to onnx-ort and "
+        "onnx-openvino, not to the TensorRT file)",
     )
     m.add_argument(
         "--mask-init",
@@ -244,6 +246,9 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Train
     model_info(given["arch"])
     given.setdefault("weight_bits", DEFAULT_BITS)
     given.setdefault("act_bits", DEFAULT_BITS)
+    # a new --target cpu run uses all 256 values of every 8-bit quantizer (QuantSpec.full_range_8bit); a resumed
+    # run keeps what its config says (absent in configs written before the field: False)
+    given.setdefault("full_range_8bit", given.get("target") == "cpu")
     for key, value in recipe_defaults(given["arch"], given["weight_bits"], given.get("epochs")).items():
         given.setdefault(key, value)
     if given.get("image_size") is not None and given["image_size"] < 1:

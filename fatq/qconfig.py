@@ -73,6 +73,13 @@ class QuantSpec:
             carries b-bit values. Signed 8-bit activation quantizers (the image's, each branch's) use
             all 256 int8 levels, [-128, 127], so the engines' int8/uint8 saturation is their clamp
             (no Clip pass in the ONNX Runtime file).
+        full_range_8bit: every 8-bit activation quantizer uses all 256 values of its engine type, signed
+            [-128, 127] (int8) and unsigned [0, 255] (uint8), body quantizers of A8 models included
+            (target "cpu" only; ``fatq-train --target cpu`` sets it). Engines with uint8 (the ``onnx-ort``
+            and ``onnx-openvino`` files) then run every 8-bit quantizer as their own 256-level kind, with
+            no clamp pass; the TensorRT file (int8 only) cannot hold the unsigned ones. Without it, target
+            "cpu" makes only the signed edge and residual quantizers full range (the models trained before
+            this field existed).
         mask_init: initial FAT mask layer T: "paper" (every entry 1/C_out, METHOD.md §1.4) or
             "unsaturated" (3/(C_out·sqrt(N))): see :class:`fatq.transform.FATTransform`.
     """
@@ -91,6 +98,7 @@ class QuantSpec:
     weight_rounding: str = "scale"
     target: str = "portable"
     mask_init: str = "paper"
+    full_range_8bit: bool = False
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight bits")
@@ -109,6 +117,8 @@ class QuantSpec:
                 raise FatqError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if (self.weight_bits == FLOAT_BITS) != (self.act_bits == FLOAT_BITS):
             raise FatqError("weights and activations must both be quantized or both be 32-bit.")
+        if self.full_range_8bit and self.target != "cpu":
+            raise FatqError(f"full_range_8bit applies to target 'cpu' only, not {self.target!r}.")
 
     @property
     def is_float(self) -> bool:
@@ -157,15 +167,16 @@ class LayerFactory:
                     "this model has a body layer with a signed input."
                 )
             return TopClampActivationQuantizer(self.spec.act_bits, self.spec.act_alpha_init)
-        return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init)
+        full_range = self.spec.full_range_8bit and self.spec.act_bits == 8
+        return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init, full_range=full_range)
 
-    @property
-    def full_range_signed(self) -> bool:
-        """Signed 8-bit activation quantizers use all of int8, [-128, 127] (target "cpu")."""
-        return self.spec.target == "cpu"
+    def _full_range(self, signed: bool) -> bool:
+        """Whether an 8-bit edge or residual quantizer uses all 256 values (target "cpu": signed ones always,
+        unsigned ones with ``full_range_8bit``)."""
+        return self.spec.full_range_8bit or (signed and self.spec.target == "cpu")
 
     def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
-        full_range = signed and self.full_range_signed
+        full_range = self._full_range(signed)
         return ActivationQuantizer(8, signed, enabled=mode == "int8", init_from_data=True, full_range=full_range)
 
     def first_conv(
@@ -258,5 +269,4 @@ class LayerFactory:
         if not branch and not signed and self.shares_block_input:
             return nn.Identity()
         enabled = self.spec.residual_inputs == "int8"
-        full_range = signed and self.full_range_signed
-        return ActivationQuantizer(8, signed, enabled=enabled, init_from_data=True, full_range=full_range)
+        return ActivationQuantizer(8, signed, enabled=enabled, init_from_data=True, full_range=self._full_range(signed))

@@ -241,9 +241,11 @@ class MaxAbsWeightQuantizer(nn.Module):
 class ActivationQuantizer(nn.Module):
     """b-bit activation quantizer with a learned clipping threshold alpha_a.
 
-    Unsigned (input after ReLU/ReLU6): integers [0, m]. Signed: [-n, n], or with ``full_range``
-    [-n - 1, n], all 256 int8 values at 8 bits (QuantSpec target "cpu": int8 saturation is then the
-    quantizer's clamp, so engines need no separate clamp pass; the scale stays alpha / n). A quantizer can be
+    Unsigned (input after ReLU/ReLU6): integers [0, m], m = 2^b - 1 capped at 127 (int8), or with
+    ``full_range`` uncapped: [0, 255], all 256 uint8 values at 8 bits. Signed: [-n, n], or with ``full_range``
+    [-n - 1, n], all 256 int8 values at 8 bits. Full range is QuantSpec target "cpu" (unsigned: with
+    ``uint8_activations``): the engine's int8/uint8 saturation is then the quantizer's clamp, so engines need no
+    separate clamp pass; the scale stays alpha / n or alpha / m. A quantizer can be
     *disabled* (identity; the paper keeps first/last inputs float) and later given a range by
     calibration, which also enables it. With ``init_from_data`` the first training batch sets
     alpha to max|x| (the max over all DDP ranks) before it is learned.
@@ -265,10 +267,11 @@ class ActivationQuantizer(nn.Module):
         super().__init__()
         self.bits = check_bits(bits, "activation bits")
         self.signed = bool(signed)
-        if full_range and not signed:
-            raise ValueError("full_range applies to signed quantizers only")
         self.full_range = bool(full_range)
-        self.levels = signed_levels(bits) if signed else unsigned_levels(bits)
+        if signed:
+            self.levels = signed_levels(bits)
+        else:  # full range: all 2^b - 1 levels of uint8 at 8 bits, beyond int8's 127
+            self.levels = 2**self.bits - 1 if self.full_range else unsigned_levels(bits)
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.enabled = bool(enabled)
         self.initialized = not init_from_data

@@ -114,6 +114,7 @@ class TrainConfig:
     edge_inputs: str = "int8"
     transform: bool = True
     target: str = "portable"
+    full_range_8bit: bool = False
     mask_init: str = "paper"
     shortcut: str | None = None
     dataset: str = "cifar10"
@@ -171,6 +172,7 @@ class TrainConfig:
             edge_inputs=self.edge_inputs,
             transform=self.transform,
             target=self.target,
+            full_range_8bit=self.full_range_8bit,
             mask_init=self.mask_init,
             act_alpha_init=alpha,
         )

@@ -136,3 +136,65 @@ def test_openvino_file_is_exact_with_one_add_pass_per_block(tmp_path):
     # last sum is float into the pooling)
     add_passes = [n for t, n in names if t == "Subgraph" and "Add" in n and "FakeQuantize" in n]
     assert len(add_passes) == 8
+
+
+# QuantSpec.full_range_8bit (what `fatq-train --target cpu` trains now): every 8-bit quantizer uses all 256 values
+
+
+def _full_range(bits: int, **options) -> dict:
+    return {"spec": QuantSpec.from_bits(bits, target="cpu", full_range_8bit=True), **options}
+
+
+@functools.cache
+def _exported_full_range(bits: int):
+    """(model, engine-exact lowered graph) of a trained-like ResNet-20 under target "cpu" with full_range_8bit."""
+    model = trained_like("resnet20", None, **_full_range(bits))
+    graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, input_shape_for("resnet20")))
+    return model, graph
+
+
+def test_full_range_8bit_makes_unsigned_8bit_quantizers_uint8():
+    w8 = create_model("resnet20", **_full_range(8))
+    assert w8.linear.input_quantizer.int_range == (0, 255)
+    assert w8.layer1[0].conv1.input_quantizer.int_range == (0, 255)  # A8 body quantizers too
+    assert w8.conv1.input_quantizer.int_range == (-128, 127)
+    w4 = create_model("resnet20", **_full_range(4))
+    assert w4.layer1[0].conv1.input_quantizer.int_range == (0, 15)  # only 8-bit quantizers change
+    assert w4.linear.input_quantizer.int_range == (0, 255)
+    # checkpoints trained before the field (target "cpu" without it) keep their int8 ranges
+    assert create_model("resnet20", **_cpu(8)).linear.input_quantizer.int_range == (0, 127)
+    with pytest.raises(Exception, match="target 'cpu' only"):
+        QuantSpec.from_bits(8, full_range_8bit=True)
+
+
+def test_the_tensorrt_file_refuses_uint8_ranges_in_one_sentence():
+    _, graph = _exported_full_range(8)
+    with pytest.raises(Exception, match=r"uses the 256 uint8 levels \[0, 255\].*--format onnx-ort"):
+        FORMATS["onnx"].write(graph, 20, {})
+
+
+def test_uint8_quantizers_need_no_clip_in_the_ort_file_and_are_exact(tmp_path):
+    model, graph = _exported_full_range(8)
+    uint8 = {n.output for n in graph.nodes if (n.attrs.get("out_quant") or {}).get("qmax") == 255}
+    assert uint8
+    ort_file = FORMATS["onnx-ort"].write(graph, 20, {})
+    clip_inputs = {n.input[0] for n in ort_file.graph.node if n.op_type == "Clip"}
+    clip_outputs = {n.output[0] for n in ort_file.graph.node if n.op_type == "Clip"}
+    assert not (clip_inputs | clip_outputs) & uint8
+    report = compare_written(ort_file, "resnet20", model, graph, tmp_path / "m.ort.onnx")
+    assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert min(report["int8_identical_pct"].values()) == 100.0
+
+
+@pytest.mark.skipif(not openvino_int8_exact_here(), reason=OPENVINO_INT8_NOT_EXACT_HERE)
+def test_uint8_quantizers_are_256_level_fake_quantizes_in_the_openvino_file(tmp_path):
+    model, graph = _exported_full_range(8)
+    onnx_model = FORMATS["onnx-openvino"].write(graph, 20, {})
+    fake = [n for n in onnx_model.graph.node if n.op_type == "FakeQuantize"]
+    assert fake and all(next(a.i for a in n.attribute if a.name == "levels") == 256 for n in fake)
+    unobserved = frozenset(
+        n.output for n in graph.nodes if (n.attrs.get("quantizer") or "").endswith("branch_quantizer")
+    )
+    report = compare_written(onnx_model, "resnet20", model, graph, tmp_path / "m.ov.onnx", unobserved)
+    assert report["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert min(report["int8_identical_pct"].values()) == 100.0

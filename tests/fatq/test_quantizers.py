@@ -305,5 +305,19 @@ def test_full_range_signed_activation_quantizer(bits):
     d_alpha = np.where(above, 1.0, np.where(below, lower, expected / n - ratio))
     assert grad_alpha.item() == pytest.approx((g.double().numpy() * d_alpha).sum(), rel=1e-4, abs=1e-4)
     np.testing.assert_array_equal(grad_x.numpy(), np.where(above | below, 0.0, g.numpy()))
-    with pytest.raises(ValueError):
-        ActivationQuantizer(bits, signed=False, full_range=True)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_range_unsigned_activation_quantizer(bits):
+    """QuantSpec full_range_8bit: unsigned [0, 2^b - 1] at scale alpha / (2^b - 1), uncapped (uint8's 255 at 8 bits)."""
+    alpha = 3.0
+    quantizer = ActivationQuantizer(bits, signed=False, alpha_init=alpha, full_range=True)
+    m = 2**bits - 1
+    assert quantizer.int_range == (0, m)
+    if bits < 8:  # below 8 bits the portable range is already all of it
+        assert ActivationQuantizer(bits, signed=False).int_range == (0, m)
+    x = torch.randn(4000) * 3.0
+    q, scale = quantizer.integers(x)
+    expected = np.clip(np.round(x.numpy() / np.float32(alpha / m)), 0, m)
+    np.testing.assert_array_equal(q.numpy(), expected)
+    assert q.max().item() == m and float(scale) == pytest.approx(alpha / m)

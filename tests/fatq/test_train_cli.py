@@ -352,3 +352,16 @@ def test_target_and_mask_init_are_part_of_the_run_and_the_model():
     assert (spec.target, spec.mask_init) == ("trt", "unsaturated")
     default = resolve_config(build_parser().parse_args(args[:4])).quant_spec()
     assert (default.target, default.mask_init) == ("portable", "paper")
+
+
+def test_a_new_cpu_target_run_uses_full_range_8bit_and_a_resumed_old_one_keeps_int8():
+    from fatq.cli_train import build_parser, resolve_config
+
+    args = ["--arch", "resnet20", "--data-dir", "d", "--target", "cpu"]
+    cfg = resolve_config(build_parser().parse_args(args))
+    assert cfg.full_range_8bit and cfg.quant_spec().full_range_8bit
+    assert not resolve_config(build_parser().parse_args(args[:4])).full_range_8bit  # portable
+    # a run saved before the field existed resumes as it trained: unsigned 8-bit quantizers stay [0, 127]
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "full_range_8bit"}
+    resumed = resolve_config(build_parser().parse_args(["--data-dir", "d"]), saved)
+    assert resumed.target == "cpu" and not resumed.full_range_8bit
