@@ -136,10 +136,10 @@ def main(argv=None) -> int:
     rows = []
     for index, checkpoint in enumerate(args.checkpoints):
         name = f"{index}-{checkpoint.parent.name}"
-        for fmt, suffix, engine in (check for check in CHECKS if check[0] in args.formats.split(",")):
-            if not exportable(checkpoint, fmt):
-                print(f"{name}: no {fmt} file (uint8 quantizers: --target cpu); skipped", flush=True)
-                continue
+        formats = [fmt for fmt in args.formats.split(",") if exportable(checkpoint, fmt)]
+        if "onnx" in args.formats.split(",") and "onnx" not in formats:
+            print(f"{name}: no onnx file (uint8 quantizers: --target cpu); skipped", flush=True)
+        for fmt, suffix, engine in (check for check in CHECKS if check[0] in formats):
             out = args.work_dir / f"{name}{suffix}.onnx"
             rows.append(row(name, fmt, check(checkpoint, fmt, engine, out, args)))
             print(table(rows[-1:]).splitlines()[-1], flush=True)

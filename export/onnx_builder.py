@@ -121,12 +121,17 @@ def saturation_is_range(quant: dict) -> bool:
     return stored["qmax"] - stored["qmin"] == 255
 
 
+def needs_uint8(quant: dict) -> bool:
+    """Whether a quantizer's stored integers go beyond int8 ([0, 255]: QuantSpec ``full_range_8bit``)."""
+    return tensor_quant(quant)["qmax"] > 127
+
+
 def refuse_uint8_ranges(graph, file: str) -> None:
-    """FatqError if a quantizer of ``graph`` needs uint8 ([0, 255], QuantSpec ``full_range_8bit``): ``file``,
-    an int8-only file, cannot hold it."""
+    """FatqError if a quantizer of ``graph`` needs uint8 (:func:`needs_uint8`): ``file``, an int8-only file,
+    cannot hold it."""
     for node in graph.nodes:
         quant = node.attrs.get("out_quant")
-        if quant is not None and tensor_quant(quant)["qmax"] > 127:
+        if quant is not None and needs_uint8(quant):
             raise FatqError(
                 f"{node.output} uses the 256 uint8 levels [0, 255] (a --target cpu model: every 8-bit quantizer "
                 f"full range), which {file} cannot hold (int8 only); export it with --format onnx-ort or "

@@ -42,14 +42,15 @@ import numpy as np
 import onnx
 
 from export.deploy_graph import DeployGraph, DeployNode
-from export.onnx_builder import DEFAULT_OPSET, OnnxBuilder, clip_bounds, make_model, output_classes
+from export.onnx_builder import DEFAULT_OPSET, OnnxBuilder, clip_bounds, make_model, needs_uint8, output_classes
 from export.qdq_writer import QdqWriter
 from fatq.errors import FatqError
 
 OPENVINO_DOMAIN = "org.openvinotoolkit"
 OPENVINO_OPSET = 1
-# quantizer sizes OpenVINO 2026.4 runs exactly and on int8 as FakeQuantize (module docstring); 256 unsigned only
-FAKE_QUANTIZE_LEVELS = frozenset({16, 256})
+# quantizer sizes OpenVINO 2026.4 runs exactly and on int8 as FakeQuantize (module docstring); the unsigned
+# 256-level ones as well (fake_quantized)
+FAKE_QUANTIZE_LEVELS = frozenset({16})
 METADATA_KEY = "fake_quantized_tensors"
 
 
@@ -59,10 +60,9 @@ def levels(quant: dict) -> int:
 
 
 def fake_quantized(quant: dict) -> bool:
-    """Whether this file writes the quantizer as one FakeQuantize: 16 levels, or 256 unsigned ([0, 255], which
-    int8 Q/DQ cannot hold; the signed full-range ones stay a bare Q → DQ, which OpenVINO reads as the same)."""
-    count = levels(quant)
-    return count in FAKE_QUANTIZE_LEVELS and (count != 256 or int(quant["qmin"]) == 0)
+    """Whether this file writes the quantizer as one FakeQuantize: 16 levels, or uint8 ([0, 255], which int8 Q/DQ
+    cannot hold; the signed full-range ones stay a bare Q → DQ, which OpenVINO reads as the same)."""
+    return levels(quant) in FAKE_QUANTIZE_LEVELS or needs_uint8(quant)
 
 
 class _OpenVinoWriter(QdqWriter):
@@ -87,7 +87,7 @@ class _OpenVinoWriter(QdqWriter):
         self.fake_quantize(x, quant, output, name)
 
     def requantize(self, x: str, quant: dict, output: str, name: str) -> None:
-        if int(quant["qmax"]) <= 127:  # int8 holds it: DQ → MaxPool/Slice → Q, as in the QDQ file
+        if not needs_uint8(quant):  # int8 holds it: DQ → MaxPool/Slice → Q, as in the QDQ file
             super().requantize(x, quant, output, name)
             return
         self.fake_quantize(x, quant, output, name)  # uint8 [0, 255]: x holds integers · s in range already

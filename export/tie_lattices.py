@@ -31,8 +31,6 @@ TIE_MARGIN = 5e-6
 SUM_ERROR = 2.0**-22
 
 
-# relative moves (of a γ or a range) or bias moves (in output levels) tried: fine steps first, since a
-# move of δ levels crosses about a fraction δ of a dense activation distribution
 def tie_distance(t: np.ndarray) -> np.ndarray:
     """|t − (k + ½)| for the nearest rounding boundary k + ½, in output levels (float64, t's shape)."""
     t = np.asarray(t, dtype=np.float64)
@@ -45,6 +43,8 @@ def float_error(t: np.ndarray, magnitude: np.ndarray | float = 0.0) -> np.ndarra
     return (128 + np.abs(np.asarray(t, dtype=np.float64)) + magnitude) * SUM_ERROR
 
 
+# relative moves (of a γ or a range) or bias moves (in output levels) tried: fine steps first, since a
+# move of δ levels crosses about a fraction δ of a dense activation distribution
 MOVES = np.concatenate(
     [sign * np.arange(1, 1001) * 1e-7 for sign in (1, -1)] + [sign * np.arange(11, 301) * 1e-5 for sign in (1, -1)]
 )

@@ -244,7 +244,7 @@ class ActivationQuantizer(nn.Module):
     Unsigned (input after ReLU/ReLU6): integers [0, m], m = 2^b - 1 capped at 127 (int8), or with
     ``full_range`` uncapped: [0, 255], all 256 uint8 values at 8 bits. Signed: [-n, n], or with ``full_range``
     [-n - 1, n], all 256 int8 values at 8 bits. Full range is QuantSpec target "cpu" (unsigned: with
-    ``uint8_activations``): the engine's int8/uint8 saturation is then the quantizer's clamp, so engines need no
+    ``full_range_8bit``): the engine's int8/uint8 saturation is then the quantizer's clamp, so engines need no
     separate clamp pass; the scale stays alpha / n or alpha / m. A quantizer can be
     *disabled* (identity; the paper keeps first/last inputs float) and later given a range by
     calibration, which also enables it. With ``init_from_data`` the first training batch sets
