@@ -12,8 +12,9 @@ script builds:
 - fatq's W4A4 and W8A8 models, fine-tuned ``--max-steps`` steps from the same FP32 checkpoint with
   ``fatq-train`` once per ``--targets`` placement: ``portable`` exported as the file each engine runs
   fastest (``onnx-ort`` for ONNX Runtime, ``onnx-openvino`` for OpenVINO) plus the portable ``onnx`` file
-  on both; ``cpu`` (one quantizer per residual-block input, full-range signed 8-bit) as ``onnx-ort`` and
-  ``onnx-openvino``. A job already in the work directory is reused, not retrained;
+  on both; ``cpu`` (one quantizer per residual-block input, every 8-bit quantizer full range, unsigned ones
+  uint8) as ``onnx-ort`` and ``onnx-openvino``. Every file is exported with ``--calib-data`` (the training
+  images). A job already in the work directory is reused, not retrained;
 
 then times everything in ONE ``fatq-bench`` call (interleaved rounds, same threads, batch 1 and 64, top-1 on
 the test split) and measures each fatq file's top-1 agreement, in each engine, with the model that engine
@@ -191,7 +192,11 @@ def fatq_files(arch: str, bits: int, target: str, fp32_checkpoint: Path, args, w
     files = {}
     for fmt in TARGET_FORMATS[target]:
         path = work / f"{stem}{FATQ_FORMATS[fmt]}.onnx"
-        run_tool([_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet"])
+        # --calib-data as the README's exports: the engine-exact moves then clear the near-ties images reach
+        run_tool(
+            [_tool("fatq-export"), str(job / "last.pt"), "--format", fmt, "-o", str(path), "--quiet",
+             "--calib-data", str(args.data_dir)]
+        )  # fmt: skip
         files[fmt] = path
     return files
 

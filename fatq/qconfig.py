@@ -129,7 +129,21 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantSpec:
+        """The spec of ``to_dict``; fields it lacks (an older fatq's) take their defaults.
+
+        Raises:
+            FatqError: ``data`` has a version or settings this fatq does not know (a newer fatq wrote it):
+                dropping them would build another model than the one that was trained.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields - {"version"})
+        version = data.get("version", QSPEC_VERSION)
+        if unknown or not isinstance(version, int) or version > QSPEC_VERSION:
+            what = f"settings {', '.join(unknown)}" if unknown else f"version {version!r}"
+            raise FatqError(
+                f"the quantization spec has {what} that this fatq (spec version {QSPEC_VERSION}) does not know: "
+                "a newer fatq wrote it; read it with that version."
+            )
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     @classmethod

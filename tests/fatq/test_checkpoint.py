@@ -17,7 +17,7 @@ from fatq.checkpoint import (
     save_checkpoint,
 )
 from fatq.data import load_split, normalize
-from fatq.errors import CheckpointError
+from fatq.errors import CheckpointError, FatqError
 from fatq.models import create_model
 from fatq.provenance import __version__
 
@@ -178,3 +178,14 @@ def test_public_resnet20_accuracy_on_jpeg_cifar10(data_dir, pretrained_dir):
             images = normalize(split.images[start : start + 500], **meta["normalization"])
             correct += (model(images).argmax(1) == split.labels[start : start + 500]).sum().item()
     assert 100.0 * correct / len(split) == pytest.approx(81.0, abs=0.3)
+
+
+@pytest.mark.parametrize("change", [{"full_range_9bit": True}, {"version": 99}])
+def test_spec_from_a_newer_fatq_is_refused_not_dropped(tmp_path, change):
+    """Settings this fatq does not know would be dropped silently, building another model than the trained one."""
+    path = save(trained_like(), tmp_path / "model.pt")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    data["spec"] = {**data["spec"], **change}
+    torch.save(data, path)
+    with pytest.raises(FatqError, match="a newer fatq wrote it"):
+        model_from_checkpoint(load_fatq_checkpoint(path))
