@@ -15,7 +15,7 @@ reports for the original and the rewritten file:
     python benchmarks/int4_weights.py W4A4.onnx --batch 64 --rounds 10 --iterations 20 --threads 2
 
 A file with OpenVINO-only ops (``--format onnx-openvino``) runs in OpenVINO only. The rewritten file is
-written next to ``--out-dir`` (default: a temporary directory) and is not a fatq format.
+written to ``--out-dir`` (default: a temporary directory) and is not a fatq format.
 """
 
 from __future__ import annotations
