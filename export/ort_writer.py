@@ -20,6 +20,9 @@ ONNX Runtime runs natively on uint8 (its "QOperator" form):
   option-A shortcut's ``subsample_pad`` moves around the Add: the Add runs on the subsampled
   inputs and the zero channels are padded with the zero point (the integer 0);
 - ``pad_channels``, ``maxpool`` and ``flatten`` of a quantized tensor run on uint8;
+- a 1x1 conv with a float output (MobileNetV2's last conv, read by float pooling) is a ``MatMulInteger``
+  on channels-last bytes with the int32 bias and the accumulator step applied after it: ONNX Runtime fuses
+  no conv without a QuantizeLinear after it, and would run it in float on weights it dequantizes every call;
 - everything else (the image's quantizer, the pooled features, the logits) is written as in the
   QDQ file: float ops, ``Clip → QuantizeLinear`` to uint8, ``DequantizeLinear`` readers.
 
@@ -50,7 +53,7 @@ import onnx
 
 from export import onnx_builder
 from export.deploy_graph import INTEGER_PRESERVING_OPS, DeployGraph, DeployNode, tensor_quant
-from export.qdq_writer import int32_bias_dequantized_weights, weight_initializers
+from export.qdq_writer import bias_step, int32_bias_dequantized_weights, weight_initializers
 from fatq.errors import FatqError
 
 MS_DOMAIN = "com.microsoft"
@@ -84,6 +87,13 @@ class AddCheck:
 
 
 INT16_MAX = 2**15 - 1
+
+
+def is_pointwise(attrs: dict) -> bool:
+    """Whether a qconv's attrs are a 1x1 conv with stride 1, no padding and no groups: a matrix product
+    over channels at every pixel."""
+    ones = all(v == 1 for key in ("kernel", "stride", "dilation") for v in attrs[key])
+    return ones and attrs["groups"] == 1 and not any(attrs["padding"])
 
 
 def saturates_u8s8(x: Uint8Tensor, node: DeployNode) -> bool:
@@ -196,12 +206,42 @@ class _OrtWriter:
         self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
 
     def dequantized_layer(self, node: DeployNode, output: str | None) -> str:
-        """DQ(x), DQ(W), DQ(b) → Conv/Gemm with a float output; ONNX Runtime fuses it to an int8 kernel."""
+        """DQ(x), DQ(W), DQ(b) → Conv/Gemm with a float output; ONNX Runtime fuses the Gemm to an int8 QGemm.
+
+        It fuses no conv without a QuantizeLinear after it, so a pointwise conv is written on integers instead
+        (:meth:`pointwise_integer_conv`)."""
+        if node.op == "qconv" and is_pointwise(node.attrs):
+            return self.pointwise_integer_conv(node, output)
         x = self.b.node("DequantizeLinear", self.quant_inputs(self.u8[node.inputs[0]]), None, node.name)
         w, bias = int32_bias_dequantized_weights(self.b, node)
         if node.op == "qconv":
             return self.b.node("Conv", [x, w, bias], output, node.name, **onnx_builder.conv_attrs(node.attrs))
         return self.b.node("Gemm", [x, w, bias], output, node.name, transB=1)
+
+    def pointwise_integer_conv(self, node: DeployNode, output: str | None) -> str:
+        """A 1x1 conv with a float output as an int8 matrix product on channels-last bytes.
+
+        Transpose(NHWC) → MatMulInteger(uint8 x [N, H, W, C_in], int8 W^T [C_in, C_out]) → Add(int32 bias)
+        → Cast → Mul(float32(s_x · s_w,c)) → Transpose(NCHW): float32(acc + q_b) · float32(s_x · s_w,c),
+        the deploy reference's float output exactly. ONNX Runtime would run the DequantizeLinear → Conv form
+        as a float conv on dequantized weights (MobileNetV2's last conv, 320 → 1280 channels: 1.1 ms of 8.2
+        at batch 64, ``benchmarks/ort_profile.py``); its ConvInteger kernel, timed alone on that shape, was slower still.
+        Like a QLinearConv it is listed for ``session.x64quantprecision`` where its pairs can leave int16
+        (ONNX Runtime's ``Avx2WeightS8ToU8Transformer`` converts MatMulInteger's int8 weights as well).
+        """
+        b, x = self.b, self.u8[node.inputs[0]]
+        if saturates_u8s8(x, node):
+            self.saturating.append(node.name)
+        channels_last = b.node("Transpose", [x.name], None, f"{node.name}/nhwc", perm=[0, 2, 3, 1])
+        weight_t = np.ascontiguousarray(node.params["weight"][:, :, 0, 0].T).astype(np.int8)
+        zero_points = [self.byte(x.zero_point), b.constant(np.int8(0), np.int8)]
+        acc = b.node("MatMulInteger", [channels_last, b.initializer(f"{node.name}.weight_t", weight_t), *zero_points],
+                     None, node.name)  # fmt: skip
+        bias = b.initializer(f"{node.name}.bias", node.params["bias_int32"].astype(np.int32))
+        summed = b.node("Add", [acc, bias], None, f"{node.name}/bias")
+        real = b.node("Cast", [summed], None, f"{node.name}/float", to=onnx.TensorProto.FLOAT)
+        scaled = b.node("Mul", [real, b.initializer(f"{node.name}.step", bias_step(node))], None, f"{node.name}/step")
+        return b.node("Transpose", [scaled], output, f"{node.name}/nchw", perm=[0, 3, 1, 2])
 
     def quantized_linear(self, node: DeployNode) -> None:
         """DQ → Gemm → Q(uint8) (fused by ONNX Runtime into QGemm), then the clamp."""

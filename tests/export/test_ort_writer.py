@@ -158,6 +158,32 @@ def test_linear_layer_with_a_quantized_output():
     np.testing.assert_array_equal(out, DeployReference(graph)(x).numpy())
 
 
+def test_pointwise_conv_with_a_float_output_runs_on_integers(tmp_path):
+    """MobileNetV2's last conv (1x1, 320 -> 1280, no quantizer after it): an int8 MatMulInteger whose float
+    output is float32(acc + q_b) · float32(s_x · s_w,c) bit for bit, computed here in numpy from the
+    reference's input integers; ONNX Runtime keeps no float conv."""
+    _, graph = lowered_case("mobilenetv2", 4, "{}")
+    node = next(n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is None)
+    onnx_model = write_ort(graph)
+    conv_output = next(n.output[0] for n in onnx_model.graph.node if n.name.startswith(f"{node.name}/nchw"))
+    onnx_model.graph.output.append(onnx.helper.make_tensor_value_info(conv_output, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized_ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "MatMulInteger" in optimized_ops and not optimized_ops & {"Conv", "FusedConv", "ConvInteger"}
+
+    x = torch.randn(4, *input_shape_for("mobilenetv2"))
+    got = session.run([conv_output], {"input": x.numpy()})[0]
+    _, integers = DeployReference(graph).run(x, capture=True)
+    q_x = integers[node.inputs[0]].numpy().astype(np.int64)  # stored integers, [N, C_in, H, W]
+    acc = np.einsum("kc,nchw->nkhw", node.params["weight"][:, :, 0, 0].astype(np.int64), q_x)
+    step = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
+    expected = (acc + node.params["bias_int32"].reshape(1, -1, 1, 1)).astype(np.float32) * step.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_refuses_a_folded_graph():
     model = trained_like("resnet20", 4)
     with pytest.raises(FatqError, match="lowered"):
