@@ -225,7 +225,8 @@ class _OrtWriter:
         → Cast → Mul(float32(s_x · s_w,c)) → Transpose(NCHW): float32(acc + q_b) · float32(s_x · s_w,c),
         the deploy reference's float output exactly. ONNX Runtime would run the DequantizeLinear → Conv form
         as a float conv on dequantized weights (MobileNetV2's last conv, 320 → 1280 channels: 1.1 ms of 8.2
-        at batch 64, ``benchmarks/ort_profile.py``); its ConvInteger kernel, timed alone on that shape, was slower still.
+        at batch 64, ``benchmarks/ort_profile.py``); its ConvInteger kernel, timed alone on that shape, was
+        slower still.
         Like a QLinearConv it is listed for ``session.x64quantprecision`` where its pairs can leave int16
         (ONNX Runtime's ``Avx2WeightS8ToU8Transformer`` converts MatMulInteger's int8 weights as well).
         """
