@@ -63,7 +63,10 @@ class InvertedResidual(nn.Module):
 
     With stride 1 and in_ch == out_ch the block is residual and both Add inputs get an 8-bit
     signed quantizer (``branch_quantizer``, ``shortcut_quantizer``), Identity in FP32; under
-    TensorRT's placement (QuantSpec target "trt") only the shortcut is quantized.
+    TensorRT's placement (QuantSpec target "trt") only the shortcut is quantized. Under the CPU
+    engines' (target "cpu") the shortcut reads the block input as the expansion conv's input
+    quantizer quantizes it and has no quantizer of its own: one quantizer per block input, so the
+    conv that writes it runs once, not once per quantizer.
     """
 
     def __init__(
@@ -83,15 +86,22 @@ class InvertedResidual(nn.Module):
             nn.BatchNorm2d(out_ch),
         ]
         self.conv = nn.Sequential(*blocks)
+        # target "cpu": the shortcut reads the expansion conv's input integers
+        self.shares_input = self.use_res_connect and expand_ratio != 1 and layers.shares_block_input
         if self.use_res_connect:
             self.branch_quantizer = layers.residual_quantizer(signed=True, branch=True)
-            self.shortcut_quantizer = layers.residual_quantizer(signed=signed_input)
+            self.shortcut_quantizer = (
+                nn.Identity() if self.shares_input else layers.residual_quantizer(signed=signed_input)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, in_ch, H, W] -> [B, out_ch, H / stride, W / stride]."""
-        if self.use_res_connect:  # fixed at construction: no data-dependent control flow
-            return self.branch_quantizer(self.conv(x)) + self.shortcut_quantizer(x)
-        return self.conv(x)
+        if not self.use_res_connect:  # fixed at construction: no data-dependent control flow
+            return self.conv(x)
+        # the same quantizer on the same x gives the shortcut the expansion conv's integers (export folds
+        # the two calls into one tensor)
+        shortcut = self.conv[0][0].input_quantizer(x) if self.shares_input else self.shortcut_quantizer(x)
+        return self.branch_quantizer(self.conv(x)) + shortcut
 
 
 class MobileNetV2(nn.Module):

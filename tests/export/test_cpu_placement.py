@@ -198,3 +198,21 @@ def test_uint8_quantizers_are_256_level_fake_quantizes_in_the_openvino_file(tmp_
     report = compare_written(onnx_model, "resnet20", model, graph, tmp_path / "m.ov.onnx", unobserved)
     assert report["openvino_vs_reference"]["top1_agreement_pct"] == 100.0
     assert min(report["int8_identical_pct"].values()) == 100.0
+
+
+def test_mobilenetv2_residual_blocks_read_their_expansion_conv_input_and_every_conv_runs_once(tmp_path):
+    """MobileNetV2 under target "cpu": a residual block's shortcut adds the integers its expansion conv reads, so
+    the conv that writes a block input runs once (the portable placement has a copy per quantizer) and ONNX
+    Runtime computes the deploy reference exactly."""
+    model = trained_like("mobilenetv2", None, **_full_range(4))
+    blocks = _blocks(model)
+    assert blocks and all(b.shares_input and isinstance(b.shortcut_quantizer, nn.Identity) for b in blocks)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    shape = input_shape_for("mobilenetv2")
+    graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, shape))
+    assert collections.Counter(n.op for n in graph.nodes)["qconv"] == convs
+    portable = deploy_graph(trained_like("mobilenetv2", 4), shape)
+    assert collections.Counter(n.op for n in portable.nodes)["qconv"] > convs  # the old cost: duplicated convs
+    report = compare_written(FORMATS["onnx-ort"].write(graph, 20, {}), "mobilenetv2", model, graph, tmp_path / "m.onnx")
+    assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
+    assert min(report["int8_identical_pct"].values()) == 100.0
