@@ -70,9 +70,10 @@ class QuantSpec:
             instead of an 8-bit quantizer of its own, so each block runs as conv, conv, one Add with
             one requantization (ONNX Runtime: QLinearConv, QLinearConv, QLinearAdd; OpenVINO: two int8
             convs and one Add + FakeQuantize pass), and the stem runs once. The identity path then
-            carries b-bit values. Signed 8-bit activation quantizers (the image's, each branch's) use
-            all 256 int8 levels, [-128, 127], so the engines' int8/uint8 saturation is their clamp
-            (no Clip pass in the ONNX Runtime file).
+            carries b-bit values (in MobileNetV2 the shortcut reads the expansion conv's input integers).
+            Signed 8-bit activation quantizers (the image's, each branch's) use all 256 int8 levels,
+            [-128, 127], so the engines' int8/uint8 saturation is their clamp (no Clip pass in the ONNX
+            Runtime file); signed b-bit body inputs (MobileNetV2's) use all 2^b, e.g. [-8, 7] at 4 bits.
         full_range_8bit: every 8-bit activation quantizer uses all 256 values of its engine type, signed
             [-128, 127] (int8) and unsigned [0, 255] (uint8), body quantizers of A8 models included
             (target "cpu" only; ``fatq-train --target cpu`` sets it). Engines with uint8 (the ``onnx-ort``
@@ -181,7 +182,9 @@ class LayerFactory:
                     "this model has a body layer with a signed input."
                 )
             return TopClampActivationQuantizer(self.spec.act_bits, self.spec.act_alpha_init)
-        full_range = self.spec.full_range_8bit and self.spec.act_bits == 8
+        # target "cpu": a signed b-bit input uses all 2^b integers ([-8, 7] at 4 bits: one 16-level FakeQuantize
+        # in OpenVINO, where the symmetric 15 levels are separate Clip -> Q passes)
+        full_range = (self.spec.full_range_8bit and self.spec.act_bits == 8) or (signed and self.spec.target == "cpu")
         return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init, full_range=full_range)
 
     def _full_range(self, signed: bool) -> bool:

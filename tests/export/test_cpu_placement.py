@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 
 import pytest
 import torch
@@ -207,12 +208,18 @@ def test_mobilenetv2_residual_blocks_read_their_expansion_conv_input_and_every_c
     model = trained_like("mobilenetv2", None, **_full_range(4))
     blocks = _blocks(model)
     assert blocks and all(b.shares_input and isinstance(b.shortcut_quantizer, nn.Identity) for b in blocks)
+    # the shared signed 4-bit quantizer uses all 16 integers (one FakeQuantize in OpenVINO's file)
+    assert all(b.conv[0][0].input_quantizer.int_range == (-8, 7) for b in blocks)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     shape = input_shape_for("mobilenetv2")
     graph, _ = make_engine_exact(model, lambda m: deploy_graph(m, shape))
     assert collections.Counter(n.op for n in graph.nodes)["qconv"] == convs
     portable = deploy_graph(trained_like("mobilenetv2", 4), shape)
     assert collections.Counter(n.op for n in portable.nodes)["qconv"] > convs  # the old cost: duplicated convs
+    openvino_file = FORMATS["onnx-openvino"].write(graph, 20, {})
+    fake = json.loads({p.key: p.value for p in openvino_file.metadata_props}["fake_quantized_tensors"])
+    shared = {n.output for n in graph.nodes if (n.attrs.get("out_quant") or {}).get("qmin") == -8}
+    assert shared and shared <= set(fake)
     report = compare_written(FORMATS["onnx-ort"].write(graph, 20, {}), "mobilenetv2", model, graph, tmp_path / "m.onnx")
     assert report["onnxruntime_vs_reference"]["top1_agreement_pct"] == 100.0
     assert min(report["int8_identical_pct"].values()) == 100.0
