@@ -182,15 +182,14 @@ class LayerFactory:
                     "this model has a body layer with a signed input."
                 )
             return TopClampActivationQuantizer(self.spec.act_bits, self.spec.act_alpha_init)
-        # target "cpu": a signed b-bit input uses all 2^b integers ([-8, 7] at 4 bits: one 16-level FakeQuantize
-        # in OpenVINO, where the symmetric 15 levels are separate Clip -> Q passes)
-        full_range = (self.spec.full_range_8bit and self.spec.act_bits == 8) or (signed and self.spec.target == "cpu")
+        full_range = self._full_range(signed, self.spec.act_bits)
         return ActivationQuantizer(self.spec.act_bits, signed, self.spec.act_alpha_init, full_range=full_range)
 
-    def _full_range(self, signed: bool) -> bool:
-        """Whether an 8-bit edge or residual quantizer uses all 256 values (target "cpu": signed ones always,
-        unsigned ones with ``full_range_8bit``)."""
-        return self.spec.full_range_8bit or (signed and self.spec.target == "cpu")
+    def _full_range(self, signed: bool, bits: int = 8) -> bool:
+        """Whether a ``bits``-bit activation quantizer uses all 2^bits integers (target "cpu": signed ones always,
+        e.g. [-8, 7] at 4 bits, one 16-level FakeQuantize in OpenVINO where the symmetric 15 levels are separate
+        Clip -> Q passes; unsigned 8-bit ones with ``full_range_8bit``)."""
+        return (self.spec.full_range_8bit and bits == 8) or (signed and self.spec.target == "cpu")
 
     def _edge_input_quantizer(self, signed: bool, mode: str) -> ActivationQuantizer:
         full_range = self._full_range(signed)
