@@ -145,7 +145,16 @@ class OpenVinoRunner(Runner):
         compiled, request = self._compiled_for(inputs)
         results = request.infer(inputs)
         # The request reuses its output buffers: copy before the next call overwrites them.
-        return {port.get_any_name(): np.array(results[port], copy=True) for port in compiled.outputs}
+        declared = {port.get_any_name() for port in self._model.outputs}
+        outputs = {}
+        for port in compiled.outputs:
+            # OpenVINO merges identical nodes (two DequantizeLinear of one tensor), and the compiled port then
+            # carries every merged tensor's name, get_any_name() perhaps another's: key it by the model's own
+            # output names (each, where outputs merged), so every graph output is found by its name.
+            names = sorted(declared & set(port.get_names())) or [port.get_any_name()]
+            value = np.array(results[port], copy=True)
+            outputs.update(dict.fromkeys(names, value))
+        return outputs
 
     def _close(self) -> None:
         self._compiled.clear()

@@ -268,3 +268,39 @@ def test_openvino_runners_leave_a_valid_signal_stack(float_onnx):
         [sys.executable, "-c", _SIGNAL_AFTER_RUNNERS, str(float_onnx[0])], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-500:])
+
+
+def test_openvino_runner_returns_an_output_under_every_name_it_carries(tmp_path):
+    """OpenVINO merges identical nodes (two DequantizeLinear of one QuantizeLinear), and the merged output
+    port then carries both tensor names; the runner returns it under each, so a graph output the caller
+    asked for by name is found (fatq-export --check exposes such a DequantizeLinear on MobileNetV2)."""
+    pytest.importorskip("openvino")
+    import onnx
+    from onnx import TensorProto, helper
+
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.25])
+    zero = helper.make_tensor("z", TensorProto.INT8, [], [0])
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq_a"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq_b"]),
+        helper.make_node("Relu", ["dq_a"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "merged",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("dq_b", TensorProto.FLOAT, [2, 3]),
+        ],
+        [scale, zero],
+    )
+    path = tmp_path / "merged.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = np.array([[-1.1, 0.3, 0.6], [2.0, -0.2, 31.0]], dtype=np.float32)
+    with OpenVinoRunner(path, threads=1) as runner:
+        out = runner.infer({"input": x})
+    expected = np.clip(np.round(x / 0.25), -128, 127) * 0.25
+    np.testing.assert_array_equal(out["dq_b"], expected)
+    np.testing.assert_array_equal(out["logits"], np.maximum(expected, 0))
