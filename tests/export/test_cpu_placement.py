@@ -88,7 +88,7 @@ def test_one_quantizer_per_block_input_in_the_deploy_graph():
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_onnx_runtime_files_are_exact_and_the_ort_file_has_no_8bit_clips(shortcut, tmp_path):
+def test_onnx_runtime_files_are_exact_and_the_ort_file_has_no_8bit_clips_and_no_widening_muls(shortcut, tmp_path):
     model, graph = _exported(shortcut)
     portable = FORMATS["onnx"].write(graph, 20, {})
     assert lint(portable, "trt") == []  # still a TensorRT file: [-128, 127] is int8's own saturation
@@ -103,6 +103,9 @@ def test_onnx_runtime_files_are_exact_and_the_ort_file_has_no_8bit_clips(shortcu
     assert full_range
     clip_inputs = {n.input[0] for n in ort_file.graph.node if n.op_type == "Clip"}
     assert not clip_inputs & full_range
+    # no widened activations under target "cpu" (export.lower): no uint8 Mul pass after any conv
+    assert all(n.attrs["out_quant"].get("expand", 1) == 1 for n in graph.nodes if n.attrs.get("out_quant"))
+    assert ops["Mul"] == 0
     # ONNX Runtime's own file is exact; on the TensorRT file ORT rounds the trained float biases to int32 itself,
     # whose rare dense 8-bit near-ties the moves for the float-bias engines do not clear (docs/parity.md)
     for onnx_model, path, bound in ((ort_file, "m.ort.onnx", 100.0), (portable, "m.onnx", 99.99)):
