@@ -94,7 +94,8 @@ class OpenVinoRunner(Runner):
         self._ov = None
         self._core = None
         self._model = None
-        self._compiled: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
+        # input shapes -> (compiled model, infer request, [(output port, the names it is returned under)])
+        self._compiled: dict[tuple, tuple] = {}
 
     def _activate(self) -> None:
         ov = import_extra("openvino")
@@ -130,8 +131,18 @@ class OpenVinoRunner(Runner):
                 raise FatqError(
                     f"OpenVINO cannot compile {self.model_file.path.name}: {openvino_reason(exc)}."
                 ) from None
-            self._compiled[key] = (compiled, compiled.create_infer_request())
+            self._compiled[key] = (compiled, compiled.create_infer_request(), self._output_names(compiled))
         return self._compiled[key]
+
+    def _output_names(self, compiled) -> list[tuple]:
+        """(port, names) for each output of ``compiled``: the model's own output names the port carries.
+
+        OpenVINO merges identical nodes (two DequantizeLinear of one tensor), and the compiled port then carries
+        every merged tensor's name, ``get_any_name()`` perhaps another's: keyed by the model's declared names
+        (each, where outputs merged), every graph output is found by its own name.
+        """
+        declared = {port.get_any_name() for port in self._model.outputs}
+        return [(port, sorted(declared & set(port.get_names())) or [port.get_any_name()]) for port in compiled.outputs]
 
     def _input_metadata(self) -> dict[str, TensorMeta]:
         meta = {}
@@ -142,18 +153,12 @@ class OpenVinoRunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {name: feeds[name] for name in self._input_metadata()}
-        compiled, request = self._compiled_for(inputs)
+        _, request, output_names = self._compiled_for(inputs)
         results = request.infer(inputs)
-        # The request reuses its output buffers: copy before the next call overwrites them.
-        declared = {port.get_any_name() for port in self._model.outputs}
         outputs = {}
-        for port in compiled.outputs:
-            # OpenVINO merges identical nodes (two DequantizeLinear of one tensor), and the compiled port then
-            # carries every merged tensor's name, get_any_name() perhaps another's: key it by the model's own
-            # output names (each, where outputs merged), so every graph output is found by its name.
-            names = sorted(declared & set(port.get_names())) or [port.get_any_name()]
-            value = np.array(results[port], copy=True)
-            outputs.update(dict.fromkeys(names, value))
+        for port, names in output_names:
+            # The request reuses its output buffers: copy before the next call overwrites them.
+            outputs.update(dict.fromkeys(names, np.array(results[port], copy=True)))
         return outputs
 
     def _close(self) -> None:
@@ -163,7 +168,7 @@ class OpenVinoRunner(Runner):
 
     def compiled_inference_precision(self) -> str | None:
         """The inference precision OpenVINO reports for the compiled models ("f32", "bf16"), if compiled."""
-        for compiled, _ in self._compiled.values():
+        for compiled, *_ in self._compiled.values():
             value = compiled.get_property("INFERENCE_PRECISION_HINT")
             return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
         return None

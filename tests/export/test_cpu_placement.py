@@ -22,6 +22,7 @@ from torch import nn
 from export.engine_exact import make_engine_exact
 from export.formats import FORMATS
 from export.lint_rules import lint
+from export.onnx_builder import read_metadata
 from export.pipeline import deploy_graph
 from fatq.models import create_model
 from fatq.qconfig import QuantSpec
@@ -220,7 +221,7 @@ def test_mobilenetv2_residual_blocks_read_their_expansion_conv_input_and_every_c
     portable = deploy_graph(trained_like("mobilenetv2", 4), shape)
     assert collections.Counter(n.op for n in portable.nodes)["qconv"] > convs  # the old cost: duplicated convs
     openvino_file = FORMATS["onnx-openvino"].write(graph, 20, {})
-    fake = json.loads({p.key: p.value for p in openvino_file.metadata_props}["fake_quantized_tensors"])
+    fake = json.loads(read_metadata(openvino_file)["fake_quantized_tensors"])
     shared = {n.output for n in graph.nodes if (n.attrs.get("out_quant") or {}).get("qmin") == -8}
     assert shared and shared <= set(fake)
     report = compare_written(FORMATS["onnx-ort"].write(graph, 20, {}), "mobilenetv2", model, graph, tmp_path / "m.onnx")
