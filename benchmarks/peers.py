@@ -166,9 +166,10 @@ def nncf_ir(fp32_onnx: Path, out_xml: Path, batches: list[np.ndarray]) -> Path:
         sys.exit("peers.py: nncf is not installed; `pip install -e '.[bench]'`.")
     import openvino as ov
 
-    from engines.openvino_runner import openvino_core
-
-    model = openvino_core().read_model(str(fp32_onnx))
+    # ov.convert_model, as OpenVINO's and NNCF's docs convert an ONNX model: Core.read_model keeps a grouped
+    # conv's weight reshape as a ShapeOf subgraph, on which NNCF 3.4 puts per-(channel, kernel column)
+    # weight ranges that OpenVINO cannot run on int8 (MobileNetV2's depthwise convs then ran in float32).
+    model = ov.convert_model(str(fp32_onnx))
     images = [batch[i : i + 1] for batch in batches for i in range(len(batch))]  # NNCF counts items, not images
     quantized = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
