@@ -1,10 +1,12 @@
-"""Why the residual branch keeps its Clip in OpenVINO: the fused conv + Add drops the branch's rounding.
+"""Why each residual branch quantizer has a Relu ahead of it in OpenVINO: without it, the fused conv drops its rounding.
 
-For a ``--target cpu`` model's ``onnx-openvino`` file (written by ``fatq-export``, with its ``.deploy.npz``),
-runs the file as written and a copy whose branch-quantizer Clips (``Q → DQ → Clip → Add``) are bypassed, so
-OpenVINO fuses conv, 256-level FakeQuantize, Add, ReLU and the next FakeQuantize into one int8 conv. Prints
-each file's top-1 agreement with the deploy reference, and with the same reference without the branches'
-rounding, on the first ``--images`` test images (the seeded subset ``fatq-export --check`` uses).
+For a ``--target cpu`` model's ``onnx-openvino`` file (written by ``fatq-export``, with its ``.deploy.npz``), whose
+branch quantizers are ``Conv(shifted bias) → Relu → FakeQuantize → Add`` (:mod:`export.openvino_writer`), runs the
+file as written and a copy whose branch Relus are bypassed: the same function in real arithmetic (the FakeQuantize
+clamps what the Relu would), but the branch FakeQuantize is then the conv's first post-op ahead of a sum and
+another FakeQuantize, which OpenVINO's CPU plugin appends without rounding. Prints each file's top-1 agreement
+with the deploy reference, and with the same reference without the branches' rounding, on the first
+``--images`` test images (the seeded subset ``fatq-export --check`` uses).
 
     fatq-export cpu-w4/last.pt --format onnx-openvino -o cpu.ov.onnx
     python benchmarks/openvino_branch_fusion.py cpu-w4/last.pt cpu.ov.onnx --data-dir ../shared/datasets
@@ -27,13 +29,13 @@ from export.reference import DeployReference
 from fatq.checkpoint import load_fatq_checkpoint
 
 
-def without_branch_clips(model: onnx.ModelProto, branches: set[str]) -> onnx.ModelProto:
-    """A copy in which each Clip that writes a branch quantizer's tensor is bypassed (its readers read the DQ)."""
+def without_branch_relus(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which each branch quantizer's Relu (``<conv>/branch/Relu``) is bypassed (its reader reads the conv)."""
     copied = copy.deepcopy(model)
-    clips = {n.output[0]: n.input[0] for n in copied.graph.node if n.op_type == "Clip" and n.output[0] in branches}
+    relus = {n.output[0]: n.input[0] for n in copied.graph.node if n.op_type == "Relu" and "/branch/" in n.name}
     for node in copied.graph.node:
-        node.input[:] = [clips.get(name, name) for name in node.input]
-    kept = [n for n in copied.graph.node if not (n.op_type == "Clip" and n.output[0] in clips)]
+        node.input[:] = [relus.get(name, name) for name in node.input]
+    kept = [n for n in copied.graph.node if not (n.op_type == "Relu" and n.output[0] in relus)]
     del copied.graph.node[:]
     copied.graph.node.extend(kept)
     return copied
@@ -67,10 +69,7 @@ def main() -> None:
         references = {"deploy reference": DeployReference(graph)(images).numpy(),
                       "without branch rounding": DeployReference(unrounded)(images).numpy()}  # fmt: skip
     written = onnx.load(args.onnx_file)
-    files = {
-        "as written": written,
-        "branch Clips bypassed": without_branch_clips(written, {n.output for n in branch_convs}),
-    }
+    files = {"as written": written, "branch Relus bypassed": without_branch_relus(written)}
     print(f"{len(images)} test images, {len(branch_convs)} branch quantizers; top-1 agreement:")
     for label, model in files.items():
         predictions = openvino_logits(model, images).argmax(1)

@@ -32,6 +32,30 @@ file through OpenVINO and compares the logits and every integer it can observe w
 OpenVINO (:mod:`engines.deploy_check`) with the deploy reference, so a different OpenVINO version that
 broke this would fail the check.
 
+**Residual branch quantizers** (a conv's 16- or 256-level output quantizer that only float ops read: the
+branch term of a residual Add, the signed [−128, 127] ``branch_quantizer`` of a ``--target cpu`` model) are
+written as ``Conv(bias + (−qmin − ¼)·s) → Relu → FakeQuantize(in [−¼·s, (levels − 1 − ¼)·s], out [qmin·s,
+qmax·s])``: the same quantizer in real arithmetic (the shifted grid starts ¼ step below zero, so the Relu only
+moves values that round to the lowest level anyway). Why: OpenVINO's CPU plugin fuses Conv → FakeQuantize →
+Add → FakeQuantize into one int8 conv, as it does with NNCF's graphs, but appends a FakeQuantize that is the
+conv's *first* post-op, followed by a sum and another FakeQuantize, without its rounding ("drop rounding one
+special residual pattern … unsafe optimization", ``DnnlPostOpsComposer::compose`` in
+``src/plugins/intel_cpu/src/dnnl_postops_composer.cpp``, and the same rule in the legacy conv node), which
+changed 4–5 % of a ResNet-20 W4A4's top-1 predictions. The Relu is a post-op ahead of it, so the rounding
+stays; the Add still fuses as a sum (``isSuitableParentForFusingSumActivation`` in the plugin's
+``snippets_mark_skipped.cpp`` accepts a FakeQuantize whose parent is fused with the conv), and the Relu stays
+because ``ReluFakeQuantizeFusion`` drops a Relu only before a FakeQuantize whose input_low is ≥ 0. Measured
+with openvino 2026.4.1 on the 150-step ResNet-20 W4A4 ``--target cpu``: logits bit-identical to the
+``.reference.pt`` on all 10,000 test images, and the 9 Add + FakeQuantize passes gone (5 elementwise passes,
+as in NNCF's IR, against 12 with the previous Q → DQ → ulp-wide Clip form, which ended the conv's epilogue at
+the branch quantizer). Kept in that Q → DQ → Clip form: 255-level ones (the default placement's [−127, 127];
+OpenVINO computes a 255-level FakeQuantize wrongly), and those of branch convs that read 8-bit activations. The
+shifted form computes the quantizer's t with a larger float error (the grid offset of 128 levels added in
+float32), and an 8-bit conv's accumulator values lie too densely for the export's moves to keep them that far
+from rounding boundaries (:mod:`export.engine_exact`): on the W8A8 ResNet-20 of the same run, 767 branch
+values in 2,000 test images rounded the other way (99.85 % top-1 agreement; 100.00 % in the Q → DQ → Clip
+form).
+
 For OpenVINO only: ONNX Runtime and TensorRT do not read ``org.openvinotoolkit`` ops. The
 ``fake_quantized_tensors`` metadata entry lists the quantizers written as FakeQuantize.
 """
@@ -43,7 +67,7 @@ import onnx
 
 from export.deploy_graph import DeployGraph, DeployNode
 from export.onnx_builder import DEFAULT_OPSET, OnnxBuilder, clip_bounds, make_model, needs_uint8, output_classes
-from export.qdq_writer import QdqWriter
+from export.qdq_writer import FLOAT_READERS, QdqWriter
 from fatq.errors import FatqError
 
 OPENVINO_DOMAIN = "org.openvinotoolkit"
@@ -52,6 +76,13 @@ OPENVINO_OPSET = 1
 # 256-level ones as well (fake_quantized)
 FAKE_QUANTIZE_LEVELS = frozenset({16})
 METADATA_KEY = "fake_quantized_tensors"
+# residual branch quantizers written as Relu → shifted FakeQuantize (module docstring): sizes OpenVINO runs exactly
+BRANCH_LEVELS = frozenset({16, 256})
+# where a branch quantizer's shifted input grid starts, in steps below zero: inside (−½, 0), so that the Relu ahead
+# of it changes no integer, and below zero, so that ReluFakeQuantizeFusion keeps the Relu
+BRANCH_GRID_START = 0.25
+# ... and only where the branch conv reads activations of at most this many levels (module docstring)
+BRANCH_INPUT_LEVELS = 16
 
 
 def levels(quant: dict) -> int:
@@ -71,6 +102,7 @@ class _OpenVinoWriter(QdqWriter):
     def __init__(self, graph: DeployGraph, builder: OnnxBuilder):
         super().__init__(graph, builder, range_clip="float")
         self.fake_quantized: dict[str, dict] = {}  # deploy tensor -> {scale, levels} of its FakeQuantize
+        self.graph_quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant")}
 
     def fake_quantize(self, x: str, quant: dict, output: str, name: str) -> None:
         """``output`` = FakeQuantize of the float tensor ``x`` on the grid of ``quant`` (expand ignored)."""
@@ -92,8 +124,47 @@ class _OpenVinoWriter(QdqWriter):
             return
         self.fake_quantize(x, quant, output, name)  # uint8 [0, 255]: x holds integers · s in range already
 
+    def residual_branch(self, node: DeployNode) -> bool:
+        """Whether a qconv/qlinear node's output quantizer is a residual branch term written as Relu → shifted
+        FakeQuantize (module docstring): 16 or 256 levels, read by float ops only, computed from activations of
+        at most 16 levels (the 4-bit models; see the module docstring for why not 8-bit ones)."""
+        quant = node.attrs["out_quant"]
+        readers = self.readers.get(node.output, [])
+        source = self.graph_quant.get(node.inputs[0])
+        return (
+            quant is not None
+            and levels(quant) in BRANCH_LEVELS
+            and source is not None
+            and levels(source) <= BRANCH_INPUT_LEVELS
+            and bool(readers)
+            and all(reader.op in FLOAT_READERS for reader in readers)
+        )
+
+    def bias_offset(self, node: DeployNode) -> float:
+        """(−qmin − ¼)·s for a residual branch (its grid shifted to start ¼ step below zero), else 0."""
+        if not self.residual_branch(node):
+            return 0.0
+        quant = node.attrs["out_quant"]
+        return float(np.float32(-int(quant["qmin"]) - BRANCH_GRID_START) * np.float32(quant["scale"]))
+
+    def shifted_branch(self, y: str, node: DeployNode) -> None:
+        """``node.output`` = the quantizer of the conv output ``y`` (its bias already shifted by
+        :meth:`bias_offset`) as Relu → FakeQuantize from the shifted grid back onto [qmin·s, qmax·s]."""
+        b, quant = self.b, node.attrs["out_quant"]
+        scale, count = np.float32(quant["scale"]), levels(quant)
+        inputs = [np.float32(-BRANCH_GRID_START) * scale, np.float32(count - 1 - BRANCH_GRID_START) * scale]
+        inputs += list(clip_bounds(quant))
+        relu = b.node("Relu", [y], None, f"{node.name}/branch")
+        bounds = [b.constant(bound, np.float32) for bound in inputs]
+        b.node("FakeQuantize", [relu, *bounds], node.output, node.name, domain=OPENVINO_DOMAIN, levels=count)
+        self.float_name[node.output] = node.output
+        self.fake_quantized[node.output] = {"scale": float(scale), "levels": count}
+
     def quantized_output(self, y: str, node: DeployNode) -> None:
         quant = node.attrs["out_quant"]
+        if self.residual_branch(node):
+            self.shifted_branch(y, node)
+            return
         if not fake_quantized(quant):
             super().quantized_output(y, node)
             return

@@ -105,9 +105,10 @@ def float_bias(node: DeployNode, arithmetic: str) -> np.ndarray:
     return (node.params["bias_int32"].astype(np.float64) * step).astype(np.float32)
 
 
-def dequantized_weights(b: OnnxBuilder, node: DeployNode, arithmetic: str) -> tuple[str, str]:
+def dequantized_weights(b: OnnxBuilder, node: DeployNode, arithmetic: str, offset: float = 0.0) -> tuple[str, str]:
     """DequantizeLinear of a qconv/qlinear node's int8 weight (per channel, axis 0), and its bias as a
-    float32 constant [C_out] (:func:`float_bias` of ``arithmetic``).
+    float32 constant [C_out] (:func:`float_bias` of ``arithmetic``, plus ``offset`` in float32 when non-zero:
+    the OpenVINO file's shifted branch quantizers, :mod:`export.openvino_writer`).
 
     Never a DequantizeLinear of int32: TensorRT's IDequantizeLayer takes INT8/FP8/INT4 inputs only
     (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; DEPLOY.md, corrected), and ONNX
@@ -116,7 +117,10 @@ def dequantized_weights(b: OnnxBuilder, node: DeployNode, arithmetic: str) -> tu
     weight, w_scale, w_zero = weight_initializers(b, node)
     per_channel = {"axis": 0} if np.ndim(scalar_or_vector(node.params["weight_scale"])) else {}
     w = b.node("DequantizeLinear", [weight, w_scale, w_zero], None, f"{node.name}/weight", **per_channel)
-    return w, b.initializer(f"{node.name}.bias", float_bias(node, arithmetic))
+    bias = float_bias(node, arithmetic)
+    if offset:
+        bias = (bias + np.float32(offset)).astype(np.float32)
+    return w, b.initializer(f"{node.name}.bias", bias)
 
 
 def int32_bias_dequantized_weights(b: OnnxBuilder, node: DeployNode) -> tuple[str, str]:
@@ -209,7 +213,7 @@ class QdqWriter:
     def weighted(self, node: DeployNode) -> None:
         b, attrs = self.b, node.attrs
         x = self.as_float(node.inputs[0], node.name)
-        w, bias = dequantized_weights(b, node, bias_arithmetic(self.graph))
+        w, bias = dequantized_weights(b, node, bias_arithmetic(self.graph), self.bias_offset(node))
         out_quant = attrs["out_quant"]
         y_name = None if out_quant is not None else self.float_output(node)
         if node.op == "qconv":
@@ -220,6 +224,11 @@ class QdqWriter:
             self.float_name[node.output] = y
             return
         self.quantized_output(y, node)
+
+    def bias_offset(self, node: DeployNode) -> float:
+        """A constant this file adds to a qconv/qlinear node's float bias: none here (the OpenVINO writer shifts
+        its residual branch quantizers)."""
+        return 0.0
 
     def quantized_output(self, y: str, node: DeployNode) -> None:
         """Quantize a conv/linear's float output ``y`` with its fused output quantizer."""
@@ -235,10 +244,9 @@ class QdqWriter:
         if all(reader.op in FLOAT_READERS for reader in self.readers.get(node.output, [])):
             # Only float ops (a residual Add) read it: the clipped dequantized values are exactly
             # integers · s already, and a second Q → DQ round trip would add two passes for nothing.
-            # (kept for a full-range quantizer too: without the Clip, openvino 2026.4.1 fuses Conv → Q → DQ → Add →
-            # ReLU → FakeQuantize into one int8 conv that drops the branch's rounding: 95.10 % top-1 agreement with
-            # the deploy reference on 2,000 test images of a target-"cpu" ResNet-20 W4A4, 100 % with the Clip,
-            # benchmarks/openvino_branch_fusion.py)
+            # (The OpenVINO file writes full-range ones otherwise, export/openvino_writer.py: a bare Q → DQ here
+            # would let openvino 2026.4.1 fuse Conv → Q → DQ → Add → ReLU → FakeQuantize into one int8 conv that
+            # drops the branch's rounding.)
             lo, hi = range_clip_bounds(out_quant)
             dq = b.dequantize(q, out_quant["scale"], node.name)
             self.float_name[node.output] = b.clip(dq, lo, hi, np.float32, f"{node.name}/range", node.output)

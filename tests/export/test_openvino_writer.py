@@ -123,3 +123,61 @@ def test_other_bit_widths_keep_the_portable_form(tmp_path):
     assert format_of(onnx_model).name == "onnx-openvino"  # still checked, and benchmarked, in OpenVINO
     x = torch.randn(3, *input_shape_for("resnet20")).numpy()
     np.testing.assert_array_equal(_run(onnx_model, x, tmp_path, "w2"), _run(write_qdq(graph), x, tmp_path, "p"))
+
+
+def _fake_quantize(x, in_lo, in_hi, out_lo, out_hi, count):
+    """OpenVINO's FakeQuantize as its operator spec defines it (FakeQuantize_1.md), in float64."""
+    x = np.asarray(x, np.float64)
+    inside = np.round((x - in_lo) / (in_hi - in_lo) * (count - 1)) / (count - 1) * (out_hi - out_lo) + out_lo
+    return np.where(x <= min(in_lo, in_hi), out_lo, np.where(x > max(in_lo, in_hi), out_hi, inside))
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 255), (0, 15), (-8, 7)])
+def test_shifted_branch_form_is_the_quantizer(qmin, qmax):
+    # Relu(y + (−qmin − ¼)·s) → FakeQuantize(in [−¼·s, (levels − 1 − ¼)·s], out [qmin·s, qmax·s]) equals
+    # clamp(round(y / s), qmin, qmax)·s for every y, far outside the range and at the half steps included
+    from export.openvino_writer import BRANCH_GRID_START
+
+    s = 0.037
+    count = qmax - qmin + 1
+    levels_in = np.arange(qmin - 40, qmax + 40, 0.125)  # y / s, multiples of 1/8: exact in binary
+    levels_in = np.concatenate([levels_in, levels_in + 1e-3, levels_in - 1e-3])
+    levels_in = levels_in[np.abs(levels_in - np.round(levels_in)) != 0.5]  # exact half steps: a float-order tie
+    y = levels_in * s
+    shifted = np.maximum(y + (-qmin - BRANCH_GRID_START) * s, 0.0)
+    grid = (-BRANCH_GRID_START * s, (count - 1 - BRANCH_GRID_START) * s)
+    written = _fake_quantize(shifted, *grid, qmin * s, qmax * s, count)
+    np.testing.assert_allclose(written, np.clip(np.round(levels_in), qmin, qmax) * s, rtol=0, atol=1e-9)
+
+
+def test_4bit_residual_branches_take_the_shifted_form_and_8bit_ones_keep_their_clip():
+    from export.deploy_graph import bias_arithmetic
+    from export.openvino_writer import BRANCH_GRID_START
+    from export.qdq_writer import float_bias
+    from fatq.qconfig import QuantSpec
+
+    for bits, shifted in ((4, True), (8, False)):
+        spec = QuantSpec.from_bits(bits, target="cpu", full_range_8bit=True)
+        model = trained_like("resnet20", None, spec=spec)
+        graph = deploy_graph(model, input_shape_for("resnet20"))
+        onnx_model = write_openvino(graph)
+        nodes = {n.output[0]: n for n in onnx_model.graph.node}
+        constants = {i.name: onnx.numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+        branches = [n for n in graph.nodes if (n.attrs.get("quantizer") or "").endswith("branch_quantizer")]
+        assert len(branches) == 9
+        for branch in branches:
+            writer_node = nodes[branch.output]
+            if not shifted:
+                assert writer_node.op_type == "Clip"
+                continue
+            assert writer_node.op_type == "FakeQuantize"
+            relu = nodes[writer_node.input[0]]
+            assert relu.op_type == "Relu" and nodes[relu.input[0]].op_type == "Conv"
+            q = branch.attrs["out_quant"]
+            scale = np.float32(q["scale"])
+            assert constants[writer_node.input[1]] == np.float32(-BRANCH_GRID_START) * scale
+            assert constants[writer_node.input[3]] == np.float32(q["qmin"]) * scale
+            # the conv's bias carries the shift
+            shift = np.float32(-int(q["qmin"]) - BRANCH_GRID_START) * scale
+            stored = constants[nodes[relu.input[0]].input[2]]
+            np.testing.assert_array_equal(stored, float_bias(branch, bias_arithmetic(graph)) + shift)
