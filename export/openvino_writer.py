@@ -49,7 +49,8 @@ with openvino 2026.4.1 on the 150-step ResNet-20 W4A4 ``--target cpu``: logits b
 ``.reference.pt`` on all 10,000 test images, and the 9 Add + FakeQuantize passes gone (5 elementwise passes,
 as in NNCF's IR, against 12 with the previous Q → DQ → ulp-wide Clip form, which ended the conv's epilogue at
 the branch quantizer). Kept in that Q → DQ → Clip form: 255-level ones (the default placement's [−127, 127];
-OpenVINO computes a 255-level FakeQuantize wrongly), and those of branch convs that read 8-bit activations. The
+OpenVINO computes a 255-level FakeQuantize wrongly), and those of branch convs with 8-bit activations or weights
+(measured on W4A4 and W8A8 only). The
 shifted form computes the quantizer's t with a larger float error (the grid offset of 128 levels added in
 float32), and an 8-bit conv's accumulator values lie too densely for the export's moves to keep them that far
 from rounding boundaries (:mod:`export.engine_exact`): on the W8A8 ResNet-20 of the same run, 767 branch
@@ -81,8 +82,10 @@ BRANCH_LEVELS = frozenset({16, 256})
 # where a branch quantizer's shifted input grid starts, in steps below zero: inside (−½, 0), so that the Relu ahead
 # of it changes no integer, and below zero, so that ReluFakeQuantizeFusion keeps the Relu
 BRANCH_GRID_START = 0.25
-# ... and only where the branch conv reads activations of at most this many levels (module docstring)
+# ... and only where the branch conv reads activations of at most this many levels with weights of at most this
+# many bits: the W4A4 models it was measured on (module docstring)
 BRANCH_INPUT_LEVELS = 16
+BRANCH_WEIGHT_BITS = 4
 
 
 def levels(quant: dict) -> int:
@@ -127,7 +130,8 @@ class _OpenVinoWriter(QdqWriter):
     def residual_branch(self, node: DeployNode) -> bool:
         """Whether a qconv/qlinear node's output quantizer is a residual branch term written as Relu → shifted
         FakeQuantize (module docstring): 16 or 256 levels, read by float ops only, computed from activations of
-        at most 16 levels (the 4-bit models; see the module docstring for why not 8-bit ones)."""
+        at most 16 levels and weights of at most 4 bits (the W4A4 models; see the module docstring for why not
+        8-bit ones)."""
         quant = node.attrs["out_quant"]
         readers = self.readers.get(node.output, [])
         source = self.graph_quant.get(node.inputs[0])
@@ -136,6 +140,7 @@ class _OpenVinoWriter(QdqWriter):
             and levels(quant) in BRANCH_LEVELS
             and source is not None
             and levels(source) <= BRANCH_INPUT_LEVELS
+            and node.attrs.get("weight_bits", 8) <= BRANCH_WEIGHT_BITS
             and bool(readers)
             and all(reader.op in FLOAT_READERS for reader in readers)
         )
