@@ -105,7 +105,6 @@ class _OpenVinoWriter(QdqWriter):
     def __init__(self, graph: DeployGraph, builder: OnnxBuilder):
         super().__init__(graph, builder, range_clip="float")
         self.fake_quantized: dict[str, dict] = {}  # deploy tensor -> {scale, levels} of its FakeQuantize
-        self.graph_quant = {n.output: n.attrs["out_quant"] for n in graph.nodes if n.attrs.get("out_quant")}
 
     def fake_quantize(self, x: str, quant: dict, output: str, name: str) -> None:
         """``output`` = FakeQuantize of the float tensor ``x`` on the grid of ``quant`` (expand ignored)."""
@@ -134,7 +133,7 @@ class _OpenVinoWriter(QdqWriter):
         8-bit ones)."""
         quant = node.attrs["out_quant"]
         readers = self.readers.get(node.output, [])
-        source = self.graph_quant.get(node.inputs[0])
+        source = self.graph.quant_of(node.inputs[0])
         return (
             quant is not None
             and levels(quant) in BRANCH_LEVELS
