@@ -153,6 +153,19 @@ class DeployGraph:
     def ops(self) -> set[str]:
         return {node.op for node in self.nodes}
 
+    def channels(self) -> dict[str, int]:
+        """{tensor name: its channel count (dim 1)}: the input's ``input_shape[0]``, a conv's or linear's
+        ``weight.shape[0]``, plus the zero channels of ``pad_channels`` / ``subsample_pad``; other ops keep
+        their first input's."""
+        counts = {self.input_name: int(self.input_shape[0])}
+        for node in self.nodes:
+            if "weight" in node.params:
+                counts[node.output] = int(node.params["weight"].shape[0])
+            else:
+                added = {"pad_channels": 1, "subsample_pad": 2}.get(node.op, 0) * int(node.attrs.get("pad", 0))
+                counts[node.output] = counts[node.inputs[0]] + added
+        return counts
+
     def validate(self) -> None:
         """Check names are unique, every input is defined before use and ops belong to the dialect."""
         known = INTEGER_OPS if self.dialect == "integer" else FOLDED_OPS

@@ -19,7 +19,10 @@ ONNX Runtime runs natively on uint8 (its "QOperator" form):
   (output zero point −qmin) and the same Clip; a ReLU between them only narrows qmin, and an
   option-A shortcut's ``subsample_pad`` moves around the Add: the Add runs on the subsampled
   inputs and the zero channels are padded with the zero point (the integer 0);
-- ``pad_channels``, ``maxpool`` and ``flatten`` of a quantized tensor run on uint8;
+- ``pad_channels``, ``maxpool`` and ``flatten`` of a quantized tensor run on uint8; zero channels that
+  ONNX Runtime would add inside its channels-last region (an option-A shortcut's ``subsample_pad``, the
+  pad after a subsampled QLinearAdd) are a uint8 ``QLinearConv`` 1x1 with 0/1 weights instead
+  (:meth:`_OrtWriter.embed_channels`);
 - a 1x1 conv with a float output (MobileNetV2's last conv, read by float pooling) is a ``MatMulInteger``
   on channels-last bytes with the int32 bias and the accumulator step applied after it: ONNX Runtime fuses
   no conv without a QuantizeLinear after it, and would run it in float on weights it dequantizes every call;
@@ -129,6 +132,7 @@ class _OrtWriter:
         self.producers = graph.producers()
         self.u8: dict[str, Uint8Tensor] = {}  # deploy tensor -> its uint8 ONNX tensor
         self.float_name: dict[str, str] = {graph.input_name: onnx_builder.INPUT_NAME}
+        self.channels = graph.channels()
 
     # --- constants and nodes -----------------------------------------------------------------
 
@@ -285,8 +289,8 @@ class _OrtWriter:
             self.u8[node.output] = self.clamp(y, quant, node.output, node.name)
         else:
             clamped = self.clamp(y, quant, self.b.fresh(f"{node.name}/clamped"), node.name)
-            pad = subsample.attrs["pad"]
-            self.u8[node.output] = self.pad_channels(clamped, pad, pad, node.output, subsample.name)
+            pad, channels = subsample.attrs["pad"], self.channels[subsample.inputs[0]]
+            self.u8[node.output] = self.embed_channels(clamped, channels, pad, 1, node.output, subsample.name)
 
     def residual_source(self, node: DeployNode) -> tuple[DeployNode | None, bool, DeployNode | None]:
         """(add, ReLU seen, subsample_pad) when ``node`` quantizes [subsample_pad ∘] [relu ∘] an Add of
@@ -320,14 +324,33 @@ class _OrtWriter:
         pads = self.b.constant([0, before, 0, 0, 0, after, 0, 0], np.int64)
         return replace(x, name=self.b.node("Pad", [x.name, pads, self.byte(x.zero_point)], output, name))
 
+    def embed_channels(
+        self, x: Uint8Tensor, channels: int, pad: int, stride: int, output: str, name: str
+    ) -> Uint8Tensor:
+        """x[:, :, ::stride, ::stride] with ``pad`` zero channels on each side, as a uint8 QLinearConv 1x1.
+
+        Its int8 weights copy input channel c to output channel pad + c (a 1, else 0), weight scale 1, output
+        scale and zero point those of x: the accumulator is the integer (byte − zero point) and the multiplier
+        float32(s · 1) / s is exactly 1, so every byte is copied; the added channels hold the zero point, the
+        integer 0. ONNX Runtime runs this region channels-last, where its strided Slice and channel Pad ran as
+        slow copies (ResNet-20's two option-A shortcuts: 0.45 ms of Slice and Pad in a 10.2 ms call at batch 64,
+        ``benchmarks/ort_profile.py``).
+        """
+        weight = np.zeros((channels + 2 * pad, channels, 1, 1), np.int8)
+        weight[pad + np.arange(channels), np.arange(channels)] = 1
+        w = [self.b.initializer(f"{name}.embed", weight), self.scale(1.0), self.b.constant(np.int8(0), np.int8)]
+        attrs = {"kernel_shape": [1, 1], "strides": [stride, stride]}
+        inputs = [*self.quant_inputs(x), *w, self.scale(x.scale), self.byte(x.zero_point)]
+        return replace(x, name=self.b.node("QLinearConv", inputs, output, f"{name}/embed", **attrs))
+
     def integer_preserving(self, node: DeployNode) -> None:
         """pad_channels / subsample_pad / maxpool / flatten directly on uint8."""
         x = self.u8[node.inputs[0]]
         if node.op == "pad_channels":
             self.u8[node.output] = self.pad_channels(x, 0, node.attrs["pad"], node.output, node.name)
         elif node.op == "subsample_pad":
-            half = self.subsample(x, node.name)
-            self.u8[node.output] = self.pad_channels(half, node.attrs["pad"], node.attrs["pad"], node.output, node.name)
+            channels = self.channels[node.inputs[0]]
+            self.u8[node.output] = self.embed_channels(x, channels, node.attrs["pad"], 2, node.output, node.name)
         else:  # MaxPool and Flatten read uint8 as they are
             self.u8[node.output] = replace(x, name=onnx_builder.emit_float_op(self.b, node, [x.name], node.output))
 

@@ -96,7 +96,10 @@ def test_onnx_runtime_files_are_exact_and_the_ort_file_has_no_8bit_clips_and_no_
     ort_file = FORMATS["onnx-ort"].write(graph, 20, {})
     ops = collections.Counter(n.op_type for n in ort_file.graph.node)
     blocks = len(_blocks(model))
-    assert ops["QLinearConv"] == 19 + (2 if shortcut == "B" else 0)
+    # option B's shortcuts are 1x1 convs; option A's every-other-pixel zero-padded copies are 1x1 QLinearConvs
+    # with 0/1 weights (export.ort_writer's embed_channels), so no channel Pad runs in ORT's channels-last region
+    assert ops["QLinearConv"] == 19 + 2
+    assert ops["Pad"] == 1  # the image's 3 -> 4 channels
     # option B: the sum before each downsampling block is read twice (its conv1's and its conv shortcut's quantizer)
     assert ops["QLinearAdd"] + ops["Add"] == blocks + (2 if shortcut == "B" else 0)
     # a Clip only for the b-bit quantizers and the unsigned 8-bit ones: none at a full-range 8-bit tensor

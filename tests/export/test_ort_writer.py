@@ -57,7 +57,11 @@ def test_graph_is_uint8_qoperator_without_float_chains():
     onnx_model = write_ort(graph)
     ops = [n.op_type for n in onnx_model.graph.node]
     convs = [n for n in graph.nodes if n.op == "qconv" and n.attrs["out_quant"] is not None]
-    assert ops.count("QLinearConv") == len(convs)
+    shortcuts = [n for n in graph.nodes if n.op == "subsample_pad"]
+    # each option-A shortcut's zero channels come from a 1x1 QLinearConv with 0/1 weights (embed_channels):
+    # the only Pad left is the image's channel pad, outside ONNX Runtime's channels-last region
+    assert ops.count("QLinearConv") == len(convs) + len(shortcuts) and len(shortcuts) == 2
+    assert ops.count("Pad") == 1
     assert "Conv" not in ops
     # the only float tensors left: the image's quantizer, the final Add/ReLU/pooling and the logits, plus a
     # float Add (DQ, DQ, Add, Clip, Q) for each residual whose QLinearAdd the installed ORT rounds differently
@@ -181,6 +185,39 @@ def test_pointwise_conv_with_a_float_output_runs_on_integers(tmp_path):
     acc = np.einsum("kc,nchw->nkhw", node.params["weight"][:, :, 0, 0].astype(np.int64), q_x)
     step = np.float32(node.attrs["input_scale"]) * node.params["weight_scale"].astype(np.float32)
     expected = (acc + node.params["bias_int32"].reshape(1, -1, 1, 1)).astype(np.float32) * step.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_channel_embedding_conv_copies_every_byte_and_adds_zero_point_channels():
+    """embed_channels against numpy: x[:, :, ::2, ::2] with zero channels (the zero point) on each side, for a
+    tensor whose zero point is not 0 and whose bytes span the whole uint8 range."""
+    graph = DeployGraph(
+        [DeployNode("sc", "subsample_pad", ["q"], "sc", {"pad": 3})],
+        "q",
+        [5, 6, 6],
+        "sc",
+        dialect="integer",
+    )
+    assert graph.channels() == {"q": 5, "sc": 11}
+    from export.onnx_builder import OnnxBuilder
+    from export.ort_writer import _OrtWriter
+
+    b = OnnxBuilder(17)
+    writer = _OrtWriter(graph, b)
+    x = Uint8Tensor("q", 0.37, 9, -9, 246)
+    writer.u8["q"] = x
+    writer.integer_preserving(graph.nodes[0])
+    bytes_in = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 6), dtype=np.uint8)
+    inputs = [onnx.helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, [2, 5, 6, 6])]
+    outputs = [onnx.helper.make_tensor_value_info("sc", onnx.TensorProto.UINT8, None)]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(b.nodes, "embed", inputs, outputs, b.initializers),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    assert [n.op_type for n in model.graph.node] == ["QLinearConv"]
+    got = _session(model).run(None, {"q": bytes_in})[0]
+    expected = np.full((2, 11, 3, 3), 9, np.uint8)
+    expected[:, 3:8] = bytes_in[:, :, ::2, ::2]
     np.testing.assert_array_equal(got, expected)
 
 
