@@ -34,6 +34,7 @@ from fatq_tools import run_tool, tool  # noqa: E402
 
 WIDE_LEVELS = 256
 PROBES = {"all": None, "conv": {"Conv"}, "add": {"Add"}}
+PROBE_KEY = "timing_probe"  # metadata entry that marks a probe as what it is
 
 
 def _levels(node: onnx.NodeProto) -> onnx.AttributeProto | None:
@@ -43,8 +44,8 @@ def _levels(node: onnx.NodeProto) -> onnx.AttributeProto | None:
 def widened(model: onnx.ModelProto, producers: set[str] | None) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` whose FakeQuantizes with fewer than 256 levels (only those reading an op whose type is
     in ``producers``; all when None) have 256 levels of the same step: input and output high bounds raised to
-    low + 255 · (high − low) / (levels − 1), on constants of their own (a bound shared with another node stays).
-    Returns (copy, number widened)."""
+    low + 255 · (high − low) / (levels − 1), on constants of their own (a bound shared with another node stays),
+    and a ``timing_probe`` metadata entry saying so. Returns (copy, number widened)."""
     probe = copy.deepcopy(model)
     graph = probe.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -64,6 +65,8 @@ def widened(model: onnx.ModelProto, producers: set[str] | None) -> tuple[onnx.Mo
             node.input[port] = name
         levels.i = WIDE_LEVELS
         count += 1
+    note = f"{count} FakeQuantizes widened to {WIDE_LEVELS} levels by openvino_epilogue_bound.py: not the model"
+    onnx.helper.set_model_props(probe, {**{p.key: p.value for p in probe.metadata_props}, PROBE_KEY: note})
     return probe, count
 
 

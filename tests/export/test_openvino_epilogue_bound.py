@@ -50,6 +50,9 @@ def test_every_narrow_quantizer_widened_with_its_step_and_low_bounds(written):
     narrow = [i for i, (_, levels, _) in enumerate(before) if levels < 256]
     assert count == len(narrow) > 0
     onnx.checker.check_model(probe)  # e.g. unique initializer names where two bounds shared one constant
+    metadata = {p.key: p.value for p in probe.metadata_props}
+    assert "not the model" in metadata[script.PROBE_KEY]
+    assert {p.key for p in written.metadata_props} < set(metadata)  # the file's own entries kept
     assert all(levels == 256 for _, levels, _ in after)
     for i in narrow:
         levels, (il, ih, ol, oh) = before[i][1], before[i][2]
