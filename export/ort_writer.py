@@ -18,7 +18,7 @@ ONNX Runtime runs natively on uint8 (its "QOperator" form):
 - a quantizer reading a residual Add is a ``com.microsoft.QLinearAdd`` of the two uint8 inputs
   (output zero point −qmin) and the same Clip; a ReLU between them only narrows qmin, and an
   option-A shortcut's ``subsample_pad`` moves around the Add: the Add runs on the subsampled
-  inputs and the zero channels are padded with the zero point (the integer 0);
+  inputs and the zero channels (the zero point, the integer 0) are added after it, as below;
 - ``pad_channels``, ``maxpool`` and ``flatten`` of a quantized tensor run on uint8; zero channels that
   ONNX Runtime would add inside its channels-last region (an option-A shortcut's ``subsample_pad``, the
   pad after a subsampled QLinearAdd) are a uint8 ``QLinearConv`` 1x1 with 0/1 weights instead

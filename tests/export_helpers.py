@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -116,3 +118,12 @@ def compare_written(
     assert set(report["unobserved_int8_tensors"]) == set(unobserved)
     assert report["debug_copy_logits_identical"]
     return report
+
+
+def benchmark_script(name: str):
+    """The module ``benchmarks/<name>.py``, loaded from its file (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

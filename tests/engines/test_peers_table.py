@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py"
+from export_helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("peers", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("peers")
 
 
 def _report(latencies: dict[tuple[str, str], tuple[float, float]]) -> tuple[dict, dict]:

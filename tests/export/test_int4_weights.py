@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
-from export_helpers import lowered_case
+from export_helpers import benchmark_script, lowered_case
 from onnx import numpy_helper
 
 from export.qdq_writer import write_qdq
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "int4_weights.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("int4_weights", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("int4_weights")
 
 
 def _dequantized_weights(path: Path) -> list[np.ndarray]:

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
-from export_helpers import input_shape_for, trained_like
+from export_helpers import benchmark_script, input_shape_for, trained_like
 from onnx import numpy_helper
 
 from export.engine_exact import make_engine_exact
 from export.openvino_writer import write_openvino
 from export.pipeline import deploy_graph
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "openvino_epilogue_bound.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("openvino_epilogue_bound", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fake_quantizes(model) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -43,7 +31,7 @@ def written():
 
 
 def test_every_narrow_quantizer_widened_with_its_step_and_low_bounds(written):
-    script = _script()
+    script = benchmark_script("openvino_epilogue_bound")
     snapshot = written.SerializeToString()
     probe, count = script.widened(written, None)
     before, after = _fake_quantizes(written), _fake_quantizes(probe)
@@ -65,7 +53,7 @@ def test_every_narrow_quantizer_widened_with_its_step_and_low_bounds(written):
 
 
 def test_conv_and_add_probes_split_the_quantizers_by_what_they_read(written):
-    script = _script()
+    script = benchmark_script("openvino_epilogue_bound")
     producer = {out: n.op_type for n in written.graph.node for out in n.output}
     reads = [producer.get(n.input[0]) for n in written.graph.node if n.op_type == "FakeQuantize"]
     levels = [lv for _, lv, _ in _fake_quantizes(written)]
